@@ -1,0 +1,5 @@
+"""``python -m moescope`` runs the command line."""
+
+from moescope.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``moescope`` command line: a thin layer over the library."""

@@ -1,0 +1,122 @@
+"""Load a model reference with transformers, for tracing, similarity, pruning and eval.
+
+A reference is ``demo`` / ``demo-dense`` (shipped), a local ``save_pretrained``
+directory, or a hub id (``org/name`` or ``org/name@revision``) read through the
+standard HF cache. Remote code runs only with ``trust_remote_code=True``.
+torch and transformers are imported inside the functions so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moescope.demo import demo_model_dir
+from moescope.errors import CheckpointError, ModelNotFoundError
+
+_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference."""
+
+    ref: str
+    path_or_id: str
+    revision: str | None
+    is_local: bool
+
+
+def parse_model_ref(ref: str, revision: str | None = None) -> ModelRef:
+    """Resolve ``demo`` names and local paths; anything else shaped ``org/name[@rev]`` is a hub id.
+
+    Raises:
+        ModelNotFoundError: when ``ref`` is neither an existing path, a demo name nor a hub id.
+    """
+    demo = demo_model_dir(ref)
+    if demo is not None:
+        if not (demo / "config.json").exists():
+            raise ModelNotFoundError(
+                f"the demo model {ref!r} is not installed ({demo} is missing); reinstall moescope."
+            )
+        return ModelRef(ref, str(demo), None, True)
+    path = Path(ref).expanduser()
+    if path.exists():
+        return ModelRef(ref, str(path), None, True)
+    repo, _, rev = ref.partition("@")
+    if repo.count("/") == 1 and all(repo.split("/")) and not ref.startswith((".", "/", "~")):
+        return ModelRef(ref, repo, revision or rev or None, False)
+    raise ModelNotFoundError(
+        f"{ref}: no such file or directory; pass a save_pretrained directory, a .safetensors or "
+        "config.json file, a hub id like org/name, or 'demo'."
+    )
+
+
+def torch_dtype(name: str) -> Any:
+    """Map a dtype name (``auto``, ``bf16``, ``float32``...) to what ``from_pretrained`` takes."""
+    import torch
+
+    key = _DTYPES.get(name.lower())
+    if key is None:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16.")
+    return "auto" if key == "auto" else getattr(torch, key)
+
+
+def default_experts_implementation(device: str) -> str:
+    """On CPU the eager experts loop is several times faster than grouped_mm (TRANSFORMERS_MOE.md)."""
+    return "eager" if device.startswith("cpu") else "grouped_mm"
+
+
+def load_model(
+    ref: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    experts_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for a reference, in eval mode on ``device``.
+
+    Raises:
+        ModelNotFoundError: the reference resolves to nothing.
+        CheckpointError: transformers cannot load it (message says why).
+    """
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    mref = parse_model_ref(ref, revision)
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(dtype),
+        "trust_remote_code": trust_remote_code,
+    }
+    if mref.revision:
+        kwargs["revision"] = mref.revision
+    impl = experts_implementation or default_experts_implementation(device)
+    transformers.logging.set_verbosity_error()
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                mref.path_or_id, experts_implementation=impl, **kwargs
+            )
+        except (ValueError, TypeError) as exc:
+            # Some families (llama4, dbrx, switch) refuse the setting: load with their default.
+            if "experts_implementation" not in str(exc) and "experts" not in str(exc):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(mref.path_or_id, **kwargs)
+        tok = AutoTokenizer.from_pretrained(
+            mref.path_or_id, trust_remote_code=trust_remote_code,
+            **({"revision": mref.revision} if mref.revision else {}),
+        )
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1: run `moescope download` first)" if offline else ""
+        raise ModelNotFoundError(f"cannot load {ref}: {str(exc).splitlines()[0]}{hint}") from exc
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"transformers cannot load {ref}: {str(exc).splitlines()[0]}") from exc
+    model.to(device)
+    model.eval()
+    return model, tok
