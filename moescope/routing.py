@@ -1,0 +1,413 @@
+"""Find the MoE layers of a transformers model and record what their routers decide.
+
+What: :func:`find_moe_sites` walks a model's modules and returns one :class:`MoESite` per
+routed-expert block, with the decoder layer index as in the checkpoint;
+:class:`RoutingRecorder` attaches hooks that record, for every token of a forward pass,
+the selected expert ids, the gate weights the experts actually apply and, optionally,
+the norm of each routed expert's output.
+
+How (see ``TRANSFORMERS_MOE.md``): there are four adapters.
+
+- ``fused``: families whose experts class is decorated with ``use_experts_implementation``
+  (mixtral, qwen2/3_moe, deepseek_v2/v3, glm4_moe, olmoe, gpt_oss, phimoe, granitemoe,
+  jamba, and any future family built the same way). A forward *pre-hook* on the experts
+  module reads its ``top_k_index`` / ``top_k_weights`` arguments: exactly what the
+  experts consume, after every family-specific routing rule (softmax-then-top-k,
+  top-k-then-softmax, sigmoid, group-limited with correction bias, scaling factors).
+  To get output norms without running any expert twice, the experts' forward is replaced
+  on the instance by a per-expert loop equivalent to transformers' eager one that also
+  writes ``||expert_e(x_t)||`` for each routed pair; only routed pairs are computed.
+- ``dbrx``: the experts module takes the same arguments, so the same pre-hook; its own
+  2-D ``[E*I, H]`` weight layout gets its own norm-capturing loop.
+- ``llama4``: the router returns dense sigmoid scores (zero off the top-k) and the experts
+  run on every token with the score folded into their input; a forward hook on the router
+  decodes ids (top-k of the router logits, as the router does) and weights, and a forward
+  hook on the experts reads the routed rows of their ``[E*T, H]`` output.
+- ``switch``: the experts get a one-hot dispatch mask (all-zero for tokens dropped by the
+  capacity limit); ids are decoded from it (``-1`` = dropped), and a forward hook on each
+  ``expert_{i}`` module reads its output rows.
+
+Recorded tensors are flat over tokens, ``[B*S, k]`` in row-major batch order, as the
+routers see them; masking padded tokens is the caller's job (see :mod:`moescope.trace`).
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from moescope.errors import NotMoEError
+
+# Decoder blocks are ``...layers.{i}...`` in almost every family, ``blocks.{i}`` in dbrx,
+# ``block.{i}`` in switch_transformers; the first such index is the layer.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?:\.|$)")
+
+KINDS = ("fused", "dbrx", "llama4", "switch")
+
+
+@dataclass
+class MoESite:
+    """One routed-expert block.
+
+    Attributes:
+        name: module path of the MoE block (``model.layers.3.mlp``).
+        layer: decoder layer index as in the checkpoint.
+        stack: ``""`` for decoder-only models, ``encoder``/``decoder`` for encoder-decoders.
+        kind: adapter: ``fused``, ``dbrx``, ``llama4`` or ``switch``.
+        num_experts: routed experts in this block.
+        block: the MoE block module.
+        experts: the experts module.
+        router: the router module where the adapter hooks it (llama4), else ``None``.
+    """
+
+    name: str
+    layer: int
+    stack: str
+    kind: str
+    num_experts: int
+    block: Any = field(repr=False)
+    experts: Any = field(repr=False)
+    router: Any = field(default=None, repr=False)
+
+
+@dataclass
+class LayerRecord:
+    """What one MoE block decided in the last forward pass (flat over ``B*S`` tokens).
+
+    Attributes:
+        ids: ``[T, k]`` int64 selected experts; ``-1`` where a token was dropped (switch).
+        weights: ``[T, k]`` gate weights the experts apply (``0`` where dropped).
+        norms: ``[T, k]`` float32 L2 norm of each routed expert's output, or ``None``.
+        weighted_norms: ``[T, k]`` norm of the contribution added to the layer output.
+    """
+
+    ids: Any
+    weights: Any
+    norms: Any = None
+    weighted_norms: Any = None
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _stack_of(name: str) -> str:
+    head = name.split(".")
+    for part in head:
+        if part in ("encoder", "decoder"):
+            return part
+    return ""
+
+
+def _is_fused_experts(module: Any) -> bool:
+    # use_experts_implementation sets these on every instance it decorates.
+    return hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate")
+
+
+def find_moe_sites(model: Any) -> list[MoESite]:
+    """Every routed-expert block of ``model``, in module order.
+
+    Args:
+        model: a transformers model (any head).
+
+    Returns:
+        One :class:`MoESite` per MoE block; empty for dense models.
+    """
+    sites: list[MoESite] = []
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        experts = getattr(module, "experts", None)
+        if experts is None:
+            continue
+        layer = _layer_of(name)
+        if layer is None:
+            continue
+        ecls = type(experts).__name__
+        if cls == "Llama4TextMoe" or (ecls == "Llama4TextExperts" and hasattr(module, "router")):
+            kind, router = "llama4", module.router
+        elif ecls == "SwitchTransformersExperts":
+            kind, router = "switch", None
+        elif ecls == "DbrxExperts":
+            kind, router = "dbrx", None
+        elif _is_fused_experts(experts):
+            kind, router = "fused", None
+        else:
+            continue
+        num = getattr(experts, "num_experts", None)
+        if num is None:
+            num = len(experts) if kind == "switch" else int(module.num_experts)
+        sites.append(MoESite(name, layer, _stack_of(name), kind, int(num), module, experts, router))
+    return sites
+
+
+def require_moe_sites(model: Any, ref: str = "the model") -> list[MoESite]:
+    """Like :func:`find_moe_sites`, but a dense model is an error.
+
+    Raises:
+        NotMoEError: no routed-expert block was found.
+    """
+    sites = find_moe_sites(model)
+    if not sites:
+        mtype = getattr(getattr(model, "config", None), "model_type", "?")
+        raise NotMoEError(
+            f"{ref} ({mtype}) has no routed experts; nothing to trace — try a MoE model such as demo."
+        )
+    return sites
+
+
+def config_top_k(config: Any) -> int | None:
+    """Experts per token from a transformers config (``None`` when no field names it)."""
+    if getattr(config, "model_type", "") == "switch_transformers":
+        return 1
+    if getattr(config, "model_type", "") == "phimoe":
+        return 2
+    text = getattr(config, "text_config", None) or config
+    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    ffn = getattr(text, "ffn_config", None)
+    value = getattr(ffn, "moe_top_k", None) if ffn is not None else None
+    return int(value) if isinstance(value, int) else None
+
+
+# --------------------------------------------------------------------------- norm capture
+
+
+def _fused_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[..., Any]:
+    """An experts forward equivalent to transformers' eager loop that also keeps output norms.
+
+    It follows the attributes ``use_experts_implementation`` sets (``has_gate``,
+    ``has_bias``, ``is_transposed``, ``has_post_expert_norm``, ``_apply_gate``), as the
+    library's own ``batched_mm``/``grouped_mm`` implementations do, so it serves every
+    decorated family; tests check its output equals the eager one.
+    """
+
+    def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        out = torch.zeros_like(hidden_states)
+        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
+        n_exp = self.num_experts
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=n_exp + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for row in hit.tolist():
+            e = row[0]
+            if e >= n_exp:
+                continue
+            pos, tok = torch.where(mask[e])
+            x = hidden_states[tok]
+            if self.has_gate:
+                w_in = self.gate_up_proj[e]
+                b_in = self.gate_up_proj_bias[e] if self.has_bias else None
+            else:
+                w_in = self.up_proj[e]
+                b_in = self.up_proj_bias[e] if self.has_bias else None
+            h = x @ w_in if self.is_transposed else F.linear(x, w_in)
+            if b_in is not None:
+                h = h + b_in
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            w_out = self.down_proj[e]
+            y = h @ w_out if self.is_transposed else F.linear(h, w_out)
+            if self.has_bias:
+                y = y + self.down_proj_bias[e]
+            if self.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            norms[tok, pos] = y.float().norm(dim=-1)
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        rec._norms[index] = norms
+        return out
+
+    return forward
+
+
+def _dbrx_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[..., Any]:
+    """DBRX's experts loop (2-D ``[E*I, H]`` weights) with output norms kept."""
+
+    def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        batch = hidden_states.shape[0]
+        hidden = hidden_states.reshape(-1, self.hidden_size)
+        out = torch.zeros_like(hidden)
+        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        shape = (-1, self.ffn_hidden_size, self.hidden_size)
+        for row in hit.tolist():
+            e = row[0]
+            if e >= self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            w1 = self.mlp.w1.view(shape)[e]
+            v1 = self.mlp.v1.view(shape)[e]
+            w2 = self.mlp.w2.view(shape)[e]
+            y = self.mlp(hidden[tok], w1, v1, w2).view(-1, self.hidden_size)
+            norms[tok, pos] = y.float().norm(dim=-1)
+            out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+        rec._norms[index] = norms
+        return out.view(batch, -1, self.hidden_size)
+
+    return forward
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+class RoutingRecorder:
+    """Hooks on every MoE block; after each forward, :attr:`records` holds one entry per site.
+
+    Use as a context manager: hooks (and norm-capturing forwards) are attached on enter
+    and removed on exit, leaving the model as it was.
+
+    Args:
+        sites: blocks from :func:`find_moe_sites`.
+        record_norms: also record each routed expert's output norm (no expert runs twice).
+    """
+
+    def __init__(self, sites: list[MoESite], *, record_norms: bool = True) -> None:
+        self.sites = sites
+        self.record_norms = record_norms
+        self._ids: dict[int, Any] = {}
+        self._weights: dict[int, Any] = {}
+        self._norms: dict[int, Any] = {}
+        self._handles: list[Any] = []
+        self._patched: list[Any] = []
+
+    # -- public -----------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget the last forward's records."""
+        self._ids.clear()
+        self._weights.clear()
+        self._norms.clear()
+
+    @property
+    def records(self) -> list[LayerRecord | None]:
+        """One :class:`LayerRecord` per site for the last forward (``None`` if it did not run)."""
+        out: list[LayerRecord | None] = []
+        for i in range(len(self.sites)):
+            if i not in self._ids:
+                out.append(None)
+                continue
+            ids, weights = self._ids[i], self._weights[i]
+            norms = self._norms.get(i)
+            weighted = None
+            if norms is not None:
+                # llama4 folds the weight into the expert input: its output already is the
+                # contribution, so both norms are the same there.
+                kind = self.sites[i].kind
+                weighted = norms if kind == "llama4" else norms * weights.float().abs()
+            out.append(LayerRecord(ids, weights, norms, weighted))
+        return out
+
+    def __enter__(self) -> RoutingRecorder:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        """Register the hooks (idempotent only through :meth:`detach`)."""
+        for i, site in enumerate(self.sites):
+            if site.kind in ("fused", "dbrx"):
+                self._handles.append(
+                    site.experts.register_forward_pre_hook(self._args_hook(i), with_kwargs=True)
+                )
+                if self.record_norms:
+                    make = _fused_forward_with_norms if site.kind == "fused" else _dbrx_forward_with_norms
+                    site.experts.forward = types.MethodType(make(self, i), site.experts)
+                    self._patched.append(site.experts)
+            elif site.kind == "llama4":
+                self._handles.append(site.router.register_forward_hook(self._llama4_router_hook(i)))
+                if self.record_norms:
+                    self._handles.append(site.experts.register_forward_hook(self._llama4_experts_hook(i)))
+            elif site.kind == "switch":
+                self._handles.append(
+                    site.experts.register_forward_pre_hook(self._switch_hook(i), with_kwargs=True)
+                )
+                if self.record_norms:
+                    for e in range(site.num_experts):
+                        module = site.experts[f"expert_{e}"]
+                        self._handles.append(module.register_forward_hook(self._switch_expert_hook(i, e)))
+
+    def detach(self) -> None:
+        """Remove every hook and restore the experts' own forward."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for module in self._patched:
+            # the instance attribute shadows the class's (decorated) forward; drop it
+            if "forward" in module.__dict__:
+                del module.__dict__["forward"]
+        self._patched.clear()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _args_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            rest = list(args[1:]) + list(kwargs.values())
+            self._ids[i] = rest[0]
+            self._weights[i] = rest[1]
+
+        return hook
+
+    def _llama4_router_hook(self, i: int) -> Callable[..., None]:
+        k = self.sites[i].block.top_k
+
+        def hook(module: Any, args: Any, output: Any) -> None:
+            import torch
+
+            scores, logits = output
+            # the router takes torch.topk of its logits; the same call gives the same ids
+            ids = torch.topk(logits, k, dim=1).indices
+            self._ids[i] = ids
+            self._weights[i] = scores.gather(1, ids)
+
+        return hook
+
+    def _llama4_experts_hook(self, i: int) -> Callable[..., None]:
+        n_exp = self.sites[i].num_experts
+
+        def hook(module: Any, args: Any, output: Any) -> None:
+            ids = self._ids[i]
+            per_expert = output.view(n_exp, ids.shape[0], -1)
+            rows = per_expert[ids, ids.new_tensor(range(ids.shape[0]))[:, None]]
+            self._norms[i] = rows.float().norm(dim=-1)
+
+        return hook
+
+    def _switch_hook(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            import torch
+
+            rest = list(args[1:]) + list(kwargs.values())
+            onehot, weights = rest[0], rest[1]  # [T, 1, E], [T, 1]
+            flat = onehot.reshape(onehot.shape[0], -1)
+            kept = flat.sum(dim=-1, keepdim=True) > 0
+            ids = torch.where(
+                kept, flat.argmax(dim=-1, keepdim=True), torch.full_like(kept, -1, dtype=torch.long)
+            )
+            self._ids[i] = ids
+            self._weights[i] = torch.where(
+                kept, weights.reshape(-1, 1), torch.zeros_like(weights.reshape(-1, 1))
+            )
+            if self.record_norms:
+                self._norms[i] = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+
+        return hook
+
+    def _switch_expert_hook(self, i: int, e: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            # the experts loop feeds expert e the tokens routed to it, in ascending order
+            tok = (self._ids[i][:, 0] == e).nonzero().squeeze(-1)
+            self._norms[i][tok, 0] = output.float().norm(dim=-1)
+
+        return hook

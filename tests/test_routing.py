@@ -1,0 +1,462 @@
+"""Recorded routing equals each family's routing rule recomputed from ``output_router_logits``.
+
+For every MoE family transformers ships, a tiny random model (hidden 32, 2 layers, 4
+experts, vocab 99, fixed seed) runs once with ``output_router_logits=True`` (baseline)
+and once under :class:`moescope.routing.RoutingRecorder`. The test writes each family's
+routing rule out by hand (softmax-then-top-k, top-k-then-softmax, sigmoid, group-limited
+with correction bias, sparsemixer, capacity-limited top-1) and checks the recorded ids and
+weights against it; it also checks the norm-capturing experts forward leaves the model's
+output unchanged and that the recorded norms equal each routed expert run on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+from moescope.errors import NotMoEError
+from moescope.routing import RoutingRecorder, config_top_k, find_moe_sites, require_moe_sites
+
+_H, _LAYERS, _E, _VOCAB, _K = 32, 2, 4, 99, 2
+_COMMON = dict(
+    vocab_size=_VOCAB,
+    hidden_size=_H,
+    num_hidden_layers=_LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+_DS = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+
+
+def _config(family: str) -> tuple[Any, type]:
+    """A tiny config and model class for ``family``."""
+    c = _COMMON
+    if family == "mixtral":
+        return tf.MixtralConfig(**c, intermediate_size=37, num_local_experts=_E, num_experts_per_tok=_K), (
+            tf.MixtralForCausalLM
+        )
+    if family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(
+            **c,
+            intermediate_size=37,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=_E,
+            num_experts_per_tok=_K,
+            norm_topk_prob=False,
+        )
+        return cfg, tf.Qwen2MoeForCausalLM
+    if family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **c,
+            intermediate_size=37,
+            moe_intermediate_size=16,
+            num_experts=_E,
+            num_experts_per_tok=_K,
+            norm_topk_prob=True,
+            head_dim=8,
+        )
+        return cfg, tf.Qwen3MoeForCausalLM
+    if family == "olmoe":
+        cfg = tf.OlmoeConfig(
+            **c, intermediate_size=16, num_experts=_E, num_experts_per_tok=_K, eos_token_id=1
+        )
+        return cfg, tf.OlmoeForCausalLM
+    if family == "deepseek_v2":
+        cfg = tf.DeepseekV2Config(
+            **c,
+            **_DS,
+            intermediate_size=37,
+            moe_intermediate_size=16,
+            n_routed_experts=_E,
+            n_shared_experts=1,
+            num_experts_per_tok=_K,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.0,
+            q_lora_rank=None,
+        )
+        return cfg, tf.DeepseekV2ForCausalLM
+    if family == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(
+            **c,
+            **_DS,
+            intermediate_size=37,
+            moe_intermediate_size=16,
+            n_routed_experts=_E,
+            n_shared_experts=1,
+            num_experts_per_tok=_K,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            q_lora_rank=8,
+        )
+        return cfg, tf.DeepseekV3ForCausalLM
+    if family == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(
+            **c,
+            intermediate_size=37,
+            moe_intermediate_size=16,
+            n_routed_experts=_E,
+            n_shared_experts=1,
+            num_experts_per_tok=_K,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            norm_topk_prob=True,
+            head_dim=8,
+        )
+        return cfg, tf.Glm4MoeForCausalLM
+    if family == "gpt_oss":
+        cfg = tf.GptOssConfig(
+            **c,
+            intermediate_size=16,
+            num_local_experts=_E,
+            num_experts_per_tok=_K,
+            head_dim=8,
+            sliding_window=8,
+        )
+        return cfg, tf.GptOssForCausalLM
+    if family == "phimoe":
+        return tf.PhimoeConfig(**c, intermediate_size=16, num_local_experts=_E, num_experts_per_tok=_K), (
+            tf.PhimoeForCausalLM
+        )
+    if family == "granitemoe":
+        return tf.GraniteMoeConfig(**c, intermediate_size=16, num_local_experts=_E, num_experts_per_tok=_K), (
+            tf.GraniteMoeForCausalLM
+        )
+    if family == "dbrx":
+        cfg = tf.DbrxConfig(
+            vocab_size=_VOCAB,
+            d_model=_H,
+            n_heads=4,
+            n_layers=_LAYERS,
+            max_seq_len=64,
+            ffn_config=dict(
+                moe_num_experts=_E, moe_top_k=_K, ffn_hidden_size=16, moe_normalize_expert_weights=1.0
+            ),
+            attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+        )
+        return cfg, tf.DbrxForCausalLM
+    if family == "llama4":
+        cfg = tf.Llama4TextConfig(
+            **c,
+            intermediate_size=16,
+            intermediate_size_mlp=37,
+            num_local_experts=_E,
+            num_experts_per_tok=_K,
+            head_dim=8,
+            interleave_moe_layer_step=1,
+        )
+        return cfg, tf.Llama4ForCausalLM
+    if family == "jamba":
+        cfg = tf.JambaConfig(
+            **c,
+            intermediate_size=16,
+            num_experts=_E,
+            num_experts_per_tok=_K,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            mamba_d_state=4,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        )
+        return cfg, tf.JambaForCausalLM
+    if family == "switch_transformers":
+        cfg = tf.SwitchTransformersConfig(
+            vocab_size=_VOCAB,
+            d_model=_H,
+            d_kv=8,
+            d_ff=37,
+            num_layers=_LAYERS,
+            num_decoder_layers=_LAYERS,
+            num_heads=4,
+            num_experts=_E,
+            expert_capacity=5,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+        )
+        return cfg, tf.SwitchTransformersForConditionalGeneration
+    raise KeyError(family)
+
+
+# ----------------------------------------------------------------- routing rules, written out
+
+
+def _softmax_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    p = logits.float().softmax(-1)
+    w, i = p.topk(k, dim=-1)
+    return i, (w / w.sum(-1, keepdim=True)) if renorm else w
+
+
+def _topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    v, i = logits.float().topk(k, dim=-1)
+    return i, v.softmax(-1)
+
+
+def _group_limited(
+    scores: torch.Tensor, choice: torch.Tensor, k: int, groups: int, keep: int, group_score: str
+) -> torch.Tensor:
+    """Ids of top-k over ``choice`` restricted to the ``keep`` best groups."""
+    t, e = choice.shape
+    g = choice.view(t, groups, e // groups)
+    gs = g.max(-1).values if group_score == "max" else g.topk(2, dim=-1).values.sum(-1)
+    best = gs.topk(keep, dim=-1).indices
+    allowed = torch.zeros(t, groups, dtype=torch.bool).scatter(1, best, True)
+    allowed = allowed[:, :, None].expand(t, groups, e // groups).reshape(t, e)
+    return choice.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
+
+
+def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE at inference: argmax, then argmax of the rest; each weight a softmax over the
+    logits within a relative ``2*eps`` of that step's maximum."""
+    x = logits.float()
+    ids, ws = [], []
+    for _ in range(2):
+        top, idx = x.max(-1, keepdim=True)
+        far = (top - x) / x.abs().clamp(min=top) > 2 * eps
+        w = x.masked_fill(far, float("-inf")).softmax(-1).gather(1, idx)
+        ids.append(idx)
+        ws.append(w)
+        x = x.scatter(1, idx, float("-inf"))
+    return torch.cat(ids, 1), torch.cat(ws, 1)
+
+
+def _expected(family: str, model: Any, site: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The family's routing rule applied to one layer's router logits ``[T, E]``."""
+    cfg = model.config
+    k = config_top_k(cfg)
+    if family in ("mixtral",):
+        return _softmax_topk(logits, k, True)
+    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        return _softmax_topk(logits, k, bool(cfg.norm_topk_prob))
+    if family == "jamba":
+        return _softmax_topk(logits, k, False)
+    if family == "dbrx":
+        i, _ = _softmax_topk(logits, k, False)
+        w = logits.float().softmax(-1).gather(1, i)
+        p = cfg.ffn_config.moe_normalize_expert_weights
+        return i, w / w.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
+    if family in ("gpt_oss", "granitemoe"):
+        return _topk_softmax(logits, k)
+    if family == "llama4":
+        v, i = logits.float().topk(k, dim=-1)
+        return i, torch.sigmoid(v)
+    if family == "phimoe":
+        return _sparsemixer(logits, cfg.router_jitter_noise)
+    if family == "deepseek_v2":
+        s = logits.float().softmax(-1)
+        i = _group_limited(s, s, k, cfg.n_group, cfg.topk_group, "max")
+        return i, s.gather(1, i) * cfg.routed_scaling_factor
+    if family in ("deepseek_v3", "glm4_moe"):
+        s = logits.float().sigmoid()
+        bias = site.block.gate.e_score_correction_bias
+        i = _group_limited(s, s + bias, k, cfg.n_group, cfg.topk_group, "sum2")
+        w = s.gather(1, i)
+        if cfg.norm_topk_prob:
+            w = w / w.sum(-1, keepdim=True)
+        return i, w * cfg.routed_scaling_factor
+    if family == "switch_transformers":
+        # logits [B, S, E]; top-1 of the softmax; per sequence, an expert takes at most
+        # expert_capacity tokens in order, the rest are dropped (id -1, weight 0).
+        p = logits.float().softmax(-1)
+        w, i = p.max(-1)
+        ids = i.clone()
+        for b in range(ids.shape[0]):
+            seen = [0] * cfg.num_experts
+            for s in range(ids.shape[1]):
+                seen[int(i[b, s])] += 1
+                if seen[int(i[b, s])] > cfg.expert_capacity:
+                    ids[b, s] = -1
+        ids = ids.reshape(-1, 1)
+        w = torch.where(ids >= 0, w.reshape(-1, 1), torch.zeros_like(w.reshape(-1, 1)))
+        return ids, w
+    raise KeyError(family)
+
+
+FAMILIES = [
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss",
+    "phimoe", "granitemoe", "dbrx", "llama4", "jamba", "switch_transformers",
+]  # fmt: skip
+
+
+def _build(family: str) -> Any:
+    torch.manual_seed(0)
+    cfg, cls = _config(family)
+    model = cls(cfg).eval()
+    if hasattr(model, "set_experts_implementation") and family not in (
+        "llama4",
+        "dbrx",
+        "switch_transformers",
+    ):
+        model.set_experts_implementation("eager")
+    with torch.no_grad():
+        for site in find_moe_sites(model):
+            gate = getattr(site.block, "gate", None)
+            if gate is not None and hasattr(gate, "e_score_correction_bias"):
+                # a non-zero correction bias, so a plain top-k of the scores would be wrong
+                gate.e_score_correction_bias.copy_(torch.randn(site.num_experts) * 0.5)
+            router = getattr(site.block, "router", None)
+            if router is not None and getattr(router, "bias", None) is not None:
+                router.bias.copy_(torch.randn_like(router.bias))
+    return model
+
+
+def _sort_pairs(ids: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each token's (id, weight) pairs by id: some routers return top-k unsorted."""
+    order = ids.argsort(-1)
+    return ids.gather(1, order), w.gather(1, order)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_routing_matches_family_rule(family: str) -> None:
+    model = _build(family)
+    sites = find_moe_sites(model)
+    assert sites, family
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, _VOCAB, (2, 9))
+    kwargs: dict[str, Any] = {}
+    if family == "switch_transformers":
+        kwargs["decoder_input_ids"] = input_ids
+    with torch.no_grad():
+        base = model(input_ids=input_ids, output_router_logits=True, **kwargs)
+        with RoutingRecorder(sites) as rec:
+            hooked = model(input_ids=input_ids, **kwargs)
+            records = rec.records
+        after = model(input_ids=input_ids, **kwargs)
+    # the norm-capturing forward must not change what the model computes, and detaching
+    # must restore the model's own forward
+    torch.testing.assert_close(hooked.logits, base.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.logits, base.logits, atol=0, rtol=0)
+    assert all("forward" not in s.experts.__dict__ for s in sites)
+
+    if family == "switch_transformers":
+        enc = [s for s in sites if s.stack == "encoder"]
+        dec = [s for s in sites if s.stack == "decoder"]
+        logits = [x for x in base.encoder_router_logits] + [x for x in base.decoder_router_logits]
+        ordered = enc + dec
+    else:
+        logits = list(base.router_logits)
+        ordered = sites
+    assert len(logits) == len(ordered)
+    for site, lg in zip(ordered, logits, strict=True):
+        rec_ = records[sites.index(site)]
+        assert rec_ is not None
+        exp_ids, exp_w = _expected(family, model, site, lg)
+        got_ids, got_w = rec_.ids, rec_.weights.float()
+        assert got_ids.shape == exp_ids.shape == (input_ids.numel(), config_top_k(model.config))
+        got_ids, got_w = _sort_pairs(got_ids, got_w)
+        exp_ids, exp_w = _sort_pairs(exp_ids, exp_w)
+        assert torch.equal(got_ids, exp_ids), f"{family} layer {site.layer}"
+        torch.testing.assert_close(got_w, exp_w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family", ["mixtral", "deepseek_v3", "gpt_oss", "dbrx", "llama4", "switch_transformers"]
+)
+def test_recorded_norms_equal_each_expert_run_alone(family: str) -> None:
+    """Norms come from the routed experts' outputs; recompute each one independently."""
+    model = _build(family)
+    sites = [s for s in find_moe_sites(model) if s.stack != "decoder"]
+    site = sites[-1]
+    inputs: list[torch.Tensor] = []
+    handle = site.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
+    input_ids = torch.randint(0, _VOCAB, (2, 9))
+    kwargs = {"decoder_input_ids": input_ids} if family == "switch_transformers" else {}
+    with torch.no_grad(), RoutingRecorder(sites) as rec:
+        model(input_ids=input_ids, **kwargs)
+        record = rec.records[sites.index(site)]
+    handle.remove()
+    x = inputs[0].reshape(-1, inputs[0].shape[-1])
+    run = _single_expert_runner(family, site)
+    assert record is not None and record.norms is not None
+    for t in range(x.shape[0]):
+        for j in range(record.ids.shape[1]):
+            e = int(record.ids[t, j])
+            if e < 0:
+                assert float(record.norms[t, j]) == 0.0
+                continue
+            w = record.weights[t, j]
+            y = run(x[t : t + 1], e, w)
+            torch.testing.assert_close(record.norms[t, j], y.norm(), atol=1e-5, rtol=1e-5)
+            expect_weighted = y.norm() if family == "llama4" else y.norm() * w.abs()
+            torch.testing.assert_close(record.weighted_norms[t, j], expect_weighted, atol=1e-5, rtol=1e-5)
+
+
+def _single_expert_runner(
+    family: str, site: Any
+) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
+    """Expert ``e`` applied to one token, from the raw weights (llama4: to ``w * x``)."""
+    ex = site.experts
+    if family == "switch_transformers":
+        return lambda x, e, w: ex[f"expert_{e}"](x)[0]
+    if family == "dbrx":
+        shape = (-1, ex.ffn_hidden_size, ex.hidden_size)
+
+        def dbrx(x: torch.Tensor, e: int, w: torch.Tensor) -> torch.Tensor:
+            w1, v1, w2 = (p.view(shape)[e] for p in (ex.mlp.w1, ex.mlp.v1, ex.mlp.w2))
+            return ((ex.mlp.activation_fn(x @ w1.T) * (x @ v1.T)) @ w2)[0]
+
+        return dbrx
+    if family == "llama4":
+
+        def llama4(x: torch.Tensor, e: int, w: torch.Tensor) -> torch.Tensor:
+            gate, up = (w * x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+            return ((up * ex.act_fn(gate)) @ ex.down_proj[e])[0]
+
+        return llama4
+    if family == "gpt_oss":
+
+        def gpt_oss(x: torch.Tensor, e: int, w: torch.Tensor) -> torch.Tensor:
+            h = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+            gate, up = h[..., ::2].clamp(max=ex.limit), h[..., 1::2].clamp(-ex.limit, ex.limit)
+            g = (up + 1) * gate * torch.sigmoid(gate * ex.alpha)
+            return (g @ ex.down_proj[e] + ex.down_proj_bias[e])[0]
+
+        return gpt_oss
+
+    def fused(x: torch.Tensor, e: int, w: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(ex.act_fn(gate) * up, ex.down_proj[e])[0]
+
+    return fused
+
+
+def test_switch_capacity_drops_are_recorded_as_minus_one() -> None:
+    model = _build("switch_transformers")
+    sites = [s for s in find_moe_sites(model) if s.stack == "encoder"]
+    input_ids = torch.randint(0, _VOCAB, (1, 40))  # 40 tokens, 4 experts of capacity 5: drops certain
+    with torch.no_grad(), RoutingRecorder(sites) as rec:
+        model(input_ids=input_ids, decoder_input_ids=input_ids[:, :2])
+        ids = rec.records[0].ids
+    assert int((ids < 0).sum()) >= 40 - 4 * 5
+    assert all(int((ids == e).sum()) <= 5 for e in range(_E))
+
+
+def test_layer_index_is_the_checkpoints() -> None:
+    model = _build("deepseek_v3")  # first_k_dense_replace=1: only layer 1 is MoE
+    assert [s.layer for s in find_moe_sites(model)] == [1]
+    assert find_moe_sites(model)[0].name == "model.layers.1.mlp"
+
+
+def test_dense_model_is_not_moe() -> None:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**_COMMON, intermediate_size=37)
+    model = tf.LlamaForCausalLM(cfg)
+    assert find_moe_sites(model) == []
+    with pytest.raises(NotMoEError, match="no routed experts.*demo"):
+        require_moe_sites(model, "tiny-llama")
