@@ -1,0 +1,423 @@
+"""Architecture knowledge: one normalised MoE description per checkpoint, and a tensor classifier.
+
+``moe_spec(config)`` reads a transformers ``config.json`` dict (no torch, no transformers)
+into a :class:`MoESpec`: which decoder layers are MoE, routed experts, top-k, shared
+experts, expert width, scoring rule and the config field that holds the expert count.
+``classify(name, spec)`` puts every checkpoint tensor in one component (``embedding``,
+``attention``, ``dense_mlp``, ``routed_experts``, ``shared_experts``, ``router``, ``norm``,
+``lm_head``, ``mtp``, ``vision``, ``other``) and knows which stored tensors are not
+parameters (quantisation scales, buffers such as ``e_score_correction_bias``) and how many
+logical parameters a packed tensor encodes (MXFP4 ``*_blocks``: two per byte).
+
+The families table is the single place that knows a family's field names; later commands
+(trace, prune) read the same :class:`MoESpec`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from moescope.errors import ConfigError
+
+COMPONENTS = (
+    "embedding",
+    "attention",
+    "dense_mlp",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "norm",
+    "lm_head",
+    "mtp",
+    "vision",
+    "other",
+)
+
+#: families whose MoE layout moescope knows (kimi_k2 reads as deepseek_v3)
+MOE_FAMILIES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "olmoe",
+    "gpt_oss",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "dbrx",
+    "llama4",
+    "jamba",
+    "switch_transformers",
+)
+
+_ALIASES = {"kimi_k2": "deepseek_v3", "llama4_text": "llama4", "glm4v_moe_text": "glm4_moe"}
+
+# Families whose config classes default tie_word_embeddings to True when the field is absent.
+_TIED_BY_DEFAULT = {"gpt2", "granitemoe", "granitemoeshared", "jamba", "switch_transformers", "gemma", "gemma2"}
+
+
+@dataclass
+class MoESpec:
+    """What a checkpoint's config says about its layers and experts.
+
+    Attributes:
+        model_type: the config's ``model_type`` as written.
+        family: normalised family key (``kimi_k2`` -> ``deepseek_v3``).
+        is_moe: whether any layer routes tokens to experts.
+        num_layers: decoder layers (for encoder-decoder: encoder + decoder blocks).
+        moe_layers: indices of the MoE layers, as in the checkpoint's layer numbering.
+        num_experts: routed experts per MoE layer.
+        top_k: experts each token is routed to.
+        num_shared_experts: always-on experts per MoE layer (0 when none).
+        expert_intermediate_size: width of one routed expert's MLP.
+        shared_intermediate_size: total width of the shared expert(s) MLP.
+        scoring: ``softmax``, ``sigmoid``, ``softmax_after_topk``, ``sparsemixer``.
+        norm_topk_prob: whether the top-k weights are renormalised (None when not applicable).
+        n_group / topk_group: group-limited routing (deepseek); 1 / 1 when not used.
+        num_experts_field: dotted config key that holds the expert count.
+        top_k_field: dotted config key that holds top-k.
+        tie_word_embeddings: whether the LM head shares the input embedding.
+        mtp_layers: number of multi-token-prediction layers stored after the decoder layers.
+        known: whether moescope knows this family (False: dense fallback).
+    """
+
+    model_type: str
+    family: str
+    is_moe: bool = False
+    num_layers: int = 0
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int = 0
+    top_k: int = 0
+    num_shared_experts: int = 0
+    expert_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    scoring: str | None = None
+    norm_topk_prob: bool | None = None
+    n_group: int = 1
+    topk_group: int = 1
+    num_experts_field: str | None = None
+    top_k_field: str | None = None
+    tie_word_embeddings: bool = False
+    mtp_layers: int = 0
+    encoder_layers: int = 0
+    known: bool = True
+
+    @property
+    def topk_ratio(self) -> float | None:
+        """k / N, the share of routed experts one token uses."""
+        return self.top_k / self.num_experts if self.is_moe and self.num_experts else None
+
+
+def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        cur: Any = cfg
+        for part in key.split("."):
+            if not isinstance(cur, dict) or part not in cur:
+                cur = None
+                break
+            cur = cur[part]
+        if cur is not None:
+            return cur
+    return default
+
+
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language-model part of a (possibly multimodal) config."""
+    tc = cfg.get("text_config")
+    if isinstance(tc, dict):
+        merged = dict(tc)
+        merged.setdefault("model_type", cfg.get("model_type"))
+        if "tie_word_embeddings" not in merged and "tie_word_embeddings" in cfg:
+            merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        return merged
+    return cfg
+
+
+def family_of(cfg: dict[str, Any]) -> str:
+    """Normalised family key of a config (``kimi_k2`` -> ``deepseek_v3``)."""
+    mt = str(cfg.get("model_type") or "").lower()
+    if not mt:
+        archs = cfg.get("architectures") or []
+        if archs and "Deepseek" in archs[0]:
+            mt = "deepseek_v3"
+    return _ALIASES.get(mt, mt)
+
+
+def _int(cfg: dict[str, Any], key: str, value: Any) -> int:
+    try:
+        iv = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config field {key}={value!r} is not an integer; fix config.json."
+        ) from None
+    if iv < 0:
+        raise ConfigError(f"config field {key}={iv} is negative; fix config.json.")
+    return iv
+
+
+def moe_spec(cfg: dict[str, Any]) -> MoESpec:
+    """Read a config dict into a :class:`MoESpec`.
+
+    Args:
+        cfg: a transformers config as a dict (``json.load`` of ``config.json``).
+
+    Returns:
+        The normalised description; dense families get ``is_moe=False``.
+
+    Raises:
+        ConfigError: when MoE fields are malformed or contradict each other (top_k > experts).
+    """
+    fam = family_of(cfg)
+    tcfg = text_config(cfg) if fam == "llama4" else cfg
+    tie_default = fam in _TIED_BY_DEFAULT
+    spec = MoESpec(
+        model_type=str(cfg.get("model_type") or ""),
+        family=fam,
+        tie_word_embeddings=bool(_get(tcfg, "tie_word_embeddings", default=tie_default)),
+    )
+    if fam == "gpt2":
+        spec.tie_word_embeddings = True
+    n_layers = _get(tcfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers", default=0)
+    spec.num_layers = _int(cfg, "num_hidden_layers", n_layers)
+
+    def setk(exp_key: str, k_key: str) -> None:
+        spec.num_experts = _int(cfg, exp_key, _get(tcfg, exp_key, default=0))
+        spec.top_k = _int(cfg, k_key, _get(tcfg, k_key, default=0))
+        spec.num_experts_field, spec.top_k_field = exp_key, k_key
+
+    L = spec.num_layers
+    if fam in ("mixtral", "gpt_oss", "phimoe", "granitemoe", "granitemoeshared"):
+        setk("num_local_experts", "num_experts_per_tok")
+        if fam == "phimoe":
+            spec.top_k = spec.top_k or 2
+        spec.moe_layers = list(range(L))
+        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+        spec.scoring = {
+            "mixtral": "softmax",
+            "phimoe": "sparsemixer",
+        }.get(fam, "softmax_after_topk")
+        spec.norm_topk_prob = True
+        if fam == "granitemoeshared":
+            spec.shared_intermediate_size = _int(cfg, "shared_intermediate_size", _get(cfg, "shared_intermediate_size", default=0))
+            spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
+    elif fam in ("qwen2_moe", "qwen3_moe", "olmoe"):
+        setk("num_experts", "num_experts_per_tok")
+        if fam == "olmoe":
+            spec.moe_layers = list(range(L))
+            spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+        else:
+            step = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=1)) or 1
+            only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+            spec.moe_layers = [
+                i for i in range(L) if i not in only and spec.num_experts > 0 and (i + 1) % step == 0
+            ]
+            spec.expert_intermediate_size = _int(cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0))
+        if fam == "qwen2_moe":
+            spec.shared_intermediate_size = _int(
+                cfg, "shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", default=0)
+            )
+            spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
+        spec.scoring = "softmax"
+        spec.norm_topk_prob = bool(_get(cfg, "norm_topk_prob", default=fam != "qwen2_moe"))
+    elif fam in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
+        setk("n_routed_experts", "num_experts_per_tok")
+        first = _int(cfg, "first_k_dense_replace", _get(cfg, "first_k_dense_replace", default=0))
+        freq = _int(cfg, "moe_layer_freq", _get(cfg, "moe_layer_freq", default=1)) or 1
+        spec.moe_layers = [i for i in range(L) if i >= first and i % freq == 0 and spec.num_experts > 0]
+        spec.expert_intermediate_size = _int(cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0))
+        spec.num_shared_experts = _int(cfg, "n_shared_experts", _get(cfg, "n_shared_experts", default=0))
+        spec.shared_intermediate_size = spec.expert_intermediate_size * spec.num_shared_experts
+        spec.n_group = _int(cfg, "n_group", _get(cfg, "n_group", default=1)) or 1
+        spec.topk_group = _int(cfg, "topk_group", _get(cfg, "topk_group", default=1)) or 1
+        if fam == "deepseek_v2":
+            spec.scoring = "softmax"
+            spec.norm_topk_prob = False
+            if _get(cfg, "topk_method", default="greedy") == "greedy":
+                spec.n_group = spec.topk_group = 1
+        else:
+            spec.scoring = "sigmoid"
+            spec.norm_topk_prob = bool(_get(cfg, "norm_topk_prob", default=True))
+        spec.mtp_layers = _int(cfg, "num_nextn_predict_layers", _get(cfg, "num_nextn_predict_layers", default=0))
+    elif fam == "dbrx":
+        spec.num_experts = _int(cfg, "ffn_config.moe_num_experts", _get(cfg, "ffn_config.moe_num_experts", default=4))
+        spec.top_k = _int(cfg, "ffn_config.moe_top_k", _get(cfg, "ffn_config.moe_top_k", default=1))
+        spec.num_experts_field, spec.top_k_field = "ffn_config.moe_num_experts", "ffn_config.moe_top_k"
+        spec.expert_intermediate_size = _int(cfg, "ffn_config.ffn_hidden_size", _get(cfg, "ffn_config.ffn_hidden_size", default=0))
+        spec.moe_layers = list(range(L))
+        spec.scoring = "softmax"
+        spec.norm_topk_prob = True
+    elif fam == "llama4":
+        setk("num_local_experts", "num_experts_per_tok")
+        layers = _get(tcfg, "moe_layers")
+        if layers is None:
+            step = _int(cfg, "interleave_moe_layer_step", _get(tcfg, "interleave_moe_layer_step", default=1)) or 1
+            layers = list(range(step - 1, L, step))
+        spec.moe_layers = [int(i) for i in layers]
+        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(tcfg, "intermediate_size", default=0))
+        spec.shared_intermediate_size = spec.expert_intermediate_size
+        spec.num_shared_experts = 1
+        spec.scoring = "sigmoid"
+        spec.norm_topk_prob = False
+    elif fam == "jamba":
+        setk("num_experts", "num_experts_per_tok")
+        period = _int(cfg, "expert_layer_period", _get(cfg, "expert_layer_period", default=2)) or 1
+        offset = _int(cfg, "expert_layer_offset", _get(cfg, "expert_layer_offset", default=1))
+        spec.moe_layers = [i for i in range(L) if i % period == offset] if spec.num_experts > 1 else []
+        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+        spec.scoring = "softmax"
+        spec.norm_topk_prob = False
+    elif fam == "switch_transformers":
+        spec.num_experts = _int(cfg, "num_experts", _get(cfg, "num_experts", default=8))
+        spec.top_k = 1
+        spec.num_experts_field, spec.top_k_field = "num_experts", None
+        enc = _int(cfg, "num_layers", _get(cfg, "num_layers", default=12))
+        dec = _int(cfg, "num_decoder_layers", _get(cfg, "num_decoder_layers", default=enc))
+        spec.num_layers = enc + dec
+        spec.encoder_layers = enc
+        estep = _int(cfg, "encoder_sparse_step", _get(cfg, "encoder_sparse_step", default=2)) or 1
+        dstep = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=2)) or 1
+        # encoder blocks are numbered 0..enc-1, decoder blocks enc..enc+dec-1 in moescope's layer index
+        spec.moe_layers = [i for i in range(enc) if i % estep == 1] + [
+            enc + i for i in range(dec) if i % dstep == 1
+        ]
+        spec.expert_intermediate_size = _int(cfg, "d_ff", _get(cfg, "d_ff", default=0))
+        spec.scoring = "softmax"
+        spec.norm_topk_prob = False
+    else:
+        spec.known = fam in _DENSE_FAMILIES
+    spec.is_moe = bool(spec.num_experts > 1 and spec.moe_layers)
+    if spec.is_moe:
+        if spec.top_k < 1:
+            raise ConfigError(
+                f"config has {spec.num_experts} experts but top-k ({spec.top_k_field}) is {spec.top_k}; "
+                "fix config.json."
+            )
+        if spec.top_k > spec.num_experts:
+            raise ConfigError(
+                f"config routes each token to {spec.top_k} experts ({spec.top_k_field}) but has only "
+                f"{spec.num_experts} ({spec.num_experts_field}); fix config.json."
+            )
+    else:
+        spec.moe_layers = []
+        if fam not in MOE_FAMILIES:
+            spec.num_experts = spec.top_k = 0
+    return spec
+
+
+_DENSE_FAMILIES = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "granite",
+    "gpt_neox",
+    "falcon",
+    "starcoder2",
+}
+
+# ---------------------------------------------------------------------------------------
+# Tensor classification
+# ---------------------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+_EXPERT_RE = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
+_VISION_RE = re.compile(r"(vision_model|vision_tower|visual\.|multi_modal_projector|vision_encoder|image_newline|mm_projector)")
+_NOT_PARAM_RE = re.compile(
+    r"(_scales$|\.weight_scale_inv$|\.weight_scale$|\.input_scale$|\.scales$|\.qzeros$|\.g_idx$|"
+    r"e_score_correction_bias$|\.inv_freq$|\.attn\.bias$|\.attn\.masked_bias$|\.masked_bias$)"
+)
+
+
+@dataclass(frozen=True)
+class TensorClass:
+    """Where one stored tensor belongs.
+
+    Attributes:
+        component: one of :data:`COMPONENTS`.
+        layer: decoder layer index, or None for tensors outside the layer stack.
+        expert: expert index for per-expert tensors; None for fused ``[E, ...]`` tensors.
+        is_param: False for quantisation scales and saved buffers (not parameters).
+        param_factor: logical parameters per stored element (2 for MXFP4 ``*_blocks``).
+        is_matmul: whether the tensor multiplies activations (counted in FLOPs).
+    """
+
+    component: str
+    layer: int | None
+    expert: int | None
+    is_param: bool = True
+    param_factor: int = 1
+    is_matmul: bool = False
+
+
+def layer_index(name: str, spec: MoESpec) -> int | None:
+    """Decoder layer index in moescope's numbering (switch: decoder blocks after encoder)."""
+    m = _LAYER_RE.search(name)
+    if not m:
+        return None
+    idx = int(m.group(1))
+    if spec.family == "switch_transformers" and name.startswith("decoder."):
+        return idx + spec.encoder_layers
+    return idx
+
+
+def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
+    """Put one tensor in a component.
+
+    Args:
+        name: tensor name as stored (per-expert or fused layout, original or renamed).
+        spec: the checkpoint's :class:`MoESpec`.
+        ndim: number of dimensions (1-D tensors are never matmul weights).
+
+    Returns:
+        The tensor's :class:`TensorClass`.
+    """
+    is_param = not _NOT_PARAM_RE.search(name)
+    factor = 2 if name.endswith("_blocks") else 1
+    base = name[: -len("_blocks")] if factor == 2 else name
+    layer = layer_index(base, spec)
+    lname = base.lower()
+    is_bias = lname.endswith(".bias") or lname.endswith("_bias")
+    matmul = is_param and ndim >= 2 and not is_bias
+
+    def tc(component: str, expert: int | None = None, mm: bool = matmul) -> TensorClass:
+        return TensorClass(component, layer, expert, is_param, factor, mm and component not in ("embedding", "vision", "mtp"))
+
+    if _VISION_RE.search(lname):
+        return tc("vision")
+    if lname.startswith("mtp.") or ".mtp." in lname or (
+        layer is not None and spec.family != "switch_transformers" and spec.num_layers and layer >= spec.num_layers
+    ):
+        return tc("mtp")
+    if "shared_expert_gate" in lname:
+        return tc("shared_experts")
+    if "shared_expert" in lname or ".shared_mlp." in lname:
+        return tc("shared_experts")
+    if ".experts." in lname or lname.endswith(".experts"):
+        m = _EXPERT_RE.search(lname)
+        return tc("routed_experts", int(m.group(1)) if m else None)
+    if (
+        re.search(r"\.(mlp|block_sparse_moe|feed_forward|moe|ffn)\.(gate|router)(\.layer)?\.(weight|bias|e_score_correction_bias)$", lname)
+        or re.search(r"\.router\.(classifier\.)?(weight|bias)$", lname)
+    ) and (layer is None or layer in spec.moe_layers or not spec.moe_layers):
+        return tc("router")
+    if re.search(r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|\.embed_positions\.|position_embeddings)", lname) and layer is None:
+        return tc("embedding", mm=False)
+    if re.search(r"(^|\.)(lm_head|embed_out|output)\.(weight|bias)$", lname) and layer is None:
+        return tc("lm_head")
+    if re.search(r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|EncDecAttention|relative_attention)", base):
+        return tc("attention")
+    if re.search(r"(norm|ln_\d|ln_f|\.ln\.|layer_norm)", lname):
+        return tc("norm", mm=False)
+    if re.search(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)", base) or ".layer.1." in base or ".layer.2." in base:
+        return tc("dense_mlp")
+    return tc("other", mm=False)

@@ -1,0 +1,318 @@
+"""Tensor inventories computed from a config alone (closed forms per family).
+
+When only a config is available (a bare ``config.json``, a spec file, or a hub id whose
+weights we do not read), moescope lists the parameter tensors the transformers model
+would hold — names in transformers' in-memory layout, shapes from the config fields —
+and accounts them exactly like tensors read from safetensors headers. This module never
+imports torch or transformers; :func:`meta_inventory` is the fallback for families with no
+closed form here (it builds the model on the meta device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from moescope.arch import MoESpec, _get, family_of
+from moescope.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint (or of a config-derived inventory).
+
+    Attributes:
+        name: tensor name.
+        shape: tensor shape.
+        dtype: safetensors dtype string (``BF16``, ``F8_E4M3``, ``U8``...); ``None`` from configs.
+        nbytes: bytes as stored (0 for config-derived inventories).
+        file: the shard file that holds it (``None`` for config-derived inventories).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str | None = None
+    nbytes: int = 0
+    file: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n
+
+
+Inventory = list[TensorInfo]
+
+
+def _req(cfg: dict[str, Any], *keys: str, default: Any = None) -> int:
+    v = _get(cfg, *keys, default=default)
+    if v is None:
+        raise ConfigError(f"config has no {keys[0]}; fix config.json or pass the checkpoint directory.")
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config field {keys[0]}={v!r} is not an integer; fix config.json.") from None
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.items: Inventory = []
+
+    def add(self, name: str, *shape: int) -> None:
+        self.items.append(TensorInfo(name, tuple(int(s) for s in shape)))
+
+    def linear(self, name: str, out_f: int, in_f: int, bias: bool = False) -> None:
+        self.add(f"{name}.weight", out_f, in_f)
+        if bias:
+            self.add(f"{name}.bias", out_f)
+
+    def gated_mlp(self, prefix: str, hidden: int, inter: int, bias: bool = False) -> None:
+        self.linear(f"{prefix}.gate_proj", inter, hidden, bias)
+        self.linear(f"{prefix}.up_proj", inter, hidden, bias)
+        self.linear(f"{prefix}.down_proj", hidden, inter, bias)
+
+
+def _attention(b: _Builder, p: str, cfg: dict[str, Any], fam: str, hidden: int) -> None:
+    heads = _req(cfg, "num_attention_heads")
+    kv = int(_get(cfg, "num_key_value_heads", default=heads) or heads)
+    hd = int(_get(cfg, "head_dim", default=hidden // heads) or hidden // heads)
+    if fam in ("deepseek_v2", "deepseek_v3"):
+        q_lora = _get(cfg, "q_lora_rank")
+        kv_lora = _req(cfg, "kv_lora_rank")
+        rope = _req(cfg, "qk_rope_head_dim")
+        nope = _req(cfg, "qk_nope_head_dim")
+        v_hd = _req(cfg, "v_head_dim")
+        bias = bool(_get(cfg, "attention_bias", default=False))
+        if q_lora:
+            b.linear(f"{p}.q_a_proj", int(q_lora), hidden, bias)
+            b.add(f"{p}.q_a_layernorm.weight", int(q_lora))
+            b.linear(f"{p}.q_b_proj", heads * (nope + rope), int(q_lora))
+        else:
+            b.linear(f"{p}.q_proj", heads * (nope + rope), hidden)
+        b.linear(f"{p}.kv_a_proj_with_mqa", kv_lora + rope, hidden, bias)
+        b.add(f"{p}.kv_a_layernorm.weight", kv_lora)
+        b.linear(f"{p}.kv_b_proj", heads * (nope + v_hd), kv_lora)
+        b.linear(f"{p}.o_proj", hidden, heads * v_hd, bias)
+        return
+    qkv_bias = o_bias = False
+    if fam in ("qwen2", "qwen2_moe"):
+        qkv_bias = True
+    elif fam == "glm4_moe":
+        qkv_bias = bool(_get(cfg, "attention_bias", default=False))
+    elif fam in ("llama", "mistral", "qwen3", "qwen3_moe", "mixtral", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss"):
+        qkv_bias = o_bias = bool(_get(cfg, "attention_bias", default=fam in ("phimoe", "gpt_oss")))
+    b.linear(f"{p}.q_proj", heads * hd, hidden, qkv_bias)
+    b.linear(f"{p}.k_proj", kv * hd, hidden, qkv_bias)
+    b.linear(f"{p}.v_proj", kv * hd, hidden, qkv_bias)
+    b.linear(f"{p}.o_proj", hidden, heads * hd, o_bias)
+    if fam in ("qwen3", "qwen3_moe") or (fam == "glm4_moe" and _get(cfg, "use_qk_norm", default=False)):
+        b.add(f"{p}.q_norm.weight", hd)
+        b.add(f"{p}.k_norm.weight", hd)
+    elif fam == "olmoe":
+        b.add(f"{p}.q_norm.weight", heads * hd)
+        b.add(f"{p}.k_norm.weight", kv * hd)
+    if fam == "gpt_oss":
+        b.add(f"{p}.sinks", heads)
+
+
+def _decoder_lm(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+    """Llama-style decoder stacks: llama, mistral, qwen2/3(+moe), mixtral, olmoe, deepseek, glm4_moe,
+    gpt_oss, phimoe, granitemoe(shared)."""
+    fam = spec.family
+    hidden = _req(cfg, "hidden_size")
+    vocab = _req(cfg, "vocab_size")
+    b = _Builder()
+    b.add("model.embed_tokens.weight", vocab, hidden)
+    ln_bias = fam == "phimoe"
+    moe = set(spec.moe_layers)
+    E, I = spec.num_experts, spec.expert_intermediate_size
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}"
+        _attention(b, f"{p}.self_attn", cfg, fam, hidden)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            b.add(f"{p}.{norm}.weight", hidden)
+            if ln_bias:
+                b.add(f"{p}.{norm}.bias", hidden)
+        if i not in moe:
+            b.gated_mlp(f"{p}.mlp", hidden, _req(cfg, "intermediate_size"))
+            continue
+        block = "block_sparse_moe" if fam in ("granitemoe", "granitemoeshared") else "mlp"
+        m = f"{p}.{block}"
+        if fam in ("gpt_oss", "phimoe", "granitemoe", "granitemoeshared"):
+            b.linear(f"{m}.router", E, hidden, bias=fam == "gpt_oss")
+        else:
+            b.add(f"{m}.gate.weight", E, hidden)
+        if fam == "gpt_oss":
+            b.add(f"{m}.experts.gate_up_proj", E, hidden, 2 * I)
+            b.add(f"{m}.experts.gate_up_proj_bias", E, 2 * I)
+            b.add(f"{m}.experts.down_proj", E, I, hidden)
+            b.add(f"{m}.experts.down_proj_bias", E, hidden)
+        else:
+            b.add(f"{m}.experts.gate_up_proj", E, 2 * I, hidden)
+            b.add(f"{m}.experts.down_proj", E, hidden, I)
+        if fam == "qwen2_moe" and spec.shared_intermediate_size:
+            b.gated_mlp(f"{m}.shared_expert", hidden, spec.shared_intermediate_size)
+            b.add(f"{m}.shared_expert_gate.weight", 1, hidden)
+        elif fam in ("deepseek_v2", "deepseek_v3", "glm4_moe") and spec.num_shared_experts:
+            b.gated_mlp(f"{m}.shared_experts", hidden, spec.shared_intermediate_size)
+        elif fam == "granitemoeshared" and spec.shared_intermediate_size:
+            b.add(f"{p}.shared_mlp.input_linear.weight", 2 * spec.shared_intermediate_size, hidden)
+            b.add(f"{p}.shared_mlp.output_linear.weight", hidden, spec.shared_intermediate_size)
+    b.add("model.norm.weight", hidden)
+    if ln_bias:
+        b.add("model.norm.bias", hidden)
+    if not spec.tie_word_embeddings:
+        b.linear("lm_head", vocab, hidden, bias=fam == "phimoe" and bool(_get(cfg, "lm_head_bias", default=True)))
+    return b.items
+
+
+def _dbrx(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+    d = _req(cfg, "d_model")
+    heads = _req(cfg, "n_heads")
+    vocab = _req(cfg, "vocab_size")
+    kv = _req(cfg, "attn_config.kv_n_heads", default=1)
+    hd = d // heads
+    E, I = spec.num_experts, spec.expert_intermediate_size
+    b = _Builder()
+    b.add("transformer.wte.weight", vocab, d)
+    for i in range(spec.num_layers):
+        p = f"transformer.blocks.{i}"
+        b.add(f"{p}.norm_attn_norm.norm_1.weight", d)
+        b.add(f"{p}.norm_attn_norm.attn.Wqkv.weight", (heads + 2 * kv) * hd, d)
+        b.add(f"{p}.norm_attn_norm.attn.out_proj.weight", d, d)
+        b.add(f"{p}.norm_attn_norm.norm_2.weight", d)
+        b.add(f"{p}.ffn.router.layer.weight", E, d)
+        for w in ("w1", "v1", "w2"):
+            b.add(f"{p}.ffn.experts.mlp.{w}", E * I, d)
+    b.add("transformer.norm_f.weight", d)
+    if not spec.tie_word_embeddings:
+        b.add("lm_head.weight", vocab, d)
+    return b.items
+
+
+def _gpt2(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+    h = _req(cfg, "n_embd", "hidden_size")
+    vocab = _req(cfg, "vocab_size")
+    npos = _req(cfg, "n_positions", "max_position_embeddings")
+    inner = int(_get(cfg, "n_inner", default=None) or 4 * h)
+    b = _Builder()
+    b.add("transformer.wte.weight", vocab, h)
+    b.add("transformer.wpe.weight", npos, h)
+    for i in range(spec.num_layers):
+        p = f"transformer.h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            b.add(f"{p}.{ln}.weight", h)
+            b.add(f"{p}.{ln}.bias", h)
+        b.add(f"{p}.attn.c_attn.weight", h, 3 * h)
+        b.add(f"{p}.attn.c_attn.bias", 3 * h)
+        b.add(f"{p}.attn.c_proj.weight", h, h)
+        b.add(f"{p}.attn.c_proj.bias", h)
+        b.add(f"{p}.mlp.c_fc.weight", h, inner)
+        b.add(f"{p}.mlp.c_fc.bias", inner)
+        b.add(f"{p}.mlp.c_proj.weight", inner, h)
+        b.add(f"{p}.mlp.c_proj.bias", h)
+    b.add("transformer.ln_f.weight", h)
+    b.add("transformer.ln_f.bias", h)
+    return b.items
+
+
+_CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec], Inventory]] = {
+    **{
+        f: _decoder_lm
+        for f in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "mixtral",
+            "qwen2_moe",
+            "qwen3_moe",
+            "olmoe",
+            "deepseek_v2",
+            "deepseek_v3",
+            "glm4_moe",
+            "gpt_oss",
+            "phimoe",
+            "granitemoe",
+            "granitemoeshared",
+        )
+    },
+    "dbrx": _dbrx,
+    "gpt2": _gpt2,
+}
+
+
+def has_closed_form(cfg: dict[str, Any]) -> bool:
+    """Whether :func:`config_inventory` can list this family without transformers."""
+    return family_of(cfg) in _CLOSED_FORMS
+
+
+def config_inventory(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+    """Parameter tensors the transformers model would hold, from the config alone.
+
+    Families without a closed form here fall back to :func:`meta_inventory`.
+
+    Raises:
+        ConfigError: a required field is missing or malformed, or transformers does not
+            know the model type.
+    """
+    fn = _CLOSED_FORMS.get(spec.family)
+    if fn is None:
+        return meta_inventory(cfg)
+    return fn(cfg, spec)
+
+
+def _fix_for_transformers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Published configs that the installed transformers refuses as written."""
+    cfg = dict(cfg)
+    if cfg.get("model_type") == "dbrx" and isinstance(cfg.get("ffn_config"), dict):
+        ffn = dict(cfg["ffn_config"])
+        if isinstance(ffn.get("moe_normalize_expert_weights"), int):
+            ffn["moe_normalize_expert_weights"] = float(ffn["moe_normalize_expert_weights"])
+        cfg["ffn_config"] = ffn
+    if cfg.get("model_type") == "kimi_k2":
+        cfg["model_type"] = "deepseek_v3"
+    return cfg
+
+
+def build_meta_model(cfg: dict[str, Any]) -> Any:
+    """Build the transformers model for a config dict on the meta device (no memory, no weights).
+
+    Used as the fallback for families without a closed form and as the test oracle.
+    """
+    import torch
+    import transformers
+
+    cfg = _fix_for_transformers(cfg)
+    mt = cfg.get("model_type")
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    try:
+        config = transformers.AutoConfig.for_model(mt, **kwargs)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(
+            f"transformers does not know model_type {mt!r} ({exc}); pass a checkpoint with safetensors "
+            "weights so moescope can read its tensors instead."
+        ) from exc
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            if cls is not None:
+                return cls._from_config(config)
+            try:
+                return transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                return transformers.AutoModel.from_config(config)
+    finally:
+        transformers.logging.set_verbosity(prev)
+
+
+def meta_inventory(cfg: dict[str, Any]) -> Inventory:
+    """Inventory from the transformers model built on the meta device (parameters only, tied once)."""
+    model = build_meta_model(cfg)
+    return [TensorInfo(n, tuple(p.shape)) for n, p in model.named_parameters()]
