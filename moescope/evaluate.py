@@ -1,0 +1,281 @@
+"""Perplexity of a causal LM on a corpus, overall and per domain, by sliding window.
+
+How: documents are grouped by domain; each group's documents are tokenized (the
+tokenizer's own special tokens, plus EOS between documents when the tokenizer has
+one) and concatenated into one stream. A window of ``seq_len`` tokens slides by
+``stride`` (capped at ``seq_len - 1``); each window scores only the tokens the previous
+window did not, so every token after the first of a stream is predicted exactly once,
+with at least ``seq_len - stride`` tokens of context. Windows of equal length
+are batched. The negative log-likelihood is summed in float32; perplexity is
+``exp(total NLL / scored tokens)``, and overall perplexity pools every domain's tokens.
+``max_tokens`` caps the scored tokens, split evenly across domains so a cap does not
+silently drop the last domains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from moescope.errors import CorpusError
+
+
+class DocumentLike(Protocol):
+    """What :func:`perplexity` needs from a document (``moescope.corpus.Document``)."""
+
+    text: str
+    domain: str | None
+
+
+@dataclass(frozen=True)
+class DomainPerplexity:
+    """Perplexity of one domain.
+
+    Attributes:
+        perplexity: ``exp(nll / tokens)``.
+        nll: summed negative log-likelihood (nats).
+        tokens: scored tokens.
+        documents: documents read.
+    """
+
+    perplexity: float
+    nll: float
+    tokens: int
+    documents: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Perplexity overall and per domain.
+
+    Attributes:
+        perplexity: over every scored token.
+        loss: mean NLL per token (nats).
+        tokens: scored tokens.
+        seq_len: window length.
+        stride: window step.
+        domains: domain -> :class:`DomainPerplexity`; empty when the corpus has no domains.
+        model: model reference, when known.
+        corpus: corpus specs, when known.
+    """
+
+    perplexity: float
+    loss: float
+    tokens: int
+    seq_len: int
+    stride: int
+    domains: dict[str, DomainPerplexity] = field(default_factory=dict)
+    model: str | None = None
+    corpus: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON object: ``perplexity``, ``loss``, ``tokens``, ``domains`` (domain -> perplexity), ..."""
+        out: dict[str, Any] = {
+            "model": self.model,
+            "corpus": self.corpus,
+            "perplexity": self.perplexity,
+            "loss": self.loss,
+            "tokens": self.tokens,
+            "seq_len": self.seq_len,
+            "stride": self.stride,
+        }
+        if self.domains:
+            out["domains"] = {d: r.perplexity for d, r in self.domains.items()}
+            out["domain_tokens"] = {d: r.tokens for d, r in self.domains.items()}
+        return out
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    ids = list(tokenizer(text)["input_ids"])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(int(eos))
+    return ids
+
+
+def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a stream of ``n`` tokens as ``(begin, end, targets)``.
+
+    Window ends advance by ``stride`` (at most ``seq_len - 1``, so even "disjoint"
+    windows give their first target one token of context); each window scores its last
+    ``targets`` tokens. Together the windows score tokens ``1 .. n-1`` exactly once.
+    """
+    step = max(1, min(stride, seq_len - 1))
+    out: list[tuple[int, int, int]] = []
+    prev_end = 1  # token 0 has no context and is never scored
+    end = min(seq_len, n)
+    while prev_end < n:
+        begin = max(0, end - seq_len)
+        out.append((begin, end, end - prev_end))
+        prev_end = end
+        end = min(end + step, n)
+    return out
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    documents: Iterable[DocumentLike],
+    *,
+    seq_len: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Sliding-window perplexity of ``model`` on ``documents``.
+
+    Args:
+        model: a transformers causal LM in eval mode.
+        tokenizer: its tokenizer.
+        documents: objects with ``text`` and ``domain`` (``None`` for no domain).
+        seq_len: tokens per window (the context the model sees at most).
+        stride: window step; ``stride == seq_len`` means disjoint windows.
+        max_tokens: cap on scored tokens, split evenly across domains.
+        batch_size: windows per forward pass.
+        progress: called as ``progress(windows_done, windows_total)``.
+
+    Returns:
+        An :class:`EvalResult`.
+
+    Raises:
+        CorpusError: no documents, or nothing to score.
+        ValueError: ``seq_len < 2`` or ``stride`` out of ``1..seq_len``.
+    """
+    import torch
+
+    if seq_len < 2:
+        raise ValueError(f"--seq-len {seq_len} is too short; use at least 2.")
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"--stride {stride} must be between 1 and --seq-len ({seq_len}).")
+    streams: dict[str | None, list[int]] = {}
+    doc_counts: dict[str | None, int] = {}
+    for doc in documents:
+        streams.setdefault(doc.domain, []).extend(_encode(tokenizer, doc.text))
+        doc_counts[doc.domain] = doc_counts.get(doc.domain, 0) + 1
+    if not streams:
+        raise CorpusError("the corpus has no documents; pass a non-empty corpus (or another --split).")
+    if max_tokens is not None:
+        share = max(1, max_tokens // len(streams))
+        streams = {d: s[: share + 1] for d, s in streams.items()}
+    jobs: list[tuple[str | None, list[int], int]] = []
+    for dom, stream in streams.items():
+        for begin, end, targets in windows(len(stream), seq_len, stride):
+            jobs.append((dom, stream[begin:end], targets))
+    if not jobs:
+        raise CorpusError("the corpus is too short to score (fewer than 2 tokens).")
+    nll: dict[str | None, float] = dict.fromkeys(streams, 0.0)
+    count: dict[str | None, int] = dict.fromkeys(streams, 0)
+    device = next(model.parameters()).device
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+    done = 0
+    with torch.inference_mode():
+        i = 0
+        while i < len(order):
+            length = len(jobs[order[i]][1])
+            batch = [
+                order[j]
+                for j in range(i, min(i + batch_size, len(order)))
+                if len(jobs[order[j]][1]) == length
+            ]
+            i += len(batch)
+            ids = torch.tensor([jobs[j][1] for j in batch], dtype=torch.long, device=device)
+            logits = model(input_ids=ids).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, j in enumerate(batch):
+                dom, _, targets = jobs[j]
+                pred = logprobs[row, length - targets - 1 : length - 1]
+                gold = ids[row, length - targets :]
+                nll[dom] += float(-pred.gather(-1, gold[:, None]).sum())
+                count[dom] += targets
+            done += len(batch)
+            if progress:
+                progress(done, len(jobs))
+    total_nll = sum(nll.values())
+    total = sum(count.values())
+    named = [d for d in streams if d is not None]
+    domains = {}
+    if named:
+        for d in streams:
+            key = d if d is not None else "(none)"
+            domains[key] = DomainPerplexity(_ppl(nll[d], count[d]), nll[d], count[d], doc_counts[d])
+    return EvalResult(_ppl(total_nll, total), total_nll / total, total, seq_len, stride, domains)
+
+
+def _ppl(nll: float, tokens: int) -> float:
+    if tokens == 0:
+        return float("nan")
+    loss = nll / tokens
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def builtin_split(specs: Sequence[str], split: str | None) -> str | None:
+    """Held-out text by default for the built-in corpus (``demo``, ``demo:code``...)."""
+    if split is None and specs and all(s == "demo" or s.startswith("demo:") for s in specs):
+        return "heldout"
+    return split
+
+
+def evaluate(
+    model_ref: str,
+    corpus: Sequence[str],
+    *,
+    split: str | None = None,
+    seq_len: int = 512,
+    stride: int = 256,
+    max_tokens: int | None = 50_000,
+    batch_size: int = 4,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Load a model and a corpus and measure perplexity (the API behind ``moescope eval``).
+
+    Args:
+        model_ref: ``demo``, a checkpoint directory or a hub id.
+        corpus: corpus specs (see ``moescope.corpus.read_corpus``).
+        split: corpus split; ``heldout`` by default for the built-in corpus.
+        seq_len: window length.
+        stride: window step.
+        max_tokens: cap on scored tokens (None: the whole corpus).
+        batch_size: windows per forward.
+        dtype: model dtype.
+        device: torch device.
+        revision: hub revision.
+        trust_remote_code: allow the checkpoint's own modelling code.
+        progress: window progress callback.
+
+    Returns:
+        An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
+    """
+    from moescope.corpus import read_corpus
+    from moescope.model import load_model
+
+    model, tokenizer = load_model(
+        model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+    docs = read_corpus(list(corpus), split=builtin_split(corpus, split))
+    result = perplexity(
+        model,
+        tokenizer,
+        docs,
+        seq_len=seq_len,
+        stride=stride,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return EvalResult(
+        result.perplexity,
+        result.loss,
+        result.tokens,
+        result.seq_len,
+        result.stride,
+        result.domains,
+        model_ref,
+        list(corpus),
+    )
