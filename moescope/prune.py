@@ -647,11 +647,12 @@ def check_trace_matches(trace: TraceData, ckpt: Checkpoint, layout: MoELayout, m
     traced_type = trace.summary.get("model_type")
     if traced_type and traced_type != ckpt.model_type:
         raise TraceError(f"{trace.path} is a {traced_type} trace, {model_ref} is {ckpt.model_type}; {fix}")
-    if trace.model and not _same_model(trace.model, model_ref, ckpt.path):
+    if trace.model and not same_model(trace.model, model_ref, ckpt.path):
         raise TraceError(f"{trace.path} was traced on {trace.model}, not {model_ref}; {fix}")
 
 
-def _same_model(traced: str, ref: str, path: Path) -> bool:
+def same_model(traced: str, ref: str, path: Path) -> bool:
+    """Whether a trace's model reference names the checkpoint at ``path`` (ref, path or hub cache)."""
     if traced == ref:
         return True
     candidates = {ref, str(path), path.name}

@@ -1,0 +1,135 @@
+"""`moescope similarity`: expert-to-expert similarity per layer, heatmaps, most redundant pairs.
+
+Validates flags, calls :func:`moescope.similarity.similarity`, writes ``pairs.csv``,
+``layers.csv``, ``similarity.json`` and ``plots/`` under ``--out``, and prints the most
+redundant pairs (table), every pair (``--json``, most redundant first within each
+layer) or CSV.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moescope.cli._errors import friendly
+from moescope.cli._output import (
+    check_format,
+    note,
+    print_csv,
+    print_json,
+    print_table,
+    progress_bar,
+    progress_enabled,
+)
+
+EXAMPLES = """
+Examples:
+
+  moescope similarity demo --out sim/
+  moescope trace demo demo --out trace/ && moescope similarity demo --trace trace/ --out sim/
+  moescope similarity demo --samples 256 --corpus demo:code --json
+  moescope similarity org/name --no-outputs --out sim/   (weights and router only: no forward passes)
+"""
+
+
+def similarity_cmd(
+    model: Annotated[str, typer.Argument(help="Model: 'demo', a save_pretrained directory or a hub id.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory for pairs.csv, layers.csv and plots/.")
+    ] = None,
+    trace: Annotated[
+        Path | None, typer.Option("--trace", help="Trace directory of the same model, adds co-activation.")
+    ] = None,
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option("--corpus", help="Corpus for the sampled tokens of the outputs measure (repeatable)."),
+    ] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Corpus split.")] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Tokens per layer on which every expert is run.")
+    ] = 512,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sampled sequence.")] = 128,
+    outputs: Annotated[
+        bool, typer.Option("--outputs/--no-outputs", help="Measure output similarity (runs the model).")
+    ] = True,
+    top: Annotated[int, typer.Option("--top", help="Pairs per layer in the table.")] = 3,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write heatmaps to OUT/plots.")] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled tokens.")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every pair as JSON records.")] = False,
+    csv_out: Annotated[bool, typer.Option("--csv", help="Print every pair as CSV.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Expert similarity per MoE layer (weights, router, outputs, co-activation) and redundant pairs."""
+    from moescope.similarity import similarity
+
+    fmt = check_format(json_out, csv_out)
+    if samples < 1 or seq_len < 2 or top < 1:
+        raise typer.BadParameter("--samples and --top must be at least 1, --seq-len at least 2.")
+    if out is None and fmt == "table":
+        raise typer.BadParameter("pass --out DIR (or --json/--csv to print without writing files).")
+    with progress_bar(progress_enabled(fmt, quiet)) as bar:
+        task = bar.add_task("comparing experts", total=None, info="") if bar else None
+
+        def on_progress(done: int, total: int) -> None:
+            if bar is not None and task is not None:
+                bar.update(task, completed=done, total=total)
+
+        report = similarity(
+            model,
+            out,
+            trace=trace,
+            corpus=corpus or ["demo"],
+            split=split,
+            samples=samples,
+            seq_len=seq_len,
+            outputs=outputs,
+            plots=plots,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            progress=on_progress,
+        )
+    pairs = report.pairs()
+    if fmt == "json":
+        print_json(pairs.to_dict(orient="records"))
+    elif fmt == "csv":
+        print_csv(pairs.to_dict(orient="records"), list(pairs.columns))
+    else:
+        shown = pairs[pairs["rank"] <= top]
+        measures = report.measures
+        rows = [
+            [int(r["layer"]), f"{int(r['expert_a'])}-{int(r['expert_b'])}", f"{r['redundancy']:.3f}"]
+            + [f"{r[m]:.3f}" for m in measures]
+            for r in shown.to_dict(orient="records")
+        ]
+        print_table(
+            rows,
+            ["layer", "pair", "redundancy", *measures],
+            title=f"Most redundant expert pairs per layer ({model})",
+        )
+        scores = report.layer_scores()
+        print_table(
+            [
+                [int(r["layer"]), f"{r['redundancy']:.3f}", r["top_pair"]]
+                for r in scores.to_dict(orient="records")
+            ],
+            ["layer", "redundancy score", "top pair"],
+            title="Per-layer redundancy (mean over experts of the nearest other expert)",
+        )
+    if out is not None:
+        note(f"wrote {out}/pairs.csv, layers.csv, similarity.json" + (" and plots/" if plots else ""))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `similarity` to the app."""
+    app.command("similarity", epilog=EXAMPLES)(friendly(similarity_cmd))

@@ -1,0 +1,506 @@
+"""Expert-to-expert similarity per MoE layer: which experts are redundant.
+
+Four measures, each an ``[E, E]`` matrix per layer:
+
+- ``weights``: cosine of the experts' flattened parameters (every experts tensor whose
+  first dimension is E, sliced per expert and concatenated; DBRX's packed ``[E*I, H]``
+  rows reshape the same way).
+- ``router``: cosine of the router rows (experts the router cannot tell apart).
+- ``outputs``: mean over sampled tokens of the cosine between two experts' outputs on
+  the same input. Inputs are hidden states captured by a forward pre-hook at the MoE
+  block input while the model reads a corpus; at most ``samples`` tokens per layer are
+  kept (a seeded random subset of the tokens seen), and every expert is run on them
+  through the experts module itself (``experts(x, ids=j, weights=1)``), so the
+  family's own activation and layout are used.
+- ``coactivation``: from a trace, Jaccard overlap of the token sets two experts serve
+  (``count_ab / (count_a + count_b - count_ab)``). Reported, but not part of the
+  redundancy score: experts that fire together are combined, not interchangeable.
+
+``redundancy`` of a pair is the mean of the available measures among weights, router and
+outputs; a layer's redundancy score is the mean over experts of each one's highest
+redundancy with any other expert (how replaceable the typical expert is), beside the
+single most redundant pair. Plots are written with matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from moescope.errors import TraceError
+
+MEASURES = ("weights", "router", "outputs", "coactivation")
+REDUNDANCY_MEASURES = ("weights", "router", "outputs")
+
+
+@dataclass
+class LayerSimilarity:
+    """Similarity matrices of one MoE layer.
+
+    Attributes:
+        layer: decoder layer index as in the checkpoint.
+        num_experts: experts in the layer.
+        matrices: measure name -> ``[E, E]`` array (symmetric, diagonal 1).
+    """
+
+    layer: int
+    num_experts: int
+    matrices: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def redundancy(self) -> np.ndarray:
+        """Mean of the available weights/router/outputs matrices."""
+        mats = [self.matrices[m] for m in REDUNDANCY_MEASURES if m in self.matrices]
+        if not mats:
+            mats = list(self.matrices.values())
+        return np.mean(mats, axis=0)
+
+
+@dataclass
+class SimilarityReport:
+    """Per-layer similarity of every expert pair.
+
+    Attributes:
+        model: model reference.
+        layers: one :class:`LayerSimilarity` per MoE layer.
+        samples: tokens per layer used for ``outputs`` (0 when not measured).
+        trace: trace directory used for ``coactivation``, if any.
+    """
+
+    model: str
+    layers: list[LayerSimilarity]
+    samples: int = 0
+    trace: str | None = None
+
+    @property
+    def measures(self) -> list[str]:
+        """Measures present in every layer, in :data:`MEASURES` order."""
+        return [m for m in MEASURES if self.layers and all(m in ls.matrices for ls in self.layers)]
+
+    def pairs(self) -> pd.DataFrame:
+        """Every unordered pair per layer, most redundant first within each layer.
+
+        Columns: ``layer, expert_a, expert_b, redundancy, rank`` and one per measure.
+        """
+        rows: list[dict[str, Any]] = []
+        for ls in self.layers:
+            red = ls.redundancy()
+            a_idx, b_idx = np.triu_indices(ls.num_experts, k=1)
+            layer_rows = []
+            for a, b in zip(a_idx.tolist(), b_idx.tolist(), strict=True):
+                row: dict[str, Any] = {"layer": ls.layer, "expert_a": a, "expert_b": b}
+                row["redundancy"] = float(red[a, b])
+                for m in self.measures:
+                    row[m] = float(ls.matrices[m][a, b])
+                layer_rows.append(row)
+            layer_rows.sort(key=lambda r: (-r["redundancy"], r["expert_a"], r["expert_b"]))
+            for i, row in enumerate(layer_rows):
+                row["rank"] = i + 1
+            rows.extend(layer_rows)
+        cols = ["layer", "expert_a", "expert_b", "rank", "redundancy", *self.measures]
+        return pd.DataFrame(rows, columns=cols)
+
+    def layer_scores(self) -> pd.DataFrame:
+        """Per layer: ``redundancy`` (mean nearest-neighbour redundancy), the top pair and its value."""
+        rows = []
+        for ls in self.layers:
+            red = ls.redundancy().copy()
+            np.fill_diagonal(red, -np.inf)
+            a, b = np.unravel_index(int(np.argmax(red)), red.shape)
+            row: dict[str, Any] = {
+                "layer": ls.layer,
+                "redundancy": float(np.mean(red.max(axis=1))),
+                "top_pair": f"{min(a, b)}-{max(a, b)}",
+                "top_pair_redundancy": float(red[a, b]),
+            }
+            for m in self.measures:
+                mat = ls.matrices[m].copy()
+                np.fill_diagonal(mat, np.nan)
+                row[f"mean_{m}"] = float(np.nanmean(mat))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
+    """Pairwise cosine of the rows of ``vectors`` (zero rows give 0, diagonal 1)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(v, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    unit = v / safe[:, None]
+    sim = unit @ unit.T
+    np.fill_diagonal(sim, 1.0)
+    return np.clip(sim, -1.0, 1.0)
+
+
+def expert_weight_vectors(experts: Any, num_experts: int) -> np.ndarray:
+    """``[E, D]`` flattened parameters per expert of an experts module.
+
+    Handles fused ``[E, ...]`` parameters, DBRX's ``[E*I, H]`` packing and per-expert
+    child modules (``ModuleList`` / ``ModuleDict``).
+    """
+    import torch
+
+    parts: list[torch.Tensor] = []
+    children = list(experts.children()) if not list(experts.parameters(recurse=False)) else []
+    if len(children) == num_experts and all(list(c.parameters()) for c in children):
+        for c in children:
+            parts.append(torch.cat([p.detach().float().reshape(-1) for p in c.parameters()]))
+        return torch.stack(parts).numpy()
+    for p in experts.parameters():
+        if p.ndim >= 1 and p.shape[0] % num_experts == 0:
+            parts.append(p.detach().float().reshape(num_experts, -1))
+    if not parts:
+        raise ValueError("no expert parameters found")
+    return torch.cat(parts, dim=1).numpy()
+
+
+def router_rows(block: Any, num_experts: int) -> np.ndarray | None:
+    """The router weight ``[E, H]`` of a MoE block, or None when not found."""
+    for name, p in block.named_parameters():
+        if name.startswith("experts.") or "shared" in name:
+            continue
+        leaf = name.split(".")
+        if any(part in ("gate", "router") for part in leaf) and leaf[-1] == "weight" and p.ndim == 2:
+            if p.shape[0] == num_experts:
+                return p.detach().float().numpy()
+    return None
+
+
+def capture_inputs(
+    model: Any,
+    sites: Sequence[Any],
+    batches: Iterable[Any],
+    *,
+    samples: int = 512,
+    seed: int = 0,
+) -> dict[int, Any]:
+    """Hidden states at each MoE block input, at most ``samples`` tokens per layer.
+
+    Args:
+        model: the transformers model.
+        sites: MoE sites (``moescope.routing.find_moe_sites``).
+        batches: ``[B, S]`` token-id tensors.
+        samples: tokens kept per layer.
+        seed: seed of the token subset.
+
+    Returns:
+        layer -> ``[T, H]`` float32 tensor, ``T <= samples``.
+    """
+    import torch
+
+    pool: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
+    seen = {s.layer: 0 for s in sites}
+    cap = 4 * samples  # enough variety for the random subset, bounded memory
+
+    def hook(layer: int) -> Callable[..., None]:
+        def fn(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+            hidden = args[0] if args else (kwargs or {}).get("hidden_states")
+            if hidden is None or seen[layer] >= cap:
+                return
+            flat = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
+            take = flat[: cap - seen[layer]]
+            pool[layer].append(take)
+            seen[layer] += take.shape[0]
+
+        return fn
+
+    handles = [s.block.register_forward_pre_hook(hook(s.layer), with_kwargs=True) for s in sites]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                model(input_ids=ids.to(device))
+                if all(v >= cap for v in seen.values()):
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for layer, chunks in pool.items():
+        if not chunks:
+            continue
+        allx = torch.cat(chunks)
+        idx = torch.randperm(allx.shape[0], generator=gen)[:samples]
+        out[layer] = allx[idx.sort().values]
+    return out
+
+
+def expert_outputs(experts: Any, x: Any, num_experts: int, *, chunk: int = 256) -> Any:
+    """``[E, T, H]`` outputs of every expert on the same inputs ``x [T, H]``."""
+    import torch
+
+    param = next(experts.parameters())
+    outs = []
+    with torch.inference_mode():
+        for j in range(num_experts):
+            parts = []
+            for start in range(0, x.shape[0], chunk):
+                xs = x[start : start + chunk].to(device=param.device, dtype=param.dtype)
+                ids = torch.full((xs.shape[0], 1), j, dtype=torch.long, device=param.device)
+                w = torch.ones((xs.shape[0], 1), dtype=param.dtype, device=param.device)
+                parts.append(experts(xs, ids, w).float().cpu())
+            outs.append(torch.cat(parts))
+    return torch.stack(outs)
+
+
+def output_similarity(outputs: Any) -> np.ndarray:
+    """Mean over tokens of the per-token cosine between experts' outputs ``[E, T, H]``."""
+    import torch
+
+    unit = torch.nn.functional.normalize(outputs.double(), dim=-1)
+    sim = torch.einsum("ath,bth->ab", unit, unit) / outputs.shape[1]
+    mat = sim.numpy()
+    np.fill_diagonal(mat, 1.0)
+    return np.clip(mat, -1.0, 1.0)
+
+
+def coactivation_similarity(trace: Any, layer: int, num_experts: int) -> np.ndarray:
+    """Jaccard overlap of the tokens two experts serve, from a trace's coactivation.csv."""
+    mat = np.zeros((num_experts, num_experts))
+    load = trace.expert_load[trace.expert_load["layer"] == layer]
+    counts = np.zeros(num_experts)
+    counts[load["expert"].to_numpy(dtype=int)] = load["count"].to_numpy(dtype=float)
+    co = trace.coactivation[trace.coactivation["layer"] == layer]
+    for a, b, c in co[["expert_a", "expert_b", "count"]].itertuples(index=False):
+        a, b = int(a), int(b)
+        if a == b:
+            continue
+        union = counts[a] + counts[b] - c
+        value = c / union if union > 0 else 0.0
+        mat[a, b] = mat[b, a] = value
+    np.fill_diagonal(mat, 1.0)
+    return mat
+
+
+def similarity_report(
+    model: Any,
+    *,
+    model_ref: str = "",
+    batches: Iterable[Any] | None = None,
+    samples: int = 512,
+    trace: Any | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityReport:
+    """Compute every available measure for every MoE layer of a loaded model.
+
+    Args:
+        model: a transformers model (eval mode).
+        model_ref: recorded in the report.
+        batches: token-id tensors for the ``outputs`` measure (None: skip it).
+        samples: tokens per layer for ``outputs``.
+        trace: a :class:`moescope.prune.TraceData` for ``coactivation`` (None: skip).
+        seed: seed of the sampled tokens.
+        progress: called as ``progress(layers_done, layers_total)``.
+
+    Returns:
+        A :class:`SimilarityReport`.
+
+    Raises:
+        NotMoEError: the model has no routed experts.
+        TraceError: the trace's experts or layers do not match the model.
+    """
+    from moescope.routing import require_moe_sites
+
+    sites = [
+        s for s in require_moe_sites(model, model_ref or "the model") if not s.stack or s.stack == "decoder"
+    ]
+    if trace is not None:
+        layers = sorted(s.layer for s in sites)
+        if trace.num_experts != sites[0].num_experts or trace.layers != layers:
+            raise TraceError(
+                f"{trace.path} was traced on a model with {trace.num_experts} experts in layers {trace.layers}; "
+                f"{model_ref} has {sites[0].num_experts} in {layers}; re-run `moescope trace {model_ref} ...`."
+            )
+        if trace.coactivation is None:
+            raise TraceError(f"{trace.path} has no coactivation.csv; re-run `moescope trace`.")
+    inputs = capture_inputs(model, sites, batches, samples=samples, seed=seed) if batches is not None else {}
+    out: list[LayerSimilarity] = []
+    used = 0
+    for i, site in enumerate(sites):
+        num = site.num_experts
+        ls = LayerSimilarity(site.layer, num)
+        ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num))
+        rows = router_rows(site.router if site.router is not None else site.block, num)
+        if rows is not None:
+            ls.matrices["router"] = cosine_matrix(rows)
+        x = inputs.get(site.layer)
+        if x is not None and site.kind in ("fused", "dbrx"):
+            ls.matrices["outputs"] = output_similarity(expert_outputs(site.experts, x, num))
+            used = max(used, int(x.shape[0]))
+        if trace is not None:
+            ls.matrices["coactivation"] = coactivation_similarity(trace, site.layer, num)
+        out.append(ls)
+        if progress:
+            progress(i + 1, len(sites))
+    return SimilarityReport(model_ref, out, used, str(trace.path) if trace is not None else None)
+
+
+def token_batches(
+    tokenizer: Any, texts: Iterable[str], *, seq_len: int = 128, batch_size: int = 4, max_tokens: int = 8192
+) -> Iterable[Any]:
+    """Yield ``[B, seq_len]`` token-id tensors from texts (documents joined by EOS)."""
+    import torch
+
+    buf: list[int] = []
+    rows: list[list[int]] = []
+    total = 0
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for text in texts:
+        buf.extend(tokenizer(text)["input_ids"])
+        if eos is not None:
+            buf.append(int(eos))
+        while len(buf) >= seq_len and total < max_tokens:
+            rows.append(buf[:seq_len])
+            buf = buf[seq_len:]
+            total += seq_len
+            if len(rows) == batch_size:
+                yield torch.tensor(rows)
+                rows = []
+        if total >= max_tokens:
+            break
+    if len(buf) > 1 and total < max_tokens:
+        rows.append(buf[:seq_len])
+    if rows:
+        width = min(len(r) for r in rows)
+        yield torch.tensor([r[:width] for r in rows])
+
+
+def write_report(report: SimilarityReport, out: str | Path, *, plots: bool = True) -> list[Path]:
+    """Write ``pairs.csv``, ``layers.csv``, ``similarity.json`` and ``plots/*.png`` to ``out``.
+
+    Returns:
+        The files written.
+    """
+    root = Path(out).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    pairs = report.pairs()
+    layers = report.layer_scores()
+    for name, frame in (("pairs.csv", pairs), ("layers.csv", layers)):
+        tmp = root / f".{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        tmp.replace(root / name)
+        written.append(root / name)
+    meta = {
+        "model": report.model,
+        "measures": report.measures,
+        "samples": report.samples,
+        "trace": report.trace,
+        "layers": layers.to_dict(orient="records"),
+        "matrices": {
+            str(ls.layer): {m: np.round(mat, 6).tolist() for m, mat in ls.matrices.items()}
+            for ls in report.layers
+        },
+    }
+    (root / "similarity.json").write_text(json.dumps(meta, indent=2) + "\n")
+    written.append(root / "similarity.json")
+    if plots:
+        written.extend(plot_heatmaps(report, root / "plots"))
+    return written
+
+
+def plot_heatmaps(report: SimilarityReport, out: Path) -> list[Path]:
+    """One PNG per layer: a heatmap per measure plus the combined redundancy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for ls in report.layers:
+        panels = [(m, ls.matrices[m]) for m in MEASURES if m in ls.matrices]
+        panels.append(("redundancy", ls.redundancy()))
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+        for ax, (name, mat) in zip(axes[0], panels, strict=True):
+            shown = mat.copy()
+            np.fill_diagonal(shown, np.nan)
+            im = ax.imshow(shown, cmap="viridis", vmin=min(0.0, float(np.nanmin(shown))), vmax=1.0)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("expert", fontsize=8)
+            ax.set_ylabel("expert", fontsize=8)
+            ax.tick_params(labelsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.suptitle(f"{report.model} layer {ls.layer}: expert similarity", fontsize=10)
+        fig.tight_layout()
+        path = out / f"similarity_layer{ls.layer:03d}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def similarity(
+    model_ref: str,
+    out: str | Path | None,
+    *,
+    trace: str | Path | None = None,
+    corpus: Sequence[str] = ("demo",),
+    split: str | None = None,
+    samples: int = 512,
+    seq_len: int = 128,
+    outputs: bool = True,
+    plots: bool = True,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> SimilarityReport:
+    """Load a model (and trace, corpus), compute the report, write it to ``out`` (the CLI's API).
+
+    Args:
+        model_ref: ``demo``, a checkpoint directory or a hub id.
+        out: directory for tables and plots (None: write nothing).
+        trace: trace directory for ``coactivation``.
+        corpus: corpus specs for the ``outputs`` measure's sample tokens.
+        split: corpus split.
+        samples: tokens per layer for ``outputs``.
+        seq_len: tokens per sampled sequence.
+        outputs: measure ``outputs`` (runs the model on the corpus).
+        plots: write heatmaps.
+        seed: seed of the sampled tokens.
+        dtype: model dtype.
+        device: torch device.
+        revision: hub revision.
+        trust_remote_code: allow the checkpoint's own modelling code.
+        progress: per-layer callback.
+
+    Returns:
+        The :class:`SimilarityReport`.
+    """
+    from moescope.model import load_model
+    from moescope.prune import read_trace
+
+    tr = read_trace(trace) if trace is not None else None
+    if tr is not None and tr.model and tr.model != model_ref:
+        from moescope.prune import resolve_checkpoint_dir, same_model
+
+        if not same_model(tr.model, model_ref, resolve_checkpoint_dir(model_ref, revision)):
+            raise TraceError(
+                f"{tr.path} was traced on {tr.model}, not {model_ref}; re-run `moescope trace {model_ref} ...`."
+            )
+    model, tokenizer = load_model(
+        model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
+    batches = None
+    if outputs:
+        from moescope.corpus import read_corpus
+
+        docs = read_corpus(list(corpus), split=split)
+        # Enough sequences for a random subset of `samples` tokens from varied text.
+        batches = token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
+    report = similarity_report(
+        model, model_ref=model_ref, batches=batches, samples=samples, trace=tr, seed=seed, progress=progress
+    )
+    if out is not None:
+        write_report(report, out, plots=plots)
+    return report
