@@ -213,7 +213,9 @@ def _ppl(nll: float, tokens: int) -> float:
 
 def builtin_split(specs: Sequence[str], split: str | None) -> str | None:
     """Held-out text by default for the built-in corpus (``demo``, ``demo:code``...)."""
-    if split is None and specs and all(s == "demo" or s.startswith("demo:") for s in specs):
+    from moescope.corpus import is_builtin
+
+    if split is None and specs and all(is_builtin(s) for s in specs):
         return "heldout"
     return split
 

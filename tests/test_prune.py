@@ -525,3 +525,69 @@ def test_cli_errors(
     assert "Traceback" not in res.stderr
     if code == 1:
         assert len(_error_lines(res.stderr)) == 1
+
+
+# ------------------------------------------------------------------ end to end with the trace writer
+
+
+def _char_tokenizer() -> Any:
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {
+        t: i for i, t in enumerate([*specials, *(string.ascii_lowercase + string.digits + " .,:()=+\n")])
+    }
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_end_to_end_trace_prune_eval(family: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    trace_mod = pytest.importorskip("moescope.trace")
+    import transformers
+
+    from moescope.evaluate import perplexity
+
+    src = tiny_models[family]
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tok = _char_tokenizer()
+
+    class Doc:
+        def __init__(self, text: str, domain: str) -> None:
+            self.text, self.domain, self.doc_id = text, domain, None
+
+    docs = [
+        Doc("def f(x): return x + 1\n" * 4, "code"),
+        Doc("once upon a time there was a fox.\n" * 3, "prose"),
+    ]
+    trace_mod.trace_model(model, tok, docs, tmp_path / "trace", seq_len=32, plots=False, model_ref=str(src))
+    tr = P.read_trace(tmp_path / "trace")
+    assert tr.num_experts == _EXPERTS and tr.layers == [0, 1]
+    assert tr.domain_load is not None and set(tr.domain_load["domain"]) == {"code", "prose"}
+    reap = P.expert_scores(tr, "reap")
+    assert (reap["score"] >= 0).all() and reap["score"].sum() > 0
+    plan, result = P.prune(str(src), tmp_path / "trace", tmp_path / "out", keep=2, criterion="reap")
+    assert result is not None and result.verified
+    # The kept experts are the two with the highest mean gate x output norm, per layer.
+    load = tr.expert_load.assign(reap=tr.expert_load.weighted_out_norm_sum / tr.expert_load["count"])
+    for layer in (0, 1):
+        best = load[load.layer == layer].sort_values(["reap", "expert"], ascending=[False, True]).expert[:2]
+        assert plan.kept[layer] == sorted(best.tolist())
+    _, balanced = P.prune(
+        str(src),
+        tmp_path / "trace",
+        tmp_path / "out_bal",
+        keep=2,
+        criterion="frequency",
+        balance_domains=True,
+    )
+    assert balanced is not None and balanced.verified
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    res = perplexity(pruned, tok, docs, seq_len=32, stride=16)
+    assert set(res.domains) == {"code", "prose"} and res.perplexity > 1
