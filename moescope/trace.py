@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -544,13 +545,21 @@ class TraceResult:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)``; ``None`` → ``(0, 1)``.
+    """``"i/n"`` → ``(i, n)``; ``"env"`` → ``($RANK, $WORLD_SIZE)``; ``None`` → ``(0, 1)``.
 
     Raises:
         ValueError: malformed spec or ``i`` outside ``0..n-1``.
     """
     if spec is None:
         return 0, 1
+    if spec == "env":
+        # torchrun / SLURM-style launchers export the rank and world size
+        try:
+            return parse_shard(f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}")
+        except KeyError:
+            raise ValueError(
+                "--shard env needs RANK and WORLD_SIZE in the environment (set by torchrun)."
+            ) from None
     try:
         i_s, n_s = spec.split("/")
         i, n = int(i_s), int(n_s)
@@ -752,7 +761,7 @@ def run_trace(
     corpus: str | Sequence[str],
     out_dir: str | Path,
     *,
-    split: str | None = "heldout",
+    split: str | None = None,
     revision: str | None = None,
     dtype: str = "auto",
     device: str = "cpu",
@@ -765,7 +774,8 @@ def run_trace(
         model_ref: ``demo``, a local directory or a hub id.
         corpus: corpus spec(s) for :func:`moescope.corpus.read_corpus`.
         out_dir: trace directory.
-        split: split of built-in corpora (``heldout`` by default; files ignore it).
+        split: split of the built-in corpus (``None``: all documents; the CLI passes
+            ``heldout`` for built-in corpora by default); files ignore it.
         revision: hub revision.
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         device: torch device.
@@ -782,14 +792,23 @@ def run_trace(
     from moescope.model import load_model
 
     _check_writable(Path(out_dir))
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(
-        model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-    )
-    load_s = time.perf_counter() - t0
     stats = CorpusStats()
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
-    docs = read_corpus(specs, split=split, stats=stats)
+    docs = read_corpus(specs, split=split, stats=stats)  # bad specs fail here, before the model loads
+    t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in logs and pipes
+    try:
+        model, tokenizer = load_model(
+            model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    load_s = time.perf_counter() - t0
     meta = {"corpus": specs, "split": split, "load_seconds": load_s, **kwargs.pop("meta", {})}
     return trace_model(
         model, tokenizer, docs, out_dir, meta=meta, corpus_stats=stats, model_ref=model_ref, **kwargs

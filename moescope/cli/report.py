@@ -1,0 +1,132 @@
+"""`moescope report`: routing statistics of a trace directory.
+
+Calls :func:`moescope.stats.build_report` and prints rich tables (per-layer imbalance,
+confidence, reuse and co-activation; capacity drops; expert-parallel load and traffic;
+most co-activated pairs; domain specialisation) or, with ``--json``, one object holding
+every table as a list of records.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moescope.cli._errors import friendly
+from moescope.cli._output import check_format, human, note, print_json, print_table
+
+EXAMPLES = """
+Examples:
+
+  moescope report traces/demo
+  moescope report traces/demo --json | jq '.capacity[] | select(.capacity_factor == 1.25)'
+  moescope report traces/run --dtype-bytes 1      # all-to-all estimate for FP8 dispatch
+
+Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
+Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy
+LPT on the traced loads); a token-expert assignment crosses devices with probability
+(D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
+"""
+
+
+def _f(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def report_cmd(
+    trace: Annotated[
+        Path, typer.Argument(help="Trace directory written by `moescope trace` or `moescope merge`.")
+    ],
+    dtype_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--dtype-bytes", help="Bytes per activation element for all-to-all (default: traced dtype)."
+        ),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print every table as JSON records in one object.")
+    ] = False,
+) -> None:
+    """Routing statistics of a trace: imbalance, dead experts, confidence, co-activation, what-ifs."""
+    from moescope.stats import build_report
+
+    fmt = check_format(json_out, False)
+    if dtype_bytes is not None and dtype_bytes < 1:
+        raise typer.BadParameter("--dtype-bytes must be at least 1.")
+    rep = build_report(trace, dtype_bytes=dtype_bytes)
+    if fmt == "json":
+        print_json(rep.to_dict())
+        return
+    s = rep.summary
+    title = f"{s.get('model')}: {s.get('tokens', 0):,} tokens, top-{s.get('top_k')} of {s.get('num_experts')} experts"
+    print_table(
+        [
+            [
+                int(r.layer), _f(r.imbalance_max_mean), _f(r.cv, ".3f"), _f(r.entropy_norm, ".3f"),
+                f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"), _f(r.reuse_ratio),
+                _f(r.coact_max_ratio), _f(r.domain_jsd, ".3f"),
+            ]
+            for r in rep.layers.itertuples()
+        ],
+        ["layer", "max/mean", "cv", "entropy", "dead/near", "top-1 w", "reuse/chance", "max co-act", "domain JSD"],
+        title=title,
+    )  # fmt: skip
+    cap = rep.capacity.pivot(index="layer", columns="capacity_factor", values="dropped_share")
+    print_table(
+        [
+            [int(layer), *(f"{100 * v:.1f}%" for v in row)]
+            for layer, row in zip(cap.index, cap.values, strict=True)
+        ],
+        ["layer", *(f"C={c:g}" for c in cap.columns)],
+        title="Assignments dropped at capacity factor C (per batch)",
+    )
+    ep = rep.expert_parallel
+    if not ep.empty:
+        agg = ep.groupby(["degree", "placement"], sort=True).agg(
+            imbalance=("imbalance", "mean"),
+            worst=("imbalance", "max"),
+            batch=("batch_imbalance", "mean"),
+            bytes_=("bytes_per_token", "sum"),
+            dedup=("bytes_per_token_dedup", "sum"),
+        )
+        print_table(
+            [
+                [f"EP={d}", p, _f(r.imbalance), _f(r.worst), _f(r.batch), human(r.bytes_, "B"),
+                 human(r.dedup, "B") if math.isfinite(r.dedup) else "-"]
+                for (d, p), r in zip(agg.index, agg.itertuples(), strict=True)
+            ],
+            ["degree", "placement", "imbalance (mean)", "worst layer", "per batch", "a2a/token", "dedup a2a/token"],
+            title="Expert parallelism: device load max/mean over layers; all-to-all bytes per token, all layers",
+        )  # fmt: skip
+    if not rep.coactivation_top.empty:
+        top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
+        print_table(
+            [
+                [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
+                for r in top.itertuples()
+            ],  # fmt: skip
+            ["layer", "pair", "count", "expected", "ratio"],
+            title="Pairs chosen together most above chance",
+        )
+    if not rep.domains.empty:
+        dom = rep.domains.groupby("domain").agg(
+            jsd=("jsd_vs_rest", "mean"), assignments=("assignments", "sum")
+        )
+        print_table(
+            [
+                [name, r.assignments, _f(r.jsd, ".3f")]
+                for name, r in zip(dom.index, dom.itertuples(), strict=True)
+            ],
+            ["domain", "assignments", "JSD vs other domains (mean over layers)"],
+            title="Domain specialisation",
+        )
+    note("--json prints every table, including the confidence histogram and per-layer EP rows.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``report`` to the app."""
+    app.command("report", epilog=EXAMPLES)(friendly(report_cmd))

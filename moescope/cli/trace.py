@@ -1,0 +1,157 @@
+"""`moescope trace`: record which experts a MoE model routes each token of a corpus to.
+
+Validates flags, calls :func:`moescope.trace.run_trace`, shows a progress bar with
+tokens/s on stderr (only on a terminal), and prints a per-layer table (or the summary as
+``--json``). torch and transformers are imported inside the command so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moescope.cli._errors import friendly
+from moescope.cli._output import (
+    check_format,
+    human,
+    note,
+    print_json,
+    print_table,
+    progress_bar,
+    progress_enabled,
+    warn,
+)
+
+EXAMPLES = """
+Examples:
+
+  moescope trace demo demo --out traces/demo
+  moescope trace demo demo:code demo:prose --max-tokens 20000 --save-routes --out traces/demo
+  moescope trace org/name notes.jsonl --seq-len 1024 --batch-size 4 --dtype bfloat16 --out traces/run
+  moescope trace org/name corpus/ --shard 0/4 --out traces/s0   # then: moescope merge traces/s* --out traces/all
+  torchrun --nproc-per-node 4 -m moescope trace org/name corpus/ --shard env --device cuda --out 'traces/s{rank}'
+
+Packing: each document is tokenised, followed by EOS and concatenated into one stream
+that is cut into --seq-len windows (a window may span documents; each token keeps its
+document and domain). --shard i/n runs batches b with b mod n == i of that same stream;
+--shard env takes i/n from $RANK/$WORLD_SIZE (torchrun) and '{rank}' in --out becomes i.
+"""
+
+
+def _builtin_split(specs: list[str], split: str | None) -> str | None:
+    if split is None and specs and all(s == "demo" or s.startswith("demo:") for s in specs):
+        return "heldout"
+    return split
+
+
+def trace_cmd(
+    model: Annotated[str, typer.Argument(help="Model: 'demo', a save_pretrained directory or a hub id.")],
+    corpus: Annotated[
+        list[str],
+        typer.Argument(help="Corpus: .txt, .jsonl, .parquet, a directory, '-' or built-in 'demo[:domain]'."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Trace directory to write (an old trace is replaced).")
+    ],
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Stop after this many tokens (default: whole corpus).")
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Corpus split; the built-in corpus defaults to 'heldout'.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    save_routes: Annotated[
+        bool, typer.Option("--save-routes", help="Also write per-token routes as Parquet under routes/.")
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="i/n: trace batches b with b mod n == i; merge with `moescope merge`."),
+    ] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip plots/*.png.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Trace MODEL's routing over CORPUS into a trace directory (load, co-activation, plots)."""
+    from moescope.trace import parse_shard, run_trace
+
+    fmt = check_format(json_out, False)
+    if seq_len < 1 or batch_size < 1:
+        raise typer.BadParameter("--seq-len and --batch-size must be at least 1.")
+    if max_tokens is not None and max_tokens < 1:
+        raise typer.BadParameter("--max-tokens must be at least 1.")
+    try:
+        shard_t = parse_shard(shard)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if "{rank}" in str(out):
+        out = Path(str(out).replace("{rank}", str(shard_t[0])))
+    if shard == "env" and device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
+    with progress_bar(progress_enabled(fmt, quiet)) as bar:
+        task = bar.add_task("tracing", total=max_tokens, info="") if bar else None
+        start = time.perf_counter()
+
+        def on_progress(done: int, total: int | None) -> None:
+            if bar is not None and task is not None:
+                rate = done / max(time.perf_counter() - start, 1e-9)
+                bar.update(task, completed=done, info=f"{human(rate)} tok/s")
+
+        result = run_trace(
+            model,
+            corpus,
+            out,
+            split=_builtin_split(corpus, split),
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            shard=shard_t,
+            save_routes=save_routes,
+            plots=not no_plots,
+            progress=on_progress,
+        )
+    summary: dict[str, Any] = result.summary
+    cstats = summary.get("corpus_stats") or {}
+    if cstats.get("empty_documents"):
+        warn(f"{cstats['empty_documents']} empty document(s) skipped.")
+    if cstats.get("non_utf8_documents"):
+        warn(f"{cstats['non_utf8_documents']} document(s) had non-UTF-8 bytes (decoded with replacement).")
+    if fmt == "json":
+        print_json(summary)
+        return
+    rows = [
+        [
+            r["layer"],
+            f"{r['imbalance_max_mean']:.2f}",
+            f"{r['cv']:.3f}",
+            f"{r['entropy_norm']:.3f}",
+            len(r["dead_experts"]),
+            len(r["near_dead_experts"]),
+        ]
+        for r in summary["layers"]
+    ]
+    print_table(
+        rows,
+        ["layer", "max/mean", "cv", "entropy", "dead", "near-dead"],
+        title=f"{summary['model']}: {summary['tokens']:,} tokens, top-{summary['top_k']} of {summary['num_experts']}",
+    )
+    note(f"wrote {out} ({result.tokens_per_second:,.0f} tok/s); next: moescope report {out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``trace`` to the app."""
+    app.command("trace", epilog=EXAMPLES)(friendly(trace_cmd))
