@@ -1,0 +1,150 @@
+"""Held-out perplexity after pruning, by criterion, ratio and domain balancing.
+
+What: traces the model on the corpus's ``train`` split (the calibration data), then for
+each drop ratio (25% and 50% of experts per layer) and each criterion (``frequency``,
+``soft``, ``reap``, ``ean``; ``frequency`` and ``soft`` also with ``--balance-domains``,
+the only ones the per-domain loads support) writes the pruned checkpoint and measures
+sliding-window perplexity on the ``heldout`` split, overall and per domain. ``random`` is
+run with 5 seeds and reported as mean ± standard deviation. The unpruned model is the
+first row. Prints one table (markdown) to stdout; progress goes to stderr.
+
+Run: ``.venv/bin/python benchmarks/prune_quality.py [--model demo] [--corpus demo]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def evaluate_dir(path: str, tokenizer: Any, corpus: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from moescope.corpus import read_corpus
+    from moescope.evaluate import perplexity
+
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("eager")  # fastest on CPU (TRANSFORMERS_MOE.md)
+        except (ValueError, TypeError):
+            pass
+    model.eval()
+    res = perplexity(
+        model,
+        tokenizer,
+        read_corpus([corpus], split="heldout"),
+        seq_len=args.seq_len,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+    )
+    return {"ppl": res.perplexity, "domains": {d: r.perplexity for d, r in res.domains.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--corpus", default="demo")
+    ap.add_argument("--trace", default=None, help="existing trace dir (default: trace the train split)")
+    ap.add_argument("--ratios", default="0.25,0.5")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--stride", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=30_000)
+    ap.add_argument("--trace-tokens", type=int, default=60_000)
+    args = ap.parse_args()
+
+    from moescope import prune as P
+    from moescope.model import load_model
+    from moescope.trace import run_trace
+
+    scratch = Path(tempfile.mkdtemp(prefix="prune_quality_"))
+    t_start = time.perf_counter()
+    try:
+        trace = Path(args.trace) if args.trace else scratch / "trace"
+        if not args.trace:
+            print(f"tracing {args.model} on {args.corpus} (train split)...", file=sys.stderr)
+            run_trace(
+                args.model, [args.corpus], trace, split="train", max_tokens=args.trace_tokens, plots=False
+            )
+        _, tokenizer = load_model(args.model)
+        src = str(P.resolve_checkpoint_dir(args.model))
+        rows: list[tuple[str, str, dict[str, Any]]] = []
+        print("evaluating the unpruned model...", file=sys.stderr)
+        base = evaluate_dir(src, tokenizer, args.corpus, args)
+        rows.append(("0%", "none (unpruned)", base))
+        domains = sorted(base["domains"])
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            runs: list[tuple[str, bool, int]] = []
+            for crit in ("frequency", "soft", "reap", "ean"):
+                runs.append((crit, False, 0))
+                if crit in ("frequency", "soft"):
+                    runs.append((crit, True, 0))
+            runs += [("random", False, s) for s in range(args.seeds)]
+            randoms: list[dict[str, Any]] = []
+            for crit, balance, seed in runs:
+                out = scratch / "pruned"
+                P.prune(
+                    args.model,
+                    trace,
+                    out,
+                    ratio=ratio,
+                    criterion=crit,
+                    seed=seed,
+                    balance_domains=balance,
+                    verify=False,
+                    overwrite=True,
+                )
+                res = evaluate_dir(str(out), tokenizer, args.corpus, args)
+                label = crit + (" --balance-domains" if balance else "")
+                print(f"  drop {ratio:.0%} {label} seed {seed}: ppl {res['ppl']:.3f}", file=sys.stderr)
+                if crit == "random":
+                    randoms.append(res)
+                else:
+                    rows.append((f"{ratio:.0%}", label, res))
+            if randoms:
+                rows.append((f"{ratio:.0%}", f"random ({len(randoms)} seeds, mean ± sd)", _mean_sd(randoms)))
+        header = ["drop", "criterion", "perplexity", *domains]
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" for _ in header) + "|")
+        for drop, label, res in rows:
+            cells = [drop, label, _fmt(res["ppl"])] + [_fmt(res["domains"].get(d)) for d in domains]
+            print("| " + " | ".join(cells) + " |")
+        print(
+            f"\n{args.model}, held-out split of {args.corpus}, seq_len {args.seq_len}, stride {args.stride}, "
+            f"up to {args.max_tokens} tokens; trace: train split, {args.trace_tokens} tokens; "
+            f"{time.perf_counter() - t_start:.0f} s in all."
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _mean_sd(results: list[dict[str, Any]]) -> dict[str, Any]:
+    def agg(values: list[float]) -> tuple[float, float]:
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    domains = results[0]["domains"]
+    return {
+        "ppl": agg([r["ppl"] for r in results]),
+        "domains": {d: agg([r["domains"][d] for r in results]) for d in domains},
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, tuple):
+        return f"{value[0]:.2f} ± {value[1]:.2f}"
+    return f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    main()
