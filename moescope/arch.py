@@ -54,10 +54,20 @@ MOE_FAMILIES = (
     "switch_transformers",
 )
 
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
 _ALIASES = {"kimi_k2": "deepseek_v3", "llama4_text": "llama4", "glm4v_moe_text": "glm4_moe"}
 
 # Families whose config classes default tie_word_embeddings to True when the field is absent.
-_TIED_BY_DEFAULT = {"gpt2", "granitemoe", "granitemoeshared", "jamba", "switch_transformers", "gemma", "gemma2"}
+_TIED_BY_DEFAULT = {
+    "gpt2",
+    "granitemoe",
+    "granitemoeshared",
+    "jamba",
+    "switch_transformers",
+    "gemma",
+    "gemma2",
+}
 
 
 @dataclass
@@ -151,9 +161,7 @@ def _int(cfg: dict[str, Any], key: str, value: Any) -> int:
     try:
         iv = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(
-            f"config field {key}={value!r} is not an integer; fix config.json."
-        ) from None
+        raise ConfigError(f"config field {key}={value!r} is not an integer; fix config.json.") from None
     if iv < 0:
         raise ConfigError(f"config field {key}={iv} is negative; fix config.json.")
     return iv
@@ -181,10 +189,18 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
     )
     if fam == "gpt2":
         spec.tie_word_embeddings = True
+    if fam == "moescope_spec":
+        spec.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
     n_layers = _get(tcfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers", default=0)
     spec.num_layers = _int(cfg, "num_hidden_layers", n_layers)
 
     def setk(exp_key: str, k_key: str) -> None:
+        # transformers' attribute_map aliases mean a saved config may hold either name
+        # (Qwen3-MoE configs from transformers 5 say num_local_experts, published ones num_experts).
+        for key in (exp_key, *_EXPERT_KEYS):
+            if _get(tcfg, key) is not None:
+                exp_key = key
+                break
         spec.num_experts = _int(cfg, exp_key, _get(tcfg, exp_key, default=0))
         spec.top_k = _int(cfg, k_key, _get(tcfg, k_key, default=0))
         spec.num_experts_field, spec.top_k_field = exp_key, k_key
@@ -195,30 +211,40 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         if fam == "phimoe":
             spec.top_k = spec.top_k or 2
         spec.moe_layers = list(range(L))
-        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+        spec.expert_intermediate_size = _int(
+            cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
+        )
         spec.scoring = {
             "mixtral": "softmax",
             "phimoe": "sparsemixer",
         }.get(fam, "softmax_after_topk")
         spec.norm_topk_prob = True
         if fam == "granitemoeshared":
-            spec.shared_intermediate_size = _int(cfg, "shared_intermediate_size", _get(cfg, "shared_intermediate_size", default=0))
+            spec.shared_intermediate_size = _int(
+                cfg, "shared_intermediate_size", _get(cfg, "shared_intermediate_size", default=0)
+            )
             spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
     elif fam in ("qwen2_moe", "qwen3_moe", "olmoe"):
         setk("num_experts", "num_experts_per_tok")
         if fam == "olmoe":
             spec.moe_layers = list(range(L))
-            spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+            spec.expert_intermediate_size = _int(
+                cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
+            )
         else:
             step = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=1)) or 1
             only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
             spec.moe_layers = [
                 i for i in range(L) if i not in only and spec.num_experts > 0 and (i + 1) % step == 0
             ]
-            spec.expert_intermediate_size = _int(cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0))
+            spec.expert_intermediate_size = _int(
+                cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
+            )
         if fam == "qwen2_moe":
             spec.shared_intermediate_size = _int(
-                cfg, "shared_expert_intermediate_size", _get(cfg, "shared_expert_intermediate_size", default=0)
+                cfg,
+                "shared_expert_intermediate_size",
+                _get(cfg, "shared_expert_intermediate_size", default=0),
             )
             spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
         spec.scoring = "softmax"
@@ -228,7 +254,9 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         first = _int(cfg, "first_k_dense_replace", _get(cfg, "first_k_dense_replace", default=0))
         freq = _int(cfg, "moe_layer_freq", _get(cfg, "moe_layer_freq", default=1)) or 1
         spec.moe_layers = [i for i in range(L) if i >= first and i % freq == 0 and spec.num_experts > 0]
-        spec.expert_intermediate_size = _int(cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0))
+        spec.expert_intermediate_size = _int(
+            cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
+        )
         spec.num_shared_experts = _int(cfg, "n_shared_experts", _get(cfg, "n_shared_experts", default=0))
         spec.shared_intermediate_size = spec.expert_intermediate_size * spec.num_shared_experts
         spec.n_group = _int(cfg, "n_group", _get(cfg, "n_group", default=1)) or 1
@@ -241,12 +269,18 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         else:
             spec.scoring = "sigmoid"
             spec.norm_topk_prob = bool(_get(cfg, "norm_topk_prob", default=True))
-        spec.mtp_layers = _int(cfg, "num_nextn_predict_layers", _get(cfg, "num_nextn_predict_layers", default=0))
+        spec.mtp_layers = _int(
+            cfg, "num_nextn_predict_layers", _get(cfg, "num_nextn_predict_layers", default=0)
+        )
     elif fam == "dbrx":
-        spec.num_experts = _int(cfg, "ffn_config.moe_num_experts", _get(cfg, "ffn_config.moe_num_experts", default=4))
+        spec.num_experts = _int(
+            cfg, "ffn_config.moe_num_experts", _get(cfg, "ffn_config.moe_num_experts", default=4)
+        )
         spec.top_k = _int(cfg, "ffn_config.moe_top_k", _get(cfg, "ffn_config.moe_top_k", default=1))
         spec.num_experts_field, spec.top_k_field = "ffn_config.moe_num_experts", "ffn_config.moe_top_k"
-        spec.expert_intermediate_size = _int(cfg, "ffn_config.ffn_hidden_size", _get(cfg, "ffn_config.ffn_hidden_size", default=0))
+        spec.expert_intermediate_size = _int(
+            cfg, "ffn_config.ffn_hidden_size", _get(cfg, "ffn_config.ffn_hidden_size", default=0)
+        )
         spec.moe_layers = list(range(L))
         spec.scoring = "softmax"
         spec.norm_topk_prob = True
@@ -254,10 +288,15 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         setk("num_local_experts", "num_experts_per_tok")
         layers = _get(tcfg, "moe_layers")
         if layers is None:
-            step = _int(cfg, "interleave_moe_layer_step", _get(tcfg, "interleave_moe_layer_step", default=1)) or 1
+            step = (
+                _int(cfg, "interleave_moe_layer_step", _get(tcfg, "interleave_moe_layer_step", default=1))
+                or 1
+            )
             layers = list(range(step - 1, L, step))
         spec.moe_layers = [int(i) for i in layers]
-        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(tcfg, "intermediate_size", default=0))
+        spec.expert_intermediate_size = _int(
+            cfg, "intermediate_size", _get(tcfg, "intermediate_size", default=0)
+        )
         spec.shared_intermediate_size = spec.expert_intermediate_size
         spec.num_shared_experts = 1
         spec.scoring = "sigmoid"
@@ -267,7 +306,9 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         period = _int(cfg, "expert_layer_period", _get(cfg, "expert_layer_period", default=2)) or 1
         offset = _int(cfg, "expert_layer_offset", _get(cfg, "expert_layer_offset", default=1))
         spec.moe_layers = [i for i in range(L) if i % period == offset] if spec.num_experts > 1 else []
-        spec.expert_intermediate_size = _int(cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0))
+        spec.expert_intermediate_size = _int(
+            cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
+        )
         spec.scoring = "softmax"
         spec.norm_topk_prob = False
     elif fam == "switch_transformers":
@@ -287,6 +328,16 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.expert_intermediate_size = _int(cfg, "d_ff", _get(cfg, "d_ff", default=0))
         spec.scoring = "softmax"
         spec.norm_topk_prob = False
+    elif fam == "moescope_spec":
+        setk("num_experts", "num_experts_per_tok")
+        spec.moe_layers = [int(i) for i in cfg.get("moe_layers", [])]
+        spec.expert_intermediate_size = _int(
+            cfg, "moe_intermediate_size", cfg.get("moe_intermediate_size", 0)
+        )
+        spec.num_shared_experts = _int(cfg, "n_shared_experts", cfg.get("n_shared_experts", 0))
+        spec.shared_intermediate_size = spec.num_shared_experts * spec.expert_intermediate_size
+        spec.encoder_layers = _int(cfg, "encoder_layers", cfg.get("encoder_layers", 0))
+        spec.scoring = "softmax"
     else:
         spec.known = fam in _DENSE_FAMILIES
     spec.is_moe = bool(spec.num_experts > 1 and spec.moe_layers)
@@ -331,7 +382,9 @@ _DENSE_FAMILIES = {
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _EXPERT_RE = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
-_VISION_RE = re.compile(r"(vision_model|vision_tower|visual\.|multi_modal_projector|vision_encoder|image_newline|mm_projector)")
+_VISION_RE = re.compile(
+    r"(vision_model|vision_tower|visual\.|multi_modal_projector|vision_encoder|image_newline|mm_projector)"
+)
 _NOT_PARAM_RE = re.compile(
     r"(_scales$|\.weight_scale_inv$|\.weight_scale$|\.input_scale$|\.scales$|\.qzeros$|\.g_idx$|"
     r"e_score_correction_bias$|\.inv_freq$|\.attn\.bias$|\.attn\.masked_bias$|\.masked_bias$)"
@@ -390,12 +443,21 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     matmul = is_param and ndim >= 2 and not is_bias
 
     def tc(component: str, expert: int | None = None, mm: bool = matmul) -> TensorClass:
-        return TensorClass(component, layer, expert, is_param, factor, mm and component not in ("embedding", "vision", "mtp"))
+        return TensorClass(
+            component, layer, expert, is_param, factor, mm and component not in ("embedding", "vision", "mtp")
+        )
 
     if _VISION_RE.search(lname):
         return tc("vision")
-    if lname.startswith("mtp.") or ".mtp." in lname or (
-        layer is not None and spec.family != "switch_transformers" and spec.num_layers and layer >= spec.num_layers
+    if (
+        lname.startswith("mtp.")
+        or ".mtp." in lname
+        or (
+            layer is not None
+            and spec.family != "switch_transformers"
+            and spec.num_layers
+            and layer >= spec.num_layers
+        )
     ):
         return tc("mtp")
     if "shared_expert_gate" in lname:
@@ -406,18 +468,34 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
         m = _EXPERT_RE.search(lname)
         return tc("routed_experts", int(m.group(1)) if m else None)
     if (
-        re.search(r"\.(mlp|block_sparse_moe|feed_forward|moe|ffn)\.(gate|router)(\.layer)?\.(weight|bias|e_score_correction_bias)$", lname)
+        re.search(
+            r"\.(mlp|block_sparse_moe|feed_forward|moe|ffn)\.(gate|router)(\.layer)?\.(weight|bias|e_score_correction_bias)$",
+            lname,
+        )
         or re.search(r"\.router\.(classifier\.)?(weight|bias)$", lname)
     ) and (layer is None or layer in spec.moe_layers or not spec.moe_layers):
         return tc("router")
-    if re.search(r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|\.embed_positions\.|position_embeddings)", lname) and layer is None:
+    if (
+        re.search(
+            r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|\.embed_positions\.|position_embeddings)",
+            lname,
+        )
+        and layer is None
+    ):
         return tc("embedding", mm=False)
     if re.search(r"(^|\.)(lm_head|embed_out|output)\.(weight|bias)$", lname) and layer is None:
         return tc("lm_head")
-    if re.search(r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|EncDecAttention|relative_attention)", base):
+    if re.search(
+        r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|EncDecAttention|relative_attention)",
+        base,
+    ):
         return tc("attention")
     if re.search(r"(norm|ln_\d|ln_f|\.ln\.|layer_norm)", lname):
         return tc("norm", mm=False)
-    if re.search(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)", base) or ".layer.1." in base or ".layer.2." in base:
+    if (
+        re.search(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)", base)
+        or ".layer.1." in base
+        or ".layer.2." in base
+    ):
         return tc("dense_mlp")
     return tc("other", mm=False)

@@ -190,9 +190,7 @@ def _from_dir(ref: str, root: Path, kind: str = "dir") -> Checkpoint:
     has_weights = (root / _INDEX).exists() or any(root.glob("*.safetensors"))
     if not cfg_path.exists() and not has_weights:
         bins = [p.name for p in root.glob("*.bin")] + [p.name for p in root.glob("*.pt")]
-        extra = (
-            f" (found {bins[0]}: pickled weights are not read; convert to safetensors)" if bins else ""
-        )
+        extra = f" (found {bins[0]}: pickled weights are not read; convert to safetensors)" if bins else ""
         raise ModelNotFoundError(
             f"{root} has no config.json and no .safetensors files{extra}; pass a save_pretrained "
             "directory, a .safetensors or config.json file, or a hub id like org/name."
@@ -215,7 +213,9 @@ def _from_file(ref: str, path: Path) -> Checkpoint:
         config = load_json(cfg_path) if cfg_path.exists() else None
         ck = Checkpoint(ref, "file", config, tensors, str(path), [path.name], path.stat().st_size, n)
         if config is None:
-            ck.notes.append("no config.json beside the file: accounting by tensor names alone (top-k unknown)")
+            ck.notes.append(
+                "no config.json beside the file: accounting by tensor names alone (top-k unknown)"
+            )
         return ck
     if path.suffix == ".json":
         config = load_json(path)
@@ -312,7 +312,9 @@ def _from_hub(ref: str, revision: str | None, workers: int = 64) -> Checkpoint:
             f"{repo}: no such model on the hub (or it is private: set HF_TOKEN); check the id."
         ) from None
     except RevisionNotFoundError:
-        raise ModelNotFoundError(f"{repo}: revision {rev!r} not found; check the branch, tag or commit.") from None
+        raise ModelNotFoundError(
+            f"{repo}: revision {rev!r} not found; check the branch, tag or commit."
+        ) from None
     except (HfHubHTTPError, OSError) as exc:
         raise ModelNotFoundError(
             f"{where}: cannot reach the hub ({str(exc).splitlines()[0]}); check the network, or run "
@@ -362,7 +364,9 @@ def _from_hub(ref: str, revision: str | None, workers: int = 64) -> Checkpoint:
             return ck
         raise CheckpointError(f"{where}: a shard listed in {_INDEX} is missing on the hub.") from None
     except (HfHubHTTPError, OSError) as exc:
-        raise ModelNotFoundError(f"{where}: reading safetensors headers failed ({str(exc).splitlines()[0]}).") from None
+        raise ModelNotFoundError(
+            f"{where}: reading safetensors headers failed ({str(exc).splitlines()[0]})."
+        ) from None
     except Exception as exc:  # huggingface_hub's SafetensorsParsingError and friends
         raise CheckpointError(f"{where}: cannot parse a safetensors header ({exc}).") from None
     for f, meta in results:

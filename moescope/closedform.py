@@ -102,7 +102,18 @@ def _attention(b: _Builder, p: str, cfg: dict[str, Any], fam: str, hidden: int) 
         qkv_bias = True
     elif fam == "glm4_moe":
         qkv_bias = bool(_get(cfg, "attention_bias", default=False))
-    elif fam in ("llama", "mistral", "qwen3", "qwen3_moe", "mixtral", "olmoe", "granitemoe", "granitemoeshared", "phimoe", "gpt_oss"):
+    elif fam in (
+        "llama",
+        "mistral",
+        "qwen3",
+        "qwen3_moe",
+        "mixtral",
+        "olmoe",
+        "granitemoe",
+        "granitemoeshared",
+        "phimoe",
+        "gpt_oss",
+    ):
         qkv_bias = o_bias = bool(_get(cfg, "attention_bias", default=fam in ("phimoe", "gpt_oss")))
     b.linear(f"{p}.q_proj", heads * hd, hidden, qkv_bias)
     b.linear(f"{p}.k_proj", kv * hd, hidden, qkv_bias)
@@ -165,7 +176,9 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
     if ln_bias:
         b.add("model.norm.bias", hidden)
     if not spec.tie_word_embeddings:
-        b.linear("lm_head", vocab, hidden, bias=fam == "phimoe" and bool(_get(cfg, "lm_head_bias", default=True)))
+        b.linear(
+            "lm_head", vocab, hidden, bias=fam == "phimoe" and bool(_get(cfg, "lm_head_bias", default=True))
+        )
     return b.items
 
 
@@ -243,6 +256,15 @@ _CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec], Inventory]] = {
     "dbrx": _dbrx,
     "gpt2": _gpt2,
 }
+
+
+def _spec(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+    from moescope.spec import spec_inventory
+
+    return spec_inventory(cfg, spec)
+
+
+_CLOSED_FORMS["moescope_spec"] = _spec
 
 
 def has_closed_form(cfg: dict[str, Any]) -> bool:

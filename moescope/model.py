@@ -16,8 +16,15 @@ from typing import Any
 from moescope.demo import demo_model_dir
 from moescope.errors import CheckpointError, ModelNotFoundError
 
-_DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-           "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+_DTYPES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,8 @@ def load_model(
                 raise
             model = AutoModelForCausalLM.from_pretrained(mref.path_or_id, **kwargs)
         tok = AutoTokenizer.from_pretrained(
-            mref.path_or_id, trust_remote_code=trust_remote_code,
+            mref.path_or_id,
+            trust_remote_code=trust_remote_code,
             **({"revision": mref.revision} if mref.revision else {}),
         )
     except OSError as exc:

@@ -159,12 +159,17 @@ def _attention_layers(cfg: dict[str, Any], spec: MoESpec) -> tuple[list[dict[str
         nope = int(_get(c, "qk_nope_head_dim", default=128))
         v = int(_get(c, "v_head_dim", default=128))
         lora = int(_get(c, "kv_lora_rank", default=512))
-        rows = [dict(layer=i, heads=heads, dqk=nope + rope, dv=v, kv_elems=lora + rope, window=None) for i in layer_ids]
+        rows = [
+            dict(layer=i, heads=heads, dqk=nope + rope, dv=v, kv_elems=lora + rope, window=None)
+            for i in layer_ids
+        ]
         return rows, "MLA"
     layout = "MHA" if kv == heads else ("MQA" if kv == 1 else "GQA")
     if any(windows):
         layout += "+sliding"
-    rows = [dict(layer=i, heads=heads, dqk=hd, dv=hd, kv_elems=2 * kv * hd, window=windows[i]) for i in layer_ids]
+    rows = [
+        dict(layer=i, heads=heads, dqk=hd, dv=hd, kv_elems=2 * kv * hd, window=windows[i]) for i in layer_ids
+    ]
     return rows, layout
 
 
@@ -249,7 +254,9 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
             acc.routed_by_layer[layer] += n
             if c.expert is not None:
                 acc.experts_seen[layer].add(c.expert)
-            elif len(t.shape) >= 2 and t.name.endswith(("gate_up_proj", "gate_up_proj_blocks", "w1", ".w1.weight")):
+            elif len(t.shape) >= 2 and t.name.endswith(
+                ("gate_up_proj", "gate_up_proj_blocks", "w1", ".w1.weight")
+            ):
                 e = t.shape[0]
                 if spec.family == "dbrx" and spec.expert_intermediate_size:
                     e = t.shape[0] // spec.expert_intermediate_size
@@ -312,9 +319,7 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
     attn_rows, layout = _attention_layers(cfg or {}, spec) if cfg is not None else ([], "unknown")
     flops: int | None = None
     if active is not None:
-        mm_active = acc.matmul_dense + sum(
-            int(round(v * frac)) for v in acc.matmul_routed_by_layer.values()
-        )
+        mm_active = acc.matmul_dense + sum(int(round(v * frac)) for v in acc.matmul_routed_by_layer.values())
         attn = sum(
             2 * r["heads"] * (r["dqk"] + r["dv"]) * min(context, r["window"] or context) for r in attn_rows
         )
@@ -323,7 +328,9 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         notes.append("encoder-decoder: attention FLOPs count self-attention of every block only")
     kv_per_token = sum(r["kv_elems"] for r in attn_rows) * 2 if attn_rows else None
     kv_ctx = (
-        sum(r["kv_elems"] * 2 * min(context, r["window"] or context) for r in attn_rows) if attn_rows else None
+        sum(r["kv_elems"] * 2 * min(context, r["window"] or context) for r in attn_rows)
+        if attn_rows
+        else None
     )
 
     components = {c: int(acc.by_comp.get(c, 0)) for c in COMPONENTS if c != "mtp"}

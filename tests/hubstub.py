@@ -33,7 +33,7 @@ class HubStub:
         self.repos = {k: Path(v) for k, v in repos.items()}
         self.latency = latency
         self.revision = revision
-        self.commit = {k: hashlib.sha1(k.encode()).hexdigest() for k in repos}
+        self.commit = {k: hashlib.sha1(f"{k}:{v}".encode()).hexdigest() for k, v in self.repos.items()}
         self.requests = 0
         self.bytes_sent = 0
         self.log: list[tuple[str, str, str | None]] = []
@@ -73,7 +73,9 @@ class HubStub:
 
     # -- request handling -------------------------------------------------------------
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool) -> None:
+    def _send(
+        self, h: BaseHTTPRequestHandler, status: int, body: bytes, headers: dict[str, str], head: bool
+    ) -> None:
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
@@ -115,7 +117,7 @@ class HubStub:
             self._error(h, "EntryNotFound", head)
             return
         size = fpath.stat().st_size
-        etag = hashlib.sha1(f"{repo}/{fname}/{size}".encode()).hexdigest()
+        etag = hashlib.sha1(f"{self.commit[repo]}/{fname}/{size}".encode()).hexdigest()
         headers = {"X-Repo-Commit": self.commit[repo], "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         rng = h.headers.get("Range")
         if rng and not head:
@@ -134,7 +136,9 @@ class HubStub:
             return
         self._send(h, 200, fpath.read_bytes(), headers, head)
 
-    def _api(self, h: BaseHTTPRequestHandler, repo: str, kind: str | None, rev: str | None, head: bool) -> None:
+    def _api(
+        self, h: BaseHTTPRequestHandler, repo: str, kind: str | None, rev: str | None, head: bool
+    ) -> None:
         if repo not in self.repos:
             self._error(h, "RepoNotFound", head)
             return
@@ -144,7 +148,9 @@ class HubStub:
         root = self.repos[repo]
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         if kind == "tree":
-            body = [{"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": "0" * 40} for f in files]
+            body = [
+                {"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": "0" * 40} for f in files
+            ]
         else:
             body = {
                 "id": repo,
@@ -154,3 +160,33 @@ class HubStub:
                 "siblings": [{"rfilename": f, "size": (root / f).stat().st_size} for f in files],
             }
         self._send(h, 200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+
+
+_DTYPE_SIZE = {"BF16": 2, "F16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1, "I32": 4}
+
+
+def write_sparse_shard(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """Write a valid safetensors file whose data region is a hole (sparse: costs no disk).
+
+    Args:
+        path: file to write.
+        tensors: name -> (safetensors dtype, shape).
+
+    Returns:
+        The file's apparent size in bytes.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = _DTYPE_SIZE[dtype]
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        fh.truncate(8 + len(raw) + offset)
+    return 8 + len(raw) + offset

@@ -125,6 +125,11 @@ def human(n: float | int | None, unit: str = "") -> str:
             if abs(n) >= scale:
                 return f"{n / scale:.2f} {suffix}"
         return f"{int(n)} B"
+    if unit == "FLOP":
+        for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(n) >= scale:
+                return f"{n / scale:.2f} {suffix}FLOP"
+        return f"{n:g} FLOP"
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{suffix}{unit}"

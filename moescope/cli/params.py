@@ -59,11 +59,28 @@ def _pct(x: float | None) -> str:
 
 
 def params_cmd(
-    models: Annotated[list[str], typer.Argument(help="Hub ids (org/name[@rev]), directories, .safetensors or config .json files, or 'demo'.", show_default=False)],
-    context: Annotated[int, typer.Option("--context", "-c", help="Keys each token attends to (attention FLOPs, KV cache).", min=1)] = 4096,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision for every hub id (branch, tag or commit).")] = None,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="One row per layer: kind, params, active params.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array, one object per model.")] = False,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Hub ids (org/name[@rev]), directories, .safetensors or config .json files, or 'demo'.",
+            show_default=False,
+        ),
+    ],
+    context: Annotated[
+        int,
+        typer.Option(
+            "--context", "-c", help="Keys each token attends to (attention FLOPs, KV cache).", min=1
+        ),
+    ] = 4096,
+    revision: Annotated[
+        str | None, typer.Option("--revision", help="Hub revision for every hub id (branch, tag or commit).")
+    ] = None,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="One row per layer: kind, params, active params.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print a JSON array, one object per model.")
+    ] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
 ) -> None:
     """Total vs active parameters, FLOPs per token and memory of MoE and dense checkpoints.
@@ -94,7 +111,9 @@ def params_cmd(
         for n in r.notes:
             note(f"{r.model}: {n}")
     rows = _table_rows(reports)
-    print_table(rows, ["", *[short_label(r.model) for r in reports]], title=f"moescope params (context {context})")
+    print_table(
+        rows, ["", *[short_label(r.model) for r in reports]], title=f"moescope params (context {context})"
+    )
 
 
 def short_label(ref: str) -> str:
@@ -113,26 +132,45 @@ def _table_rows(reports: list) -> list[list[str]]:
     def row(label: str, fn) -> list[str]:  # type: ignore[no-untyped-def]
         return [label, *[fn(r) for r in reports]]
 
-    comps = ["embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norm", "lm_head"]
+    comps = [
+        "embedding",
+        "attention",
+        "dense_mlp",
+        "routed_experts",
+        "shared_experts",
+        "router",
+        "norm",
+        "lm_head",
+    ]
     rows = [
         row("model type", lambda r: r.model_type + (" (MoE)" if r.is_moe else " (dense)")),
         row("total params", lambda r: human(r.total_params)),
         row("active params / token", lambda r: human(r.active_params)),
         row("active, no embedding", lambda r: human(r.active_params_no_embedding)),
         row("active share (active/total)", lambda r: _pct(r.activation_ratio)),
-        row("experts k/N", lambda r: f"{r.top_k}/{r.num_experts} = {_pct(r.topk_ratio)}" if r.is_moe else "-"),
+        row(
+            "experts k/N", lambda r: f"{r.top_k}/{r.num_experts} = {_pct(r.topk_ratio)}" if r.is_moe else "-"
+        ),
         row("shared experts", lambda r: str(r.num_shared_experts) if r.is_moe else "-"),
         row("layers (MoE)", lambda r: f"{r.num_layers} ({len(r.moe_layers)})"),
         row("FLOPs / token", lambda r: human(r.flops_per_token, "FLOP")),
     ]
     for c in comps:
-        rows.append(row(f"  {c}", lambda r, c=c: human(r.components.get(c, 0)) if r.components.get(c) else "-"))
+        rows.append(
+            row(f"  {c}", lambda r, c=c: human(r.components.get(c, 0)) if r.components.get(c) else "-")
+        )
     rows += [
         row("  mtp (not in total)", lambda r: human(r.mtp_params) if r.mtp_params else "-"),
         row("  vision (not active)", lambda r: human(r.vision_params) if r.vision_params else "-"),
         row("weights as stored", lambda r: human(r.weight_bytes, "B") if r.weight_bytes else "-"),
-        row("weights in bf16 / fp8 / int4", lambda r: " / ".join(human(r.memory_bytes[k], "B") for k in ("bf16", "fp8", "int4"))),
-        row("KV cache / token (bf16)", lambda r: f"{human(r.kv_cache_bytes_per_token, 'B')} {r.kv_cache_layout or ''}".strip()),
+        row(
+            "weights in bf16 / fp8 / int4",
+            lambda r: " / ".join(human(r.memory_bytes[k], "B") for k in ("bf16", "fp8", "int4")),
+        ),
+        row(
+            "KV cache / token (bf16)",
+            lambda r: f"{human(r.kv_cache_bytes_per_token, 'B')} {r.kv_cache_layout or ''}".strip(),
+        ),
         row("KV cache at context", lambda r: human(r.kv_cache_bytes_at_context, "B")),
         row("source", lambda r: f"{r.source} ({r.source_kind})"),
     ]
@@ -141,7 +179,13 @@ def _table_rows(reports: list) -> list[list[str]]:
 
 def _emit_per_layer(reports: list, fmt: str) -> None:
     records = [
-        {"model": r.model, "layer": row.layer, "kind": row.kind, "params": row.params, "active_params": row.active_params}
+        {
+            "model": r.model,
+            "layer": row.layer,
+            "kind": row.kind,
+            "params": row.params,
+            "active_params": row.active_params,
+        }
         for r in reports
         for row in r.per_layer
     ]

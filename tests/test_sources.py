@@ -1,0 +1,290 @@
+"""The same checkpoint gives the same numbers through every source kind: a save_pretrained
+directory (single file and sharded), a single .safetensors file, config-only, and a hub id
+served by a loopback stand-in of the hub (the real huggingface_hub client does the work)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moescope.params import count_params
+from tests.hubstub import HubStub, write_sparse_shard
+from tests.tiny import tiny_model
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "llama"]
+
+
+def _numel(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, int]]:
+    """family -> (save_pretrained dir, sharded into several files, expected numel)."""
+    torch.manual_seed(0)
+    out = {}
+    for fam in FAMILIES:
+        model = tiny_model(fam)
+        d = tmp_path_factory.mktemp(fam)
+        model.save_pretrained(d, max_shard_size="20KB")
+        out[fam] = (d, _numel(model))
+    tied = tiny_model("qwen3_moe", tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tied")
+    tied.save_pretrained(d)
+    out["tied"] = (d, _numel(tied))
+    return out
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "tied"])
+def test_sources_agree(family: str, checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    d, expected = checkpoints[family]
+    from_dir = count_params(str(d))
+    assert from_dir.source == "safetensors"
+    assert from_dir.total_params == expected
+    from_cfg = count_params(str(d / "config.json"))
+    assert from_cfg.source == "config"
+    for key in (
+        "total_params",
+        "active_params",
+        "active_params_no_embedding",
+        "flops_per_token",
+        "moe_layers",
+    ):
+        assert getattr(from_cfg, key) == getattr(from_dir, key), key
+    assert from_cfg.components == from_dir.components
+    # a single .safetensors file with its config beside it
+    single = tmp_path / "single"
+    single.mkdir()
+    tensors = {}
+    from safetensors import safe_open
+
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    save_file(tensors, str(single / "model.safetensors"))
+    shutil.copy(d / "config.json", single / "config.json")
+    from_file = count_params(str(single / "model.safetensors"))
+    assert from_file.total_params == expected
+    assert from_file.active_params == from_dir.active_params
+    assert from_file.source_kind == "file"
+
+
+def test_sharded_dir_has_index(checkpoints: dict[str, tuple[Path, int]]) -> None:
+    d, _ = checkpoints["mixtral"]
+    assert (d / "model.safetensors.index.json").exists()
+    assert len(list(d.glob("*.safetensors"))) > 2
+
+
+def test_per_expert_layout_is_seen(checkpoints: dict[str, tuple[Path, int]]) -> None:
+    d, _ = checkpoints["mixtral"]
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    assert any(".experts.3." in k for k in idx["weight_map"]), "save_pretrained writes per-expert tensors"
+
+
+def test_active_arithmetic(checkpoints: dict[str, tuple[Path, int]]) -> None:
+    d, _ = checkpoints["mixtral"]
+    r = count_params(str(d))
+    routed = r.components["routed_experts"]
+    assert r.active_params == r.total_params - routed + routed * 2 // 4
+    assert r.topk_ratio == 0.5
+
+
+def test_single_file_without_config(checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    d, expected = checkpoints["olmoe"]
+    from safetensors import safe_open
+
+    tensors = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for k in fh.keys():
+                tensors[k] = fh.get_tensor(k)
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    r = count_params(str(tmp_path / "bare.safetensors"))
+    assert r.total_params == expected
+    assert r.is_moe and r.num_experts == 4
+    assert r.active_params is None
+    assert any("tensor names alone" in n for n in r.notes)
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_blocks_count_as_logical_params(tmp_path: Path) -> None:
+    """gpt-oss style: *_blocks hold two 4-bit values per byte (32 values per 16-byte block);
+    *_scales are not parameters."""
+    torch.manual_seed(0)
+    ref = tiny_model("gpt_oss", intermediate_size=64)
+    quant = {}
+    for k, v in ref.state_dict().items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            e, d_in, d_out = v.shape  # in-memory [E, in, out]; stored as [E, out, in/32, 16] bytes
+            quant[k + "_blocks"] = torch.zeros(e, d_out, d_in // 32, 16, dtype=torch.uint8)
+            quant[k + "_scales"] = torch.zeros(e, d_out, d_in // 32, dtype=torch.uint8)
+        else:
+            quant[k] = v.contiguous()
+    _write(tmp_path / "mx", quant, ref.config.to_dict())
+    r = count_params(str(tmp_path / "mx"))
+    assert r.total_params == _numel(ref)
+    assert r.active_params == count_params(str(tmp_path / "mx" / "config.json")).active_params
+    assert r.weight_bytes == sum(t.numel() * t.element_size() for t in quant.values())
+    assert r.weight_dtypes["U8"] > 0
+
+
+def test_fp8_scales_are_not_params(tmp_path: Path) -> None:
+    """DeepSeek style: F8_E4M3 weights with weight_scale_inv beside them."""
+    torch.manual_seed(0)
+    ref = tiny_model("mixtral")
+    sd = ref.state_dict()
+    q = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and "embed" not in k and "lm_head" not in k:
+            q[k] = v.to(torch.float8_e4m3fn)
+            q[k.replace(".weight", ".weight_scale_inv")] = torch.ones(1, 1)
+        elif v.ndim == 3:  # fused experts: write per-expert FP8 tensors like a hub checkpoint
+            name = "w1" if "gate_up" in k else "w2"
+            for j in range(v.shape[0]):
+                base = (
+                    k.replace("experts.gate_up_proj", f"block_sparse_moe.experts.{j}.{name}")
+                    .replace("experts.down_proj", f"block_sparse_moe.experts.{j}.w2")
+                    .replace(".mlp.", ".")
+                )
+                q[base + ".weight"] = v[j].to(torch.float8_e4m3fn).contiguous()
+                q[base + ".weight_scale_inv"] = torch.ones(1, 1)
+        else:
+            q[k] = v
+    _write(tmp_path / "fp8", q, ref.config.to_dict())
+    r = count_params(str(tmp_path / "fp8"))
+    assert r.total_params == _numel(ref)
+    assert "F8_E4M3" in r.weight_dtypes
+    assert r.weight_bytes < r.memory_bytes["bf16"]
+
+
+def test_tied_embedding_counted_once(checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    d, expected = checkpoints["tied"]
+    r = count_params(str(d))
+    assert r.total_params == expected
+    assert r.components["lm_head"] == 0
+    # a checkpoint that stores the tied head anyway still counts it once
+    from safetensors.torch import load_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    _write(tmp_path / "both", sd, json.loads((d / "config.json").read_text()))
+    assert count_params(str(tmp_path / "both")).total_params == expected
+
+
+def _hub_env(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "tied"])
+def test_hub_id_matches_local(
+    family: str, checkpoints: dict[str, tuple[Path, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, expected = checkpoints[family]
+    with HubStub({"org/tiny": d}) as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        r = count_params("org/tiny")
+        r_rev = count_params("org/tiny@main")
+        # weights are only ever read through range requests (headers), never fetched whole
+        shard_gets = [(m, p, rng) for m, p, rng in hub.log if m == "GET" and p.endswith(".safetensors")]
+        assert shard_gets and all(rng for _, _, rng in shard_gets)
+    local = count_params(str(d))
+    assert r.source_kind == "hub" and r.source == "safetensors"
+    assert r.total_params == expected == local.total_params
+    assert r.active_params == local.active_params and r.flops_per_token == local.flops_per_token
+    assert r_rev.total_params == expected
+
+
+def test_hub_reads_under_one_percent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-shard checkpoint of ~1.6 GB (sparse files): header reads transfer under 1% of it."""
+    d = tmp_path / "big"
+    d.mkdir()
+    H, I, E, L = 1024, 1536, 16, 4
+    wm: dict[str, str] = {}
+    total = 0
+    for layer in range(L):
+        name = f"model-{layer + 1:05d}-of-{L:05d}.safetensors"
+        t = {}
+        for j in range(E):
+            for w, shape in (("w1", (I, H)), ("w3", (I, H)), ("w2", (H, I))):
+                t[f"model.layers.{layer}.block_sparse_moe.experts.{j}.{w}.weight"] = ("BF16", shape)
+        total += write_sparse_shard(d / name, t)
+        wm.update({k: name for k in t})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    cfg = {
+        "model_type": "mixtral",
+        "num_local_experts": E,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": L,
+        "hidden_size": H,
+        "intermediate_size": I,
+        "num_attention_heads": 8,
+        "vocab_size": 10,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    with HubStub({"org/big": d}) as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        r = count_params("org/big")
+        sent = hub.bytes_sent
+    assert r.components["routed_experts"] == L * E * 3 * I * H
+    assert r.weight_bytes == 2 * r.components["routed_experts"]
+    assert sent < 0.01 * total, (sent, total)
+
+
+def test_hub_errors(checkpoints: dict[str, tuple[Path, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.errors import ModelNotFoundError
+
+    d, _ = checkpoints["llama"]
+    with HubStub({"org/tiny": d}) as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        with pytest.raises(ModelNotFoundError, match="no such model"):
+            count_params("org/missing")
+        with pytest.raises(ModelNotFoundError, match="revision"):
+            count_params("org/tiny@nope")
+
+
+def test_offline_without_cache_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match="moescope download"):
+        count_params("org/not-cached")
+
+
+def test_download_then_offline(
+    checkpoints: dict[str, tuple[Path, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moescope download` fills the HF cache; offline, params then reads from it."""
+    from typer.testing import CliRunner
+
+    from moescope.cli.app import app
+
+    d, expected = checkpoints["qwen2_moe"]
+    (d / "pytorch_model.bin").write_bytes(b"never fetched")
+    with HubStub({"org/dl": d}) as hub:
+        _hub_env(monkeypatch, hub.endpoint)
+        result = CliRunner().invoke(app, ["download", "org/dl"], catch_exceptions=False)
+        assert result.exit_code == 0, result.stderr
+        assert not any(p.endswith(".bin") for _, p, _ in hub.log)
+    snapshot = Path(result.stdout.strip())
+    assert (snapshot / "config.json").exists() and list(snapshot.glob("*.safetensors"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    r = count_params("org/dl")
+    assert r.total_params == expected and r.source == "safetensors"
+    assert any("local HF cache" in n for n in r.notes)
