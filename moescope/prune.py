@@ -1031,12 +1031,17 @@ def verify_checkpoint(path: str | Path, *, tokens: int = 8) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # stderr stays quiet in --json runs
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, output_loading_info=True
         )
     except Exception as exc:  # transformers raises many types; report the first line
         raise CheckpointError(f"{path}: transformers cannot load the pruned checkpoint: {exc}") from exc
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise CheckpointError(
