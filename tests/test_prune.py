@@ -591,3 +591,10 @@ def test_end_to_end_trace_prune_eval(family: str, tiny_models: dict[str, Path], 
     pruned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     res = perplexity(pruned, tok, docs, seq_len=32, stride=16)
     assert set(res.domains) == {"code", "prose"} and res.perplexity > 1
+
+
+@pytest.mark.parametrize("command", ["prune", "similarity", "eval"])
+def test_help_has_examples(command: str) -> None:
+    res = runner.invoke(app, [command, "--help"])
+    assert res.exit_code == 0
+    assert "Examples" in res.stdout and f"moescope {command}" in res.stdout
