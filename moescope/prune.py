@@ -393,6 +393,16 @@ def detect_layout(ckpt: Checkpoint) -> MoELayout:
             f"{ckpt.path}: no router tensors with {num_experts} rows found; this checkpoint's MoE layout "
             "is not recognised."
         )
+    found = _config_value(ckpt.config, ("num_hidden_layers", "n_layers"))
+    n_layers = int(found[0][found[1]]) if found else None
+    mtp = sorted(i for i in layers if n_layers is not None and i >= n_layers)
+    if mtp:
+        # deepseek_v3-style MTP layers sit after the decoder; transformers does not build them
+        # and a trace never sees them, so their experts cannot be scored.
+        raise PruneError(
+            f"{ckpt.path} has multi-token-prediction layers {mtp} with routed experts, which a trace "
+            "cannot score; pruning checkpoints with MTP layers is not supported yet."
+        )
     return MoELayout(num_experts, config_top_k(ckpt.config), dict(sorted(layers.items())))
 
 
