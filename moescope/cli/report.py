@@ -25,9 +25,8 @@ Examples:
   moescope report traces/run --dtype-bytes 1      # all-to-all estimate for FP8 dispatch
 
 Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
-Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy
-LPT on the traced loads); a token-expert assignment crosses devices with probability
-(D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
+
+Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy LPT on the traced loads); a token-expert assignment crosses devices with probability (D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
 """
 
 

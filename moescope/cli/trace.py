@@ -35,10 +35,9 @@ Examples:
   moescope trace org/name corpus/ --shard 0/4 --out traces/s0   # then: moescope merge traces/s* --out traces/all
   torchrun --nproc-per-node 4 -m moescope trace org/name corpus/ --shard env --device cuda --out 'traces/s{rank}'
 
-Packing: each document is tokenised, followed by EOS and concatenated into one stream
-that is cut into --seq-len windows (a window may span documents; each token keeps its
-document and domain). --shard i/n runs batches b with b mod n == i of that same stream;
---shard env takes i/n from $RANK/$WORLD_SIZE (torchrun) and '{rank}' in --out becomes i.
+Packing: each document is tokenised, followed by EOS and concatenated into one stream that is cut into --seq-len windows (a window may span documents; each token keeps its document and domain).
+
+Shards: --shard i/n runs batches b with b mod n == i of that same stream; --shard env takes i/n from $RANK/$WORLD_SIZE (torchrun) and '{rank}' in --out becomes i.
 """
 
 
