@@ -121,6 +121,7 @@ def overhead(
                 rec.clear()
                 runner(input_ids=data[b], attention_mask=mask.long(), use_cache=False)
                 red.update(rec.records, mask, doc, dom)
+            red.flush()
         return time.perf_counter() - t, time.process_time() - c
 
     plain()  # warm-up

@@ -274,51 +274,91 @@ class TraceState:
 
 
 class _Reducer:
-    """Reduces one batch of recorded routing into a :class:`TraceState` (torch, vectorised)."""
+    """Reduces recorded routing into a :class:`TraceState` (torch, vectorised).
 
-    def __init__(self, state: TraceState) -> None:
+    Batches are queued and reduced ``group`` at a time, so the fixed cost of the ~50 small
+    tensor ops is paid once per group; sums are still binned per batch (the batch is part
+    of every bincount code), so per-batch quantities and fixed-point rounding are exactly
+    what reducing each batch alone would give.
+    """
+
+    def __init__(self, state: TraceState, group: int = 8) -> None:
         self.state = state
+        self.group = group
+        self._pending: list[tuple[Any, ...]] = []
 
     def update(self, records: Sequence[Any], mask: Any, doc: Any, dom: Any) -> None:
+        """Queue one batch (``records`` from :class:`~moescope.routing.RoutingRecorder`)."""
+        import torch
+
+        bsz, seq = mask.shape
+        k = self.state.top_k
+        ids = torch.stack([r.ids.reshape(bsz, seq, -1) for r in records])  # [L, B, S, k]
+        if ids.shape[-1] != k:
+            raise TraceError(f"the model routed {ids.shape[-1]} experts per token, expected top_k={k}.")
+        wts = torch.stack([r.weights.reshape(bsz, seq, -1) for r in records])
+        has_norms = all(r.norms is not None for r in records)
+        nrm = torch.stack([r.norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
+        wnrm = torch.stack([r.weighted_norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
+        if self._pending and self._pending[0][4].shape[1] != seq:
+            self.flush()
+        self._pending.append(
+            (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device))
+        )
+        if len(self._pending) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce every queued batch."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._reduce(pending)
+
+    def _reduce(self, pending: list[tuple[Any, ...]]) -> None:
         import torch
 
         st = self.state
         n_l, n_e, k = len(st.layers), st.num_experts, st.top_k
-        bsz, seq = mask.shape
-        dev = records[0].ids.device
-        mask = mask.to(dev)
-        ids = torch.stack([r.ids.reshape(bsz * seq, -1).long() for r in records])  # [L, T, k]
-        if ids.shape[-1] != k:
-            raise TraceError(f"the model routed {ids.shape[-1]} experts per token, expected top_k={k}.")
-        wts = torch.stack([r.weights.reshape(bsz * seq, -1).double() for r in records])
-        norms = [r.norms for r in records]
+        n_g = len(pending)
+        ids4 = torch.cat([p[0] for p in pending], dim=1).long()  # [L, B, S, k] over the group
+        wts4 = torch.cat([p[1] for p in pending], dim=1).double()
+        has_norms = all(p[2] is not None for p in pending)
+        mask = torch.cat([p[4] for p in pending])
+        doc = torch.cat([p[5] for p in pending])
+        dom = torch.cat([p[6] for p in pending])
+        dev = ids4.device
+        n_b, seq = mask.shape
+        batch_of_row = torch.cat([torch.full((p[4].shape[0],), g, device=dev) for g, p in enumerate(pending)])
         vidx = mask.reshape(-1).nonzero().squeeze(1)
-        n_tok = int(vidx.numel())
-        if n_tok == 0:
+        if vidx.numel() == 0:
             return
-        ids_v, w_v = ids[:, vidx], wts[:, vidx]  # [L, N, k]
+        bt = batch_of_row[:, None].expand(n_b, seq).reshape(-1)[vidx]  # [N] batch of each token
+        tok_per_batch = torch.bincount(bt, minlength=n_g).cpu().numpy()
+        ids_v = ids4.reshape(n_l, n_b * seq, k)[:, vidx]  # [L, N, k]
+        w_v = wts4.reshape(n_l, n_b * seq, k)[:, vidx]
         routed = ids_v >= 0
         w_v = torch.where(routed, w_v, torch.zeros_like(w_v))
-        off = (torch.arange(n_l, device=dev) * n_e)[:, None, None]
         sentinel = n_l * n_e
-        flat = torch.where(routed, ids_v + off, torch.full_like(ids_v, sentinel)).reshape(-1)
+        off = (torch.arange(n_l, device=dev) * n_e)[:, None, None] + (bt * sentinel)[None, :, None]
+        n_bins = n_g * sentinel
+        flat = torch.where(routed, ids_v + off, torch.full_like(ids_v, n_bins)).reshape(-1)
 
-        def per_expert(weights: Any | None) -> Any:
-            out = torch.bincount(flat, weights=weights, minlength=sentinel + 1)[:sentinel]
-            return out.reshape(n_l, n_e)
+        def per_batch(weights: Any | None) -> Any:
+            """[G, L, E] sums, one row per batch."""
+            return torch.bincount(flat, weights=weights, minlength=n_bins + 1)[:n_bins].reshape(n_g, n_l, n_e)
 
         def fx(t: Any) -> np.ndarray:
-            return torch.round(t.double() * FIXED_SCALE).to(torch.int64).cpu().numpy()
+            """Fixed point per batch (first axis), then summed: exact and order-independent."""
+            return torch.round(t.double() * FIXED_SCALE).to(torch.int64).sum(dim=0).cpu().numpy()
 
-        counts = per_expert(None)
-        counts_np = counts.cpu().numpy().astype(np.int64)
-        st.counts += counts_np
-        st.weight_fx += fx(per_expert(w_v.reshape(-1)))
-        if all(n is not None for n in norms):
-            nrm = torch.stack([n.reshape(bsz * seq, -1).double() for n in norms])[:, vidx]
-            wn = torch.stack([r.weighted_norms.reshape(bsz * seq, -1).double() for r in records])[:, vidx]
-            st.out_norm_fx += fx(per_expert(nrm.reshape(-1)))
-            st.wout_norm_fx += fx(per_expert(wn.reshape(-1)))
+        counts_g = per_batch(None).cpu().numpy().astype(np.int64)  # [G, L, E]
+        st.counts += counts_g.sum(axis=0)
+        st.weight_fx += fx(per_batch(w_v.reshape(-1)))
+        if has_norms:
+            nrm = torch.cat([p[2] for p in pending], dim=1).double().reshape(n_l, n_b * seq, k)[:, vidx]
+            wn = torch.cat([p[3] for p in pending], dim=1).double().reshape(n_l, n_b * seq, k)[:, vidx]
+            st.out_norm_fx += fx(per_batch(nrm.reshape(-1)))
+            st.wout_norm_fx += fx(per_batch(wn.reshape(-1)))
         st.router_dropped += (~routed).sum(dim=(1, 2)).cpu().numpy()
 
         # co-activation: every unordered pair within a token's top-k
@@ -338,18 +378,15 @@ class _Reducer:
         share = torch.where(total > 0, top1 / total.clamp(min=1e-30), torch.ones_like(total))
         bins = (share * HIST_BINS).long().clamp(0, HIST_BINS - 1)
         boff = (torch.arange(n_l, device=dev) * HIST_BINS)[:, None]
-        st.top1_hist += (
-            torch.bincount((bins + boff).reshape(-1), minlength=n_l * HIST_BINS)
-            .reshape(n_l, HIST_BINS)
-            .cpu()
-            .numpy()
-        )
-        st.top1_fx += fx(top1.sum(dim=-1))
+        hist = torch.bincount((bins + boff).reshape(-1), minlength=n_l * HIST_BINS)
+        st.top1_hist += hist.reshape(n_l, HIST_BINS).cpu().numpy()
+        t1code = (bt[None, :] * n_l + torch.arange(n_l, device=dev)[:, None]).reshape(-1)
+        top1_g = torch.bincount(t1code, weights=top1.reshape(-1), minlength=n_g * n_l).reshape(n_g, n_l)
+        st.top1_fx += fx(top1_g)
 
         # consecutive-token reuse inside a window and a document
-        ids4 = ids.reshape(n_l, bsz, seq, k)
         if seq > 1:
-            adj = mask[:, 1:] & mask[:, :-1] & (doc[:, 1:] == doc[:, :-1]).to(dev)
+            adj = mask[:, 1:] & mask[:, :-1] & (doc[:, 1:] == doc[:, :-1])
             same = (ids4[:, :, 1:, :, None] == ids4[:, :, :-1, None, :]) & (ids4[:, :, 1:, :, None] >= 0)
             overlap = same.sum(dim=(-1, -2))  # [L, B, S-1]
             st.reuse += (overlap * adj).sum(dim=(1, 2)).cpu().numpy()
@@ -357,8 +394,8 @@ class _Reducer:
 
         # capacity what-if: per batch, capacity = ceil(C * tokens * k / E) per expert
         for j, cf in enumerate(CAPACITY_FACTORS):
-            cap = math.ceil(cf * n_tok * k / n_e)
-            st.cap_dropped[:, j] += np.clip(counts_np - cap, 0, None).sum(axis=1)
+            cap = np.array([math.ceil(cf * int(n) * k / n_e) for n in tok_per_batch])[:, None, None]
+            st.cap_dropped[:, j] += np.clip(counts_g - cap, 0, None).sum(axis=(0, 2))
 
         # expert parallelism, contiguous placement: distinct devices per token, busiest device
         for j, deg in enumerate(EP_DEGREES):
@@ -366,29 +403,34 @@ class _Reducer:
                 continue
             per = n_e // deg
             devs = torch.where(routed, ids_v // per, torch.full_like(ids_v, -1)).sort(dim=-1).values
-            distinct = (devs[..., :1] >= 0).long().squeeze(-1) + (
+            distinct = (devs[..., 0] >= 0).long() + (
                 (devs[..., 1:] != devs[..., :-1]) & (devs[..., 1:] >= 0)
             ).sum(dim=-1)
             st.ep_distinct[:, j] += distinct.sum(dim=-1).cpu().numpy()
-            st.ep_batch_max[:, j] += counts_np.reshape(n_l, deg, per).sum(axis=2).max(axis=1)
+            st.ep_batch_max[:, j] += counts_g.reshape(n_g, n_l, deg, per).sum(axis=3).max(axis=2).sum(axis=0)
 
         # per-domain load
-        dom_v = dom.reshape(-1).to(dev)[vidx]  # [N]
+        dom_v = dom.reshape(-1)[vidx]  # [N]
         if bool((dom_v >= 0).any()):
             n_d = int(dom_v.max()) + 1
+            dbins = n_g * n_d * sentinel
+            base = (bt * n_d + dom_v) * sentinel  # batch-major, then domain
+            lidx = (torch.arange(n_l, device=dev) * n_e)[:, None, None]
             dcode = torch.where(
                 routed & (dom_v >= 0)[None, :, None],
-                dom_v[None, :, None] * sentinel + ids_v + off,
-                torch.full_like(ids_v, n_d * sentinel),
+                base[None, :, None] + lidx + ids_v,
+                torch.full_like(ids_v, dbins),
             ).reshape(-1)
-            dc = torch.bincount(dcode, minlength=n_d * sentinel + 1)[:-1].reshape(n_d, n_l, n_e)
-            dw = torch.bincount(dcode, weights=w_v.reshape(-1), minlength=n_d * sentinel + 1)[:-1]
-            st.dom_counts[:n_d] += dc.cpu().numpy()
-            st.dom_weight_fx[:n_d] += fx(dw.reshape(n_d, n_l, n_e))
+            dc = torch.bincount(dcode, minlength=dbins + 1)[:-1].reshape(n_g, n_d, n_l, n_e)
+            dw = torch.bincount(dcode, weights=w_v.reshape(-1), minlength=dbins + 1)[:-1].reshape(
+                n_g, n_d, n_l, n_e
+            )
+            st.dom_counts[:n_d] += dc.sum(dim=0).cpu().numpy()
+            st.dom_weight_fx[:n_d] += fx(dw)
 
-        st.tokens += n_tok
+        st.tokens += int(vidx.numel())
         st.windows += int(mask.any(dim=1).sum())
-        st.batches += 1
+        st.batches += n_g
 
 
 # --------------------------------------------------------------------------- windows
@@ -679,6 +721,7 @@ def trace_model(
         t0 = time.perf_counter()
         forward_s = 0.0
         stream_tokens = 0
+        traced = 0
         window0 = 0
         with torch.inference_mode(), RoutingRecorder(sites) as rec:
             for b, batch in enumerate(_batches(windows, batch_size)):
@@ -715,7 +758,9 @@ def trace_model(
                     routes.add(b, window0, toks, mask, doc, records)
                 window0 += len(batch)
                 if progress is not None:
-                    progress(state.tokens, None)
+                    traced += int(mask.sum())
+                    progress(traced, None)
+        reducer.flush()
         if routes is not None:
             routes.flush()
         seconds = time.perf_counter() - t0
