@@ -15,9 +15,10 @@ The families table is the single place that knows a family's field names; later 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from moescope.errors import ConfigError
 
@@ -115,6 +116,15 @@ class MoESpec:
     mtp_layers: int = 0
     encoder_layers: int = 0
     known: bool = True
+
+    @property
+    def moe_set(self) -> frozenset[int]:
+        """``moe_layers`` as a set (cached per list object, for the per-tensor classifier)."""
+        cached = self.__dict__.get("_moe_set")
+        if cached is None or cached[0] is not self.moe_layers or len(cached[1]) != len(self.moe_layers):
+            cached = (self.moe_layers, frozenset(self.moe_layers))
+            self.__dict__["_moe_set"] = cached
+        return cached[1]
 
     @property
     def topk_ratio(self) -> float | None:
@@ -391,8 +401,7 @@ _NOT_PARAM_RE = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class TensorClass:
+class TensorClass(NamedTuple):
     """Where one stored tensor belongs.
 
     Attributes:
@@ -434,68 +443,82 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     Returns:
         The tensor's :class:`TensorClass`.
     """
+    lm = _LAYER_RE.search(name)
+    layer = expert = None
+    key = name
+    if lm is not None:
+        ls, le = lm.span(1)
+        layer = int(name[ls:le])
+        if spec.family == "switch_transformers" and name.startswith("decoder."):
+            layer += spec.encoder_layers
+        em = _EXPERT_RE.search(name, le - 1)
+        if em is not None:
+            es, ee = em.span(1)
+            expert = int(name[es:ee])
+            key = f"{name[:ls]}#{name[le:es]}#{name[ee:]}"
+        else:
+            key = f"{name[:ls]}#{name[le:]}"
+    # A checkpoint has ~100k tensors but a few dozen name shapes: classify each shape once,
+    # with the layer and expert numbers blanked out (cached).
+    moe = spec.moe_set
+    mtp_layer = layer is not None and layer >= spec.num_layers > 0 and spec.family != "switch_transformers"
+    in_moe = layer is None or not moe or layer in moe
+    component, is_param, factor, matmul = _classify_shape(key, ndim >= 2, layer is None, in_moe, mtp_layer)
+    return TensorClass(
+        component, layer, expert if component == "routed_experts" else None, is_param, factor, matmul
+    )
+
+
+@functools.lru_cache(maxsize=65536)
+def _classify_shape(
+    name: str, multi_dim: bool, outside_layers: bool, router_ok: bool, mtp_layer: bool
+) -> tuple[str, bool, int, bool]:
+    """(component, is_param, param_factor, is_matmul) of a name with numbers blanked."""
     is_param = not _NOT_PARAM_RE.search(name)
     factor = 2 if name.endswith("_blocks") else 1
     base = name[: -len("_blocks")] if factor == 2 else name
-    layer = layer_index(base, spec)
     lname = base.lower()
     is_bias = lname.endswith(".bias") or lname.endswith("_bias")
-    matmul = is_param and ndim >= 2 and not is_bias
+    matmul = is_param and multi_dim and not is_bias
 
-    def tc(component: str, expert: int | None = None, mm: bool = matmul) -> TensorClass:
-        return TensorClass(
-            component, layer, expert, is_param, factor, mm and component not in ("embedding", "vision", "mtp")
-        )
+    def tc(component: str, mm: bool = matmul) -> tuple[str, bool, int, bool]:
+        return component, is_param, factor, mm and component not in ("embedding", "vision", "mtp")
 
     if _VISION_RE.search(lname):
         return tc("vision")
-    if (
-        lname.startswith("mtp.")
-        or ".mtp." in lname
-        or (
-            layer is not None
-            and spec.family != "switch_transformers"
-            and spec.num_layers
-            and layer >= spec.num_layers
-        )
-    ):
+    if lname.startswith("mtp.") or ".mtp." in lname or mtp_layer:
         return tc("mtp")
-    if "shared_expert_gate" in lname:
-        return tc("shared_experts")
     if "shared_expert" in lname or ".shared_mlp." in lname:
         return tc("shared_experts")
     if ".experts." in lname or lname.endswith(".experts"):
-        m = _EXPERT_RE.search(lname)
-        return tc("routed_experts", int(m.group(1)) if m else None)
-    if (
-        re.search(
-            r"\.(mlp|block_sparse_moe|feed_forward|moe|ffn)\.(gate|router)(\.layer)?\.(weight|bias|e_score_correction_bias)$",
-            lname,
-        )
-        or re.search(r"\.router\.(classifier\.)?(weight|bias)$", lname)
-    ) and (layer is None or layer in spec.moe_layers or not spec.moe_layers):
+        return tc("routed_experts")
+    if (_ROUTER_RE.search(lname) or _ROUTER2_RE.search(lname)) and router_ok:
         return tc("router")
-    if (
-        re.search(
-            r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|\.embed_positions\.|position_embeddings)",
-            lname,
-        )
-        and layer is None
-    ):
+    if _EMBED_RE.search(lname) and outside_layers:
         return tc("embedding", mm=False)
-    if re.search(r"(^|\.)(lm_head|embed_out|output)\.(weight|bias)$", lname) and layer is None:
+    if _HEAD_RE.search(lname) and outside_layers:
         return tc("lm_head")
-    if re.search(
-        r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|EncDecAttention|relative_attention)",
-        base,
-    ):
+    if _ATTN_RE.search(base):
         return tc("attention")
-    if re.search(r"(norm|ln_\d|ln_f|\.ln\.|layer_norm)", lname):
+    if _NORM_RE.search(lname):
         return tc("norm", mm=False)
-    if (
-        re.search(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)", base)
-        or ".layer.1." in base
-        or ".layer.2." in base
-    ):
+    if _MLP_RE.search(base) or ".layer.1." in base or ".layer.2." in base:
         return tc("dense_mlp")
     return tc("other", mm=False)
+
+
+_ROUTER_RE = re.compile(
+    r"\.(mlp|block_sparse_moe|feed_forward|moe|ffn)\.(gate|router)(\.layer)?\.(weight|bias|e_score_correction_bias)$"
+)
+_ROUTER2_RE = re.compile(r"\.router\.(classifier\.)?(weight|bias)$")
+_EMBED_RE = re.compile(
+    r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|"
+    r"\.embed_positions\.|position_embeddings)"
+)
+_HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out|output)\.(weight|bias)$")
+_ATTN_RE = re.compile(
+    r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|"
+    r"EncDecAttention|relative_attention)"
+)
+_NORM_RE = re.compile(r"(norm|ln_\d|ln_f|\.ln\.|layer_norm)")
+_MLP_RE = re.compile(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)")

@@ -11,16 +11,17 @@ closed form here (it builds the model on the meta device).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from moescope.arch import MoESpec, _get, family_of
 from moescope.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     """One tensor of a checkpoint (or of a config-derived inventory).
+
+    A NamedTuple rather than a dataclass: checkpoints hold ~100k tensors and this is
+    built once per tensor.
 
     Attributes:
         name: tensor name.
@@ -40,7 +41,7 @@ class TensorInfo:
     def numel(self) -> int:
         n = 1
         for d in self.shape:
-            n *= int(d)
+            n *= d
         return n
 
 

@@ -288,3 +288,76 @@ def test_download_then_offline(
     r = count_params("org/dl")
     assert r.total_params == expected and r.source == "safetensors"
     assert any("local HF cache" in n for n in r.notes)
+
+
+def test_unknown_family_with_expert_tensors_warns(tmp_path: Path) -> None:
+    t = {
+        "model.embed_tokens.weight": torch.zeros(10, 8),
+        "model.layers.0.mlp.experts.0.w1.weight": torch.zeros(16, 8),
+        "model.layers.0.mlp.experts.1.w1.weight": torch.zeros(16, 8),
+    }
+    _write(tmp_path / "u", t, {"model_type": "mystery_moe", "num_hidden_layers": 1})
+    with pytest.warns(UserWarning, match="expert-like tensors"):
+        r = count_params(str(tmp_path / "u"))
+    assert not r.is_moe and r.active_params == r.total_params == 10 * 8 + 2 * 16 * 8
+    assert r.components["dense_mlp"] == 2 * 16 * 8
+
+
+def test_mtp_layers_reported_apart(checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
+    """DeepSeek-V3 checkpoints store the MTP module as layer num_hidden_layers; transformers skips it."""
+    from safetensors.torch import load_file
+
+    d, expected = checkpoints["deepseek_v3"]
+    sd = {}
+    for f in d.glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    cfg = json.loads((d / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    extra = {
+        k.replace(f"layers.{n - 1}.", f"layers.{n}."): v.clone()
+        for k, v in sd.items()
+        if f"layers.{n - 1}." in k
+    }
+    extra[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(32, 64)
+    sd.update(extra)
+    cfg["num_nextn_predict_layers"] = 1
+    _write(tmp_path / "mtp", sd, cfg)
+    r = count_params(str(tmp_path / "mtp"))
+    assert r.total_params == expected
+    # the saved router buffer e_score_correction_bias is not a parameter
+    assert r.mtp_params == sum(
+        v.numel() for k, v in extra.items() if not k.endswith("e_score_correction_bias")
+    )
+    assert r.components["mtp"] == r.mtp_params
+
+
+def test_vision_tower_not_active(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = tiny_model("mixtral")
+    sd = dict(ref.state_dict())
+    sd["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] = torch.zeros(64, 16)
+    _write(tmp_path / "v", sd, ref.config.to_dict())
+    r = count_params(str(tmp_path / "v"))
+    assert r.vision_params == 64 * 16
+    assert r.total_params == _numel(ref) + 64 * 16
+    plain = count_params(str(tmp_path / "v" / "config.json"))
+    assert r.active_params == plain.active_params  # vision is never active for text
+
+
+def test_dbrx_packed_experts(tmp_path: Path) -> None:
+    """DBRX stores experts as 2-D [E*I, H] tensors; the closed form and the headers agree."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, vocab_size=99, max_seq_len=64,
+        attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+        ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=16),
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "dbrx")
+    r = count_params(str(tmp_path / "dbrx"))
+    assert r.total_params == _numel(model)
+    assert r.num_experts == 4 and r.top_k == 2
+    assert r.components["routed_experts"] == 2 * 3 * 4 * 16 * 32
+    assert count_params(str(tmp_path / "dbrx" / "config.json")).active_params == r.active_params
