@@ -19,6 +19,16 @@ from tests.tiny import tiny_model
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "llama"]
 
 
+def _load_all(d: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint directory."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def _numel(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -60,14 +70,7 @@ def test_sources_agree(family: str, checkpoints: dict[str, tuple[Path, int]], tm
     # a single .safetensors file with its config beside it
     single = tmp_path / "single"
     single.mkdir()
-    tensors = {}
-    from safetensors import safe_open
-
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
-    save_file(tensors, str(single / "model.safetensors"))
+    save_file(_load_all(d), str(single / "model.safetensors"))
     shutil.copy(d / "config.json", single / "config.json")
     from_file = count_params(str(single / "model.safetensors"))
     assert from_file.total_params == expected
@@ -97,14 +100,7 @@ def test_active_arithmetic(checkpoints: dict[str, tuple[Path, int]]) -> None:
 
 def test_single_file_without_config(checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
     d, expected = checkpoints["olmoe"]
-    from safetensors import safe_open
-
-    tensors = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
-                tensors[k] = fh.get_tensor(k)
-    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    save_file(_load_all(d), str(tmp_path / "bare.safetensors"))
     r = count_params(str(tmp_path / "bare.safetensors"))
     assert r.total_params == expected
     assert r.is_moe and r.num_experts == 4
@@ -305,12 +301,9 @@ def test_unknown_family_with_expert_tensors_warns(tmp_path: Path) -> None:
 
 def test_mtp_layers_reported_apart(checkpoints: dict[str, tuple[Path, int]], tmp_path: Path) -> None:
     """DeepSeek-V3 checkpoints store the MTP module as layer num_hidden_layers; transformers skips it."""
-    from safetensors.torch import load_file
 
     d, expected = checkpoints["deepseek_v3"]
-    sd = {}
-    for f in d.glob("*.safetensors"):
-        sd.update(load_file(str(f)))
+    sd = _load_all(d)
     cfg = json.loads((d / "config.json").read_text())
     n = cfg["num_hidden_layers"]
     extra = {
