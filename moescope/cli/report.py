@@ -90,7 +90,7 @@ def report_cmd(
             worst=("imbalance", "max"),
             batch=("batch_imbalance", "mean"),
             bytes_=("bytes_per_token", "sum"),
-            dedup=("bytes_per_token_dedup", "sum"),
+            dedup=("bytes_per_token_dedup", lambda x: x.sum(min_count=1)),  # NaN (balanced) stays NaN
         )
         print_table(
             [
