@@ -1,6 +1,10 @@
 """The demo models shipped inside the package, addressable as ``demo`` and ``demo-dense``.
 
-The weights are trained by ``scripts/train_demo.py`` and live in ``moescope/demo/models/``.
+The weights are trained by ``scripts/train_demo.py`` and live in ``moescope/demo/models/``
+(``moe``: Mixtral, 8 experts, top-2; ``dense``: its Mistral twin with matching active
+parameters), each with a model card and the ``train_metrics.json`` it quotes. The
+built-in corpus they were trained on is assembled at run time by
+:mod:`moescope.demo.corpus`.
 """
 
 from __future__ import annotations
