@@ -9,6 +9,7 @@ torch and transformers are imported inside the functions so the CLI starts fast.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,8 @@ def load_model(
         kwargs["revision"] = mref.revision
     impl = experts_implementation or default_experts_implementation(device)
     transformers.logging.set_verbosity_error()
+    if not sys.stderr.isatty():  # keep stderr to one line per message when piped (--json, CI)
+        transformers.utils.logging.disable_progress_bar()
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
