@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from moescope.cli._errors import friendly
+from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
 from moescope.cli._output import (
     check_format,
     human,
@@ -50,15 +51,13 @@ def eval_cmd(
         int, typer.Option("--max-tokens", help="Scored tokens at most, split across domains (0: all).")
     ] = 50_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
-    ] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV, one row per domain and 'all'.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of MODEL on CORPUS (sliding window), overall and per domain."""
     from moescope.evaluate import evaluate

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
+from moescope.cli._options import QuietOpt, RevisionOpt
 from moescope.cli._output import (
     check_format,
     note,
@@ -74,12 +75,10 @@ def prune_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out directory.")
     ] = False,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-    ] = None,
+    revision: RevisionOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (per-expert rows).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Drop experts per MoE layer by a routing criterion and write a checkpoint that loads and runs."""
     from moescope.prune import CRITERIA, prune

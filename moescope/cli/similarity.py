@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from moescope.cli._errors import friendly
+from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
 from moescope.cli._output import (
     check_format,
     note,
@@ -57,15 +58,13 @@ def similarity_cmd(
     top: Annotated[int, typer.Option("--top", help="Pairs per layer in the table.")] = 3,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write heatmaps to OUT/plots.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled tokens.")] = 0,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "float32",
-    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
-    ] = False,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print every pair as JSON records.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print every pair as CSV.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Expert similarity per MoE layer (weights, router, outputs, co-activation) and redundant pairs."""
     from moescope.similarity import similarity

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
+from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
 from moescope.cli._output import (
     check_format,
     human,
@@ -64,8 +65,8 @@ def trace_cmd(
     split: Annotated[
         str | None, typer.Option("--split", help="Corpus split; the built-in corpus defaults to 'heldout'.")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
     save_routes: Annotated[
         bool, typer.Option("--save-routes", help="Also write per-token routes as Parquet under routes/.")
     ] = False,
@@ -74,12 +75,10 @@ def trace_cmd(
         typer.Option("--shard", help="i/n: trace batches b with b mod n == i; merge with `moescope merge`."),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip plots/*.png.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision.")] = None,
-    trust_remote_code: Annotated[
-        bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
-    ] = False,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Trace MODEL's routing over CORPUS into a trace directory (load, co-activation, plots)."""
     from moescope.trace import parse_shard, run_trace
