@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moescope.arch import COMPONENTS
 from moescope.cli._errors import friendly
 from moescope.cli._output import check_format, human, note, print_csv, print_json, print_table, warn
 
@@ -132,16 +133,8 @@ def _table_rows(reports: list) -> list[list[str]]:
     def row(label: str, fn) -> list[str]:  # type: ignore[no-untyped-def]
         return [label, *[fn(r) for r in reports]]
 
-    comps = [
-        "embedding",
-        "attention",
-        "dense_mlp",
-        "routed_experts",
-        "shared_experts",
-        "router",
-        "norm",
-        "lm_head",
-    ]
+    # mtp, vision and other get their own rows below (or none)
+    comps = [c for c in COMPONENTS if c not in ("mtp", "vision", "other")]
     rows = [
         row("model type", lambda r: r.model_type + (" (MoE)" if r.is_moe else " (dense)")),
         row("total params", lambda r: human(r.total_params)),
