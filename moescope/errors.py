@@ -38,3 +38,7 @@ class PruneError(MoescopeError):
 
 class NotMoEError(MoescopeError):
     """The model has no routed experts, so there is nothing to route or prune."""
+
+
+class OutputError(MoescopeError):
+    """An output destination moescope must not write to or replace (see ``moescope.outdir``)."""

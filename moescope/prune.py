@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import struct
-import uuid
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,8 @@ import numpy as np
 import pandas as pd
 
 from moescope.errors import CheckpointError, ModelNotFoundError, NotMoEError, PruneError, TraceError
+from moescope.identity import check_trace_model, model_fingerprint
+from moescope.outdir import atomic_output, check_destination, resolve_output, write_json_atomic
 
 CRITERIA = ("frequency", "soft", "reap", "ean", "random")
 
@@ -657,6 +659,10 @@ def check_trace_matches(trace: TraceData, ckpt: Checkpoint, layout: MoELayout, m
     traced_type = trace.summary.get("model_type")
     if traced_type and traced_type != ckpt.model_type:
         raise TraceError(f"{trace.path} is a {traced_type} trace, {model_ref} is {ckpt.model_type}; {fix}")
+    if check_trace_model(
+        trace.summary.get("fingerprint"), model_fingerprint(ckpt.path), str(trace.path), model_ref
+    ):
+        return
     if trace.model and not same_model(trace.model, model_ref, ckpt.path):
         raise TraceError(f"{trace.path} was traced on {trace.model}, not {model_ref}; {fix}")
 
@@ -893,39 +899,44 @@ def prune_checkpoint(
     *,
     model_ref: str | None = None,
     trace_path: str | Path | None = None,
+    trace_summary: dict[str, Any] | None = None,
+    trace_load: pd.DataFrame | None = None,
     overwrite: bool = False,
+    verify: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PruneResult:
-    """Write the pruned checkpoint to ``out`` (temporary sibling, then rename).
+    """Write the pruned checkpoint to ``out``: built aside, verified there, then swapped in.
 
     Args:
         ckpt: the source checkpoint.
         layout: its MoE layout (from :func:`detect_layout`).
         plan: which experts each layer keeps.
-        out: the new directory; must not exist (or be empty) unless ``overwrite``.
-        model_ref: recorded in the manifest.
+        out: the new directory; must not exist (or be empty) unless ``overwrite``, and even
+            then only a complete pruned checkpoint written by moescope is replaced.
+        model_ref: recorded in the manifest and model card.
         trace_path: recorded in the manifest.
-        overwrite: replace an existing ``out``.
+        trace_summary: the trace's ``summary.json`` (its fingerprint goes into the manifest).
+        trace_load: the trace's ``expert_load.csv``: the share of routing the dropped experts
+            carried goes into the manifest and model card.
+        overwrite: replace an existing moescope prune output at ``out``.
+        verify: reload the result with transformers and run a forward pass *before* it is
+            swapped in (a checkpoint that fails is never put in place).
         progress: called as ``progress(shard, done, total)`` after each shard.
 
     Returns:
         A :class:`PruneResult`.
 
     Raises:
-        PruneError: ``out`` exists, or the plan is inconsistent with the checkpoint.
+        OutputError: ``out`` is refused (see :func:`moescope.outdir.check_destination`).
+        PruneError: the plan is inconsistent with the checkpoint.
         CheckpointError: the source layout is not prunable or the output fails validation.
     """
-    dest = Path(out).expanduser()
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise PruneError(f"{dest} already exists and is not empty; pass another --out or --overwrite.")
-    if dest.resolve() == ckpt.path.resolve():
-        raise PruneError(f"--out {dest} is the source checkpoint; write the pruned model elsewhere.")
+    inputs = [ckpt.path, trace_path]
+    check_destination(out, "prune", inputs=inputs, replace=overwrite)
     new_config, fields = updated_config(ckpt.config, plan.keep, layout.num_experts)
     per_shard = plan_tensors(ckpt, layout, plan.kept)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    verified: bool | None = None
+    with atomic_output(out, "prune", inputs=inputs, replace=overwrite) as tmp:
         weight_map: dict[str, str] = {}
         bytes_out = 0
         written = [s for s in ckpt.shards if per_shard[s]]
@@ -939,26 +950,79 @@ def prune_checkpoint(
         _validate_experts(weight_map, layout, plan.keep)
         if (ckpt.path / _INDEX_NAME).exists() or len(written) > 1:
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / _INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        for item in ckpt.path.iterdir():
-            if (
-                item.is_file()
-                and not item.name.endswith(_WEIGHT_SUFFIXES)
-                and item.name not in (_INDEX_NAME, "config.json", _MANIFEST)
-            ):
-                shutil.copy2(item, tmp / item.name)
-        (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
-        manifest = _manifest(ckpt, layout, plan, fields, model_ref, trace_path)
-        (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json_atomic(tmp / _INDEX_NAME, index)
+        copied = copy_extra_files(ckpt.path, tmp, remote_code="auto_map" in ckpt.config)
+        write_json_atomic(tmp / "config.json", new_config, sort_keys=True)
+        check = verify_checkpoint(tmp) if verify else None
+        verified = True if verify else None
+        manifest = _manifest(ckpt, layout, plan, fields, model_ref, trace_path, trace_summary, check, copied)
+        for layer, share in removed_share(trace_load, plan).items():
+            manifest["layers"][str(layer)].update(share)
+        (tmp / "README.md").write_text(model_card(manifest))
+        write_json_atomic(tmp / _MANIFEST, manifest)  # the marker, last
     bytes_in = sum(t.nbytes for t in ckpt.tensors.values())
     n_out = sum(len(v) for v in per_shard.values())
-    return PruneResult(dest, plan, bytes_in, bytes_out, n_out, fields)
+    return PruneResult(resolve_output(out), plan, bytes_in, bytes_out, n_out, fields, verified)
+
+
+# Files copied from the source checkpoint besides the rewritten weights and config: what a
+# tokenizer and generation need. Model cards, training metrics, pickles and anything else
+# are not copied (the source's card and metrics would be false for the pruned model).
+EXTRA_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_REMOTE_CODE_RE = re.compile(r"^(?:configuration|modeling|tokenization)_[A-Za-z0-9_]+\.py$")
+
+
+def _allowed_root(src: Path) -> Path:
+    """Where files of ``src`` may really live: the directory, or its HF cache repo folder.
+
+    Files of a hub snapshot (``…/models--org--name/snapshots/<rev>/``) are symlinks into
+    the repo's ``blobs/``; anything else must stay inside the checkpoint directory.
+    """
+    root = src.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
+
+
+def copy_extra_files(src: Path, dest: Path, *, remote_code: bool = False) -> list[str]:
+    """Copy the allow-listed files of ``src`` into ``dest`` (contents, never links).
+
+    A file that is a symlink resolving outside the checkpoint (or its HF cache repo) is
+    skipped with a warning: a link to a secret must not end up in a model one may share.
+
+    Returns:
+        The names copied.
+    """
+    allowed = _allowed_root(src)
+    names = [n for n in EXTRA_FILES if (src / n).exists()]
+    if remote_code:
+        names += sorted(p.name for p in src.iterdir() if _REMOTE_CODE_RE.match(p.name))
+    copied = []
+    for name in names:
+        item = src / name
+        real = item.resolve()
+        if not real.is_file() or not real.is_relative_to(allowed):
+            print(
+                f"Warning: not copying {item}: it links outside the checkpoint ({real}).",
+                file=sys.stderr,
+            )
+            continue
+        shutil.copyfile(real, dest / name)
+        copied.append(name)
+    return copied
 
 
 def _validate_shard(path: Path, tensors: Sequence[_OutTensor]) -> None:
@@ -999,15 +1063,26 @@ def _manifest(
     fields: list[str],
     model_ref: str | None,
     trace_path: str | Path | None,
+    trace_summary: dict[str, Any] | None = None,
+    check: dict[str, Any] | None = None,
+    copied: Sequence[str] = (),
 ) -> dict[str, Any]:
     from moescope import __version__
 
+    summary = trace_summary or {}
     return {
+        "tool": "moescope",
+        "kind": "prune",
+        "complete": True,
         "moescope_version": __version__,
         "model": model_ref or str(ckpt.path),
         "source_path": str(ckpt.path),
+        "source_fingerprint": model_fingerprint(ckpt.path),
         "model_type": ckpt.model_type,
         "source_trace": str(trace_path) if trace_path else None,
+        "trace_fingerprint": summary.get("fingerprint"),
+        "trace_corpus": summary.get("corpus"),
+        "trace_tokens": summary.get("tokens"),
         "criterion": plan.criterion,
         "seed": plan.seed if plan.criterion == "random" else None,
         "balance_domains": plan.balance_domains,
@@ -1016,6 +1091,8 @@ def _manifest(
         "top_k": plan.top_k,
         "n_group": plan.n_group,
         "config_fields_updated": fields,
+        "copied_files": list(copied),
+        "verification": check,
         "layers": {
             str(layer): {
                 "kept": plan.kept[layer],
@@ -1025,6 +1102,81 @@ def _manifest(
             for layer in layout.layers
         },
     }
+
+
+def removed_share(load: pd.DataFrame | None, plan: PrunePlan) -> dict[int, dict[str, float | None]]:
+    """Per layer, the share of routed tokens and of gate weight that went to the dropped experts."""
+    if load is None:
+        return {}
+    shares: dict[int, dict[str, float | None]] = {}
+    for layer, kept in plan.kept.items():
+        rows = load[load["layer"] == layer]
+        dropped = ~rows["expert"].isin(kept)
+        rec: dict[str, float | None] = {}
+        for col, key in (("count", "dropped_count_share"), ("weight_sum", "dropped_weight_share")):
+            total = float(rows[col].sum()) if col in rows else float("nan")
+            rec[key] = float(rows.loc[dropped, col].sum()) / total if total and total == total else None
+        shares[layer] = rec
+    return shares
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """The pruned checkpoint's README.md: base model, what was removed, how it was chosen, what was measured."""
+    m = manifest
+    lines = [
+        "---",
+        f"base_model: {m['model']}" if "/" in str(m["model"]) and not Path(str(m["model"])).exists() else "",
+        "tags:",
+        "  - moescope",
+        "  - pruned",
+        "  - mixture-of-experts",
+        "---",
+        "",
+        f"# {m['model']}, pruned to {m['num_experts_after']} of {m['num_experts_before']} experts per layer",
+        "",
+        f"Written by moescope {m['moescope_version']} (`moescope prune`). The experts each MoE layer kept and",
+        "dropped are listed below and in `prune_manifest.json`. This card replaces the base model's: its",
+        "figures (benchmarks, training metrics) were measured on the unpruned model and do not hold here.",
+        "",
+        f"- base model: `{m['model']}` ({m['model_type']}), fingerprint `{m['source_fingerprint']}`",
+        f"- criterion: `{m['criterion']}`"
+        + (f" (seed {m['seed']})" if m.get("seed") is not None else "")
+        + (", domains balanced" if m.get("balance_domains") else ""),
+        f"- trace: `{m['source_trace']}` over {m.get('trace_tokens') or '?'} tokens of "
+        f"{m.get('trace_corpus') or '?'}, fingerprint `{m.get('trace_fingerprint')}`",
+        f"- experts per token (top-k): {m['top_k']}; config fields updated: {', '.join(m['config_fields_updated'])}",
+    ]
+    check = m.get("verification")
+    if check:
+        lines.append(
+            f"- verified: reloaded with transformers ({check['parameters']:,} parameters) and ran a forward "
+            "pass with finite logits"
+        )
+    else:
+        lines.append("- verified: not run (`--no-verify`)")
+    lines += [
+        "",
+        "## Measured on the trace",
+        "",
+        "Share of the trace's routing that went to the dropped experts (what the pruned model must do without):",
+        "",
+        "| layer | dropped experts | routed tokens share | gate weight share |",
+        "|---|---|---|---|",
+    ]
+    for layer, rec in m["layers"].items():
+        tok = rec.get("dropped_count_share")
+        wgt = rec.get("dropped_weight_share")
+        lines.append(
+            f"| {layer} | {', '.join(map(str, rec['dropped'])) or '-'} | "
+            f"{'-' if tok is None else f'{tok:.2%}'} | {'-' if wgt is None else f'{wgt:.2%}'} |"
+        )
+    lines += [
+        "",
+        "Quality on text is not measured by `prune`; compare perplexities with",
+        f"`moescope eval {m['model']} CORPUS` and `moescope eval THIS_DIR CORPUS`.",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def verify_checkpoint(path: str | Path, *, tokens: int = 8) -> dict[str, Any]:
@@ -1113,6 +1265,8 @@ def prune(
     """
     if criterion not in CRITERIA:
         raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
+    if not dry_run:
+        check_destination(out, "prune", inputs=[trace, model], replace=overwrite)
     tr = read_trace(trace)
     ckpt = open_checkpoint(resolve_checkpoint_dir(model, revision))
     layout = detect_layout(ckpt)
@@ -1132,17 +1286,16 @@ def prune(
     if dry_run:
         return plan, None
     result = prune_checkpoint(
-        ckpt, layout, plan, out, model_ref=model, trace_path=tr.path, overwrite=overwrite, progress=progress
+        ckpt,
+        layout,
+        plan,
+        out,
+        model_ref=model,
+        trace_path=tr.path,
+        trace_summary=tr.summary,
+        trace_load=tr.expert_load,
+        overwrite=overwrite,
+        verify=verify,
+        progress=progress,
     )
-    if verify:
-        verify_checkpoint(result.out)
-        result = PruneResult(
-            result.out,
-            plan,
-            result.bytes_in,
-            result.bytes_out,
-            result.tensors_out,
-            result.config_fields,
-            True,
-        )
     return plan, result

@@ -24,7 +24,6 @@ single most redundant pair. Plots are written with matplotlib's Agg backend.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moescope import __version__
 from moescope.errors import TraceError
+from moescope.outdir import atomic_output, check_destination, resolve_output, write_json_atomic
 
 MEASURES = ("weights", "router", "outputs", "coactivation")
 REDUNDANCY_MEASURES = ("weights", "router", "outputs")
@@ -372,23 +373,45 @@ def token_batches(
         yield torch.tensor([r[:width] for r in rows])
 
 
-def write_report(report: SimilarityReport, out: str | Path, *, plots: bool = True) -> list[Path]:
+def write_report(
+    report: SimilarityReport, out: str | Path, *, plots: bool = True, inputs: Sequence[str | Path] = ()
+) -> list[Path]:
     """Write ``pairs.csv``, ``layers.csv``, ``similarity.json`` and ``plots/*.png`` to ``out``.
 
+    The directory is built aside and swapped in (:func:`moescope.outdir.atomic_output`): an
+    existing ``out`` is replaced only when it is a complete similarity report of moescope's
+    holding nothing else.
+
+    Args:
+        report: the computed report.
+        out: the directory.
+        plots: also draw heatmaps.
+        inputs: paths read (model directory, trace, corpus); ``out`` may not contain them.
+
     Returns:
-        The files written.
+        The files written (at their final paths).
+
+    Raises:
+        OutputError: ``out`` is refused.
     """
-    root = Path(out).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out, "similarity", inputs=inputs) as tmp:
+        written = _write_report_files(report, tmp, plots=plots)
+    dest = resolve_output(out)
+    return [dest / p.relative_to(tmp) for p in written]
+
+
+def _write_report_files(report: SimilarityReport, root: Path, *, plots: bool) -> list[Path]:
     written = []
     pairs = report.pairs()
     layers = report.layer_scores()
     for name, frame in (("pairs.csv", pairs), ("layers.csv", layers)):
-        tmp = root / f".{name}.tmp"
-        frame.to_csv(tmp, index=False)
-        tmp.replace(root / name)
+        frame.to_csv(root / name, index=False)
         written.append(root / name)
     meta = {
+        "tool": "moescope",
+        "kind": "similarity",
+        "complete": True,
+        "moescope_version": __version__,
         "model": report.model,
         "measures": report.measures,
         "samples": report.samples,
@@ -399,10 +422,10 @@ def write_report(report: SimilarityReport, out: str | Path, *, plots: bool = Tru
             for ls in report.layers
         },
     }
-    (root / "similarity.json").write_text(json.dumps(meta, indent=2) + "\n")
-    written.append(root / "similarity.json")
     if plots:
         written.extend(plot_heatmaps(report, root / "plots"))
+    write_json_atomic(root / "similarity.json", meta)  # the marker, last
+    written.append(root / "similarity.json")
     return written
 
 
@@ -477,11 +500,19 @@ def similarity(
     Returns:
         The :class:`SimilarityReport`.
     """
-    from moescope.model import load_model
+    from moescope.identity import check_trace_model, fingerprint_ref
+    from moescope.model import load_model, parse_model_ref
     from moescope.prune import read_trace
 
+    mref = parse_model_ref(model_ref, revision)
+    inputs = [*corpus, *([mref.path_or_id] if mref.is_local else []), *([trace] if trace else [])]
+    if out is not None:
+        check_destination(out, "similarity", inputs=inputs)
     tr = read_trace(trace) if trace is not None else None
-    if tr is not None and tr.model and tr.model != model_ref:
+    proven = tr is not None and check_trace_model(
+        tr.summary.get("fingerprint"), fingerprint_ref(model_ref, revision), str(tr.path), model_ref
+    )
+    if tr is not None and not proven and tr.model and tr.model != model_ref:
         from moescope.prune import resolve_checkpoint_dir, same_model
 
         if not same_model(tr.model, model_ref, resolve_checkpoint_dir(model_ref, revision)):
@@ -502,5 +533,5 @@ def similarity(
         model, model_ref=model_ref, batches=batches, samples=samples, trace=tr, seed=seed, progress=progress
     )
     if out is not None:
-        write_report(report, out, plots=plots)
+        write_report(report, out, plots=plots, inputs=inputs)
     return report

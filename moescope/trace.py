@@ -47,6 +47,7 @@ import numpy as np
 
 from moescope import __version__
 from moescope.errors import CorpusError, TraceError
+from moescope.outdir import atomic_output, check_destination, write_json_atomic
 
 #: capacity factors whose drops are counted online (what-if, per batch)
 CAPACITY_FACTORS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0)
@@ -143,8 +144,14 @@ class TraceState:
     dom_weight_fx: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        for name, shape in self.shapes().items():
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(shape, dtype=np.int64))
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every array, from the layers, experts and domains."""
         n_l, n_e = len(self.layers), self.num_experts
-        shapes = {
+        return {
             "counts": (n_l, n_e),
             "weight_fx": (n_l, n_e),
             "out_norm_fx": (n_l, n_e),
@@ -161,9 +168,6 @@ class TraceState:
             "dom_counts": (len(self.domains), n_l, n_e),
             "dom_weight_fx": (len(self.domains), n_l, n_e),
         }
-        for name, shape in shapes.items():
-            if getattr(self, name) is None:
-                setattr(self, name, np.zeros(shape, dtype=np.int64))
 
     # -- derived floats ---------------------------------------------------------------------
     def floats(self, name: str) -> np.ndarray:
@@ -250,23 +254,33 @@ class TraceState:
             raise TraceError(
                 f"{path.parent}: no state.npz; it is not a complete trace — rerun `moescope trace`."
             ) from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise TraceError(f"{path}: unreadable trace state ({exc}); rerun `moescope trace`.") from exc
+        except Exception as exc:  # zipfile, numpy and json each raise their own types
+            raise TraceError(
+                f"{path}: unreadable trace state ({type(exc).__name__}: {exc}); rerun `moescope trace`."
+            ) from None
+        if not isinstance(header, dict):
+            raise TraceError(f"{path}: corrupt trace state header; rerun `moescope trace`.")
         if header.get("version") != STATE_VERSION or header.get("fixed_scale") != FIXED_SCALE:
             raise TraceError(
                 f"{path}: trace state version {header.get('version')} is not supported; retrace."
             )
-        state = cls(
-            layers=list(header["layers"]),
-            num_experts=int(header["num_experts"]),
-            top_k=int(header["top_k"]),
-            meta=header["meta"],
-            domains=list(header["domains"]),
-            tokens=int(header["tokens"]),
-            windows=int(header["windows"]),
-            batches=int(header["batches"]),
-            **arrays,
-        )
+        try:
+            state = cls(
+                layers=[int(v) for v in header["layers"]],
+                num_experts=int(header["num_experts"]),
+                top_k=int(header["top_k"]),
+                meta=dict(header["meta"]),
+                domains=[str(v) for v in header["domains"]],
+                tokens=int(header["tokens"]),
+                windows=int(header["windows"]),
+                batches=int(header["batches"]),
+                **arrays,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TraceError(f"{path}: corrupt trace state header ({exc}); rerun `moescope trace`.") from None
+        bad = [n for n, shape in state.shapes().items() if getattr(state, n).shape != shape]
+        if bad:
+            raise TraceError(f"{path}: trace state arrays do not match its header; rerun `moescope trace`.")
         return state
 
 
@@ -637,6 +651,7 @@ def trace_model(
     corpus_stats: Any | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     model_ref: str = "model",
+    inputs: Sequence[str | Path] = (),
 ) -> TraceResult:
     """Run ``model`` over ``documents`` with routing hooks and write a trace directory.
 
@@ -655,6 +670,8 @@ def trace_model(
         corpus_stats: a ``CorpusStats`` filled while ``documents`` is consumed.
         progress: called as ``progress(tokens_done, total_or_None)`` after every batch.
         model_ref: how to name the model in errors and the summary.
+        inputs: paths read for this trace (checkpoint, corpus files); ``out_dir`` may not
+            be one of them or an ancestor of one.
 
     Returns:
         A :class:`TraceResult`.
@@ -662,17 +679,18 @@ def trace_model(
     Raises:
         NotMoEError: the model has no routed experts.
         CorpusError: the corpus yields no tokens.
-        TraceError: ``out_dir`` exists and is not a trace directory.
+        OutputError: ``out_dir`` is refused (see :func:`moescope.outdir.check_destination`).
     """
     import torch
 
+    from moescope.identity import StreamHasher, model_fingerprint
     from moescope.routing import RoutingRecorder, config_top_k, require_moe_sites
 
     if seq_len < 1 or batch_size < 1:
         raise ValueError("seq_len and batch_size must be positive.")
-    out = Path(out_dir)
-    _check_writable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    name_or_path = str(getattr(model, "name_or_path", "") or "")
+    inputs = [*inputs, *([name_or_path] if name_or_path else [])]
+    out = check_destination(out_dir, "trace", inputs=inputs)
     sites = require_moe_sites(model, model_ref)
     if model.config.is_encoder_decoder:
         # the decoder's MoE layers need target text; trace the encoder stack
@@ -704,20 +722,22 @@ def trace_model(
         "packing": PACKING,
         "shard": {"index": shard[0], "count": shard[1]},
         "moescope_version": __version__,
+        "run_id": uuid.uuid4().hex,
         **(meta or {}),
     }
+    if run_meta.get("fingerprint") is None and name_or_path and Path(name_or_path).is_dir():
+        run_meta["fingerprint"] = model_fingerprint(name_or_path)
     state = TraceState(layers=layers, num_experts=n_exp.pop(), top_k=top_k, meta=run_meta)
     reducer = _Reducer(state)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_output(out, "trace", inputs=inputs) as tmp:
         routes = _RoutesWriter(tmp / "routes", layers, top_k) if save_routes else None
         doc_counter = [0]
         windows = _windows(documents, tokenizer, seq_len, max_tokens, state, doc_counter)
+        hasher = StreamHasher(seq_len)
         t0 = time.perf_counter()
         forward_s = 0.0
         stream_tokens = 0
@@ -726,6 +746,8 @@ def trace_model(
         with torch.inference_mode(), RoutingRecorder(sites) as rec:
             for b, batch in enumerate(_batches(windows, batch_size)):
                 stream_tokens += sum(len(w.tokens) for w in batch)
+                for w in batch:
+                    hasher.update(w.tokens.tobytes(), w.domains.tobytes())
                 if b % shard[1] != shard[0]:
                     window0 += len(batch)
                     continue
@@ -769,6 +791,7 @@ def trace_model(
                 "the corpus produced no tokens (all documents empty?); pass a non-empty corpus."
             )
         stats = corpus_stats
+        state.meta["corpus_fingerprint"] = hasher.hexdigest()
         state.meta["corpus_stats"] = {
             "documents_used": doc_counter[0],
             "stream_tokens": stream_tokens,
@@ -785,10 +808,6 @@ def trace_model(
         }
         timings = {"trace_seconds": seconds, "forward_seconds": forward_s}
         summary = write_trace_dir(tmp, state, timings=timings, plots=plots)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return TraceResult(
         out_dir=out,
         tokens=state.tokens,
@@ -834,11 +853,14 @@ def run_trace(
         NotMoEError, ModelNotFoundError, CorpusError, TraceError: see the message.
     """
     from moescope.corpus import CorpusStats, read_corpus
-    from moescope.model import load_model
+    from moescope.identity import fingerprint_ref
+    from moescope.model import load_model, parse_model_ref
 
-    _check_writable(Path(out_dir))
     stats = CorpusStats()
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
+    mref = parse_model_ref(model_ref, revision)
+    inputs = [*specs, *([mref.path_or_id] if mref.is_local else [])]
+    check_destination(out_dir, "trace", inputs=inputs)
     docs = read_corpus(specs, split=split, stats=stats)  # bad specs fail here, before the model loads
     t0 = time.perf_counter()
     from transformers.utils import logging as hf_logging
@@ -854,31 +876,27 @@ def run_trace(
         if bars:
             hf_logging.enable_progress_bar()
     load_s = time.perf_counter() - t0
-    meta = {"corpus": specs, "split": split, "load_seconds": load_s, **kwargs.pop("meta", {})}
+    meta = {
+        "corpus": specs,
+        "split": split,
+        "load_seconds": load_s,
+        "fingerprint": fingerprint_ref(model_ref, revision),
+        **kwargs.pop("meta", {}),
+    }
     return trace_model(
-        model, tokenizer, docs, out_dir, meta=meta, corpus_stats=stats, model_ref=model_ref, **kwargs
+        model,
+        tokenizer,
+        docs,
+        out_dir,
+        meta=meta,
+        corpus_stats=stats,
+        model_ref=model_ref,
+        inputs=inputs,
+        **kwargs,
     )
 
 
 # --------------------------------------------------------------------------- directory io
-
-
-def _check_writable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").exists())):
-        raise TraceError(
-            f"{out} exists and is not a trace directory; pass a new --out path (an old trace is replaced)."
-        )
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temp dir into place; an existing trace is replaced."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def write_trace_dir(
@@ -916,9 +934,16 @@ def write_trace_dir(
     layer_df: pd.DataFrame = st.layer_stats(state)
     meta = state.meta
     summary = {
+        "tool": "moescope",
+        "kind": "trace",
         "complete": True,
         "moescope_version": meta.get("moescope_version", __version__),
+        "run_id": meta.get("run_id"),
+        "source": meta.get("source", "moescope"),
+        "lacks": meta.get("lacks", []),
         "model": meta.get("model"),
+        "fingerprint": meta.get("fingerprint"),
+        "corpus_fingerprint": meta.get("corpus_fingerprint"),
         "model_type": meta.get("model_type"),
         "corpus": meta.get("corpus"),
         "split": meta.get("split"),
@@ -960,9 +985,7 @@ def write_trace_dir(
         },
         "files": files,
     }
-    tmp = folder / f".summary.json.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    tmp.replace(folder / "summary.json")
+    write_json_atomic(folder / "summary.json", summary, default=_json_default)
     return summary
 
 
@@ -989,7 +1012,7 @@ def load_trace(trace_dir: str | Path) -> tuple[TraceState, dict[str, Any]]:
     Raises:
         TraceError: the directory is missing, incomplete (interrupted) or unreadable.
     """
-    folder = Path(trace_dir)
+    folder = Path(trace_dir).expanduser()
     if not folder.is_dir():
         raise TraceError(
             f"{folder}: no such trace directory; create one with `moescope trace MODEL CORPUS --out {folder}`."
@@ -1001,90 +1024,127 @@ def load_trace(trace_dir: str | Path) -> tuple[TraceState, dict[str, Any]]:
         )
     try:
         summary = json.loads(summary_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise TraceError(f"{summary_path}: malformed JSON ({exc.msg}); rerun `moescope trace`.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{summary_path}: malformed JSON ({exc}); rerun `moescope trace`.") from None
+    except OSError as exc:
+        raise TraceError(f"{summary_path}: cannot read it ({exc.strerror or exc}).") from None
+    if not isinstance(summary, dict):
+        raise TraceError(
+            f"{summary_path}: expected a JSON object, found {type(summary).__name__}; rerun `moescope trace`."
+        )
     if summary.get("complete") is not True:
         raise TraceError(f"{folder}: summary.json is not marked complete; rerun `moescope trace`.")
     return TraceState.load(folder / "state.npz"), summary
 
 
+#: settings that must agree between the traces merged
+_MERGE_KEYS = (
+    "model",
+    "model_type",
+    "fingerprint",
+    "corpus",
+    "corpus_fingerprint",
+    "split",
+    "seq_len",
+    "batch_size",
+    "max_tokens",
+    "dtype",
+    "packing",
+)
+
+
+def _check_mergeable(trace_dirs: Sequence[Path], states: Sequence[TraceState]) -> dict[str, Any]:
+    """Refuse duplicates, overlaps and mixed runs; return the merged ``shard`` record."""
+    seen: dict[Path, Path] = {}
+    for d in trace_dirs:
+        key = d.resolve()
+        if key in seen:
+            raise TraceError(f"{d} is given twice (as {seen[key]} and {d}); pass each shard once.")
+        seen[key] = d
+    run_ids: dict[str, Path] = {}
+    for d, s in zip(trace_dirs, states, strict=True):
+        rid = s.meta.get("run_id")
+        if rid is not None and rid in run_ids:
+            raise TraceError(
+                f"{d} and {run_ids[rid]} are copies of one trace (run id {rid[:8]}); pass it once."
+            )
+        if rid is not None:
+            run_ids[rid] = d
+    first = states[0]
+    for d, s in zip(trace_dirs[1:], states[1:], strict=True):
+        for key in _MERGE_KEYS:
+            a, b = s.meta.get(key), first.meta.get(key)
+            if a != b:
+                raise TraceError(
+                    f"{d}: {key} is {a!r}, not {b!r} as in {trace_dirs[0]}; merge only shards of one run."
+                )
+    shards = [s.meta.get("shard") or {"index": 0, "count": 1} for s in states]
+    counts = {int(sh.get("count", 1)) for sh in shards}
+    if counts == {1}:
+        raise TraceError(
+            f"{trace_dirs[0]} is a complete (unsharded) trace, so merging it would count its corpus "
+            "twice; merge only the --shard i/n parts of one run."
+        )
+    if len(counts) != 1:
+        raise TraceError(
+            f"the traces mix shard counts {sorted(counts)} (a full run overlaps every shard); "
+            "merge only the --shard i/n parts of one run."
+        )
+    n = counts.pop()
+    indices = [int(sh.get("index", 0)) for sh in shards]
+    if sorted(indices) != list(range(n)):
+        missing = sorted(set(range(n)) - set(indices))
+        raise TraceError(
+            f"shards {sorted(indices)} of {n} given; "
+            + (f"missing {missing}" if missing else "some repeated")
+            + " — pass every --shard i/n directory exactly once."
+        )
+    return {"index": 0, "count": 1, "merged_from": n}
+
+
 def merge_traces(
     trace_dirs: Sequence[str | Path], out_dir: str | Path, *, plots: bool = True
 ) -> dict[str, Any]:
-    """Combine shard trace directories into what one unsharded run would have written.
+    """Combine the shard trace directories of one run into what an unsharded run would have written.
 
     Args:
-        trace_dirs: shard directories (``--shard i/n`` for every ``i`` of one ``n``), or any
-            complete traces of the same model (their sums are added).
-        out_dir: where to write the merged trace.
+        trace_dirs: shard directories (``--shard i/n`` for every ``i`` of one ``n``), each once.
+        out_dir: where to write the merged trace (not one of the inputs, nor an ancestor).
         plots: draw the plots.
 
     Returns:
         The merged summary.
 
     Raises:
-        TraceError: a directory is incomplete, the traces disagree on model or settings, or
-            shards are missing or repeated.
+        TraceError: a directory is incomplete; the traces disagree on model, corpus or
+            settings; shards are missing, repeated, or mixed with full runs.
+        OutputError: ``out_dir`` is refused.
     """
     if not trace_dirs:
         raise TraceError("nothing to merge; pass two or more trace directories.")
-    out = Path(out_dir)
-    _check_writable(out)
-    states = [load_trace(d)[0] for d in trace_dirs]
+    dirs = [Path(d).expanduser() for d in trace_dirs]
+    check_destination(out_dir, "trace", inputs=dirs)
+    states = [load_trace(d)[0] for d in dirs]
+    merged_shard = _check_mergeable(dirs, states)
     first = states[0]
-    keys = (
-        "model",
-        "model_type",
-        "corpus",
-        "split",
-        "seq_len",
-        "batch_size",
-        "max_tokens",
-        "dtype",
-        "packing",
-    )
-    for d, s in zip(trace_dirs[1:], states[1:], strict=True):
-        for key in keys:
-            if s.meta.get(key) != first.meta.get(key):
-                raise TraceError(
-                    f"{d}: {key} is {s.meta.get(key)!r}, not {first.meta.get(key)!r} as in {trace_dirs[0]}; "
-                    "merge only shards of one run."
-                )
-    shards = [(s.meta.get("shard") or {}).get("index", 0) for s in states]
-    counts = {(s.meta.get("shard") or {}).get("count", 1) for s in states}
-    if len(counts) == 1 and counts != {1}:
-        n = counts.pop()
-        if sorted(shards) != list(range(n)):
-            missing = sorted(set(range(n)) - set(shards))
-            raise TraceError(
-                f"shards {sorted(shards)} of {n} given; "
-                + (f"missing {missing}" if missing else "some repeated")
-                + " — pass every --shard i/n directory exactly once."
-            )
-        merged_shard: dict[str, Any] = {"index": 0, "count": 1, "merged_from": n}
-    else:
-        merged_shard = {"index": 0, "count": 1, "merged_from": len(states)}
     total = TraceState(layers=list(first.layers), num_experts=first.num_experts, top_k=first.top_k)
     for s in states:
         total.add(s)
     meta = dict(first.meta)
     meta["shard"] = merged_shard
+    meta["run_id"] = uuid.uuid4().hex
+    meta["merged_run_ids"] = [s.meta.get("run_id") for s in states]
     meta.pop("load_seconds", None)
     total.meta = meta
     timings = {
-        "trace_seconds": sum(float(_timing(d, "trace_seconds")) for d in trace_dirs),
-        "forward_seconds": sum(float(_timing(d, "forward_seconds")) for d in trace_dirs),
+        "trace_seconds": sum(float(_timing(d, "trace_seconds")) for d in dirs),
+        "forward_seconds": sum(float(_timing(d, "forward_seconds")) for d in dirs),
     }
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output(out_dir, "trace", inputs=dirs) as tmp:
         summary = write_trace_dir(tmp, total, timings=timings, plots=plots)
-        _merge_routes(trace_dirs, tmp / "routes")
+        _merge_routes(dirs, tmp / "routes")
         if (tmp / "routes").exists():
             summary["files"].append("routes/")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
@@ -1100,5 +1160,9 @@ def _merge_routes(trace_dirs: Sequence[str | Path], dest: Path) -> None:
         if not src.is_dir():
             continue
         dest.mkdir(parents=True, exist_ok=True)
-        for part in sorted(src.glob("*.parquet")):
-            shutil.copy2(part, dest / part.name)
+        for part in sorted(src.glob("part-*.parquet")):
+            if part.is_symlink() or not part.is_file():
+                continue
+            if (dest / part.name).exists():
+                raise TraceError(f"{part}: a route chunk of this name came from another input; retrace.")
+            shutil.copyfile(part, dest / part.name)
