@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moescope.errors import CheckpointError, ModelNotFoundError, NotMoEError, PruneError, TraceError
+from moescope.errors import (
+    CheckpointError,
+    ModelNotFoundError,
+    MoescopeError,
+    NotMoEError,
+    PruneError,
+    TraceError,
+)
 from moescope.identity import check_trace_model, model_fingerprint
 from moescope.outdir import atomic_output, check_destination, resolve_output, write_json_atomic
 
@@ -1120,12 +1127,21 @@ def removed_share(load: pd.DataFrame | None, plan: PrunePlan) -> dict[int, dict[
     return shares
 
 
+def _is_hub_id(ref: str) -> bool:
+    from moescope.model import parse_model_ref
+
+    try:
+        return not parse_model_ref(ref).is_local
+    except MoescopeError:
+        return False
+
+
 def model_card(manifest: dict[str, Any]) -> str:
     """The pruned checkpoint's README.md: base model, what was removed, how it was chosen, what was measured."""
     m = manifest
     lines = [
         "---",
-        f"base_model: {m['model']}" if "/" in str(m["model"]) and not Path(str(m["model"])).exists() else "",
+        *([f"base_model: {m['model']}"] if _is_hub_id(str(m["model"])) else []),
         "tags:",
         "  - moescope",
         "  - pruned",
