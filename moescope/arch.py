@@ -91,6 +91,7 @@ class MoESpec:
         n_group / topk_group: group-limited routing (deepseek); 1 / 1 when not used.
         num_experts_field: dotted config key that holds the expert count.
         top_k_field: dotted config key that holds top-k.
+        expert_width_field: dotted config key that holds the routed experts' width.
         tie_word_embeddings: whether the LM head shares the input embedding.
         mtp_layers: number of multi-token-prediction layers stored after the decoder layers.
         known: whether moescope knows this family (False: dense fallback).
@@ -112,6 +113,7 @@ class MoESpec:
     topk_group: int = 1
     num_experts_field: str | None = None
     top_k_field: str | None = None
+    expert_width_field: str | None = None
     tie_word_embeddings: bool = False
     mtp_layers: int = 0
     encoder_layers: int = 0
@@ -159,29 +161,25 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def family_of(cfg: dict[str, Any]) -> str:
     """Normalised family key of a config (``kimi_k2`` -> ``deepseek_v3``)."""
-    mt = str(cfg.get("model_type") or "").lower()
+    mt = cfg.get("model_type")
+    mt = mt.lower() if isinstance(mt, str) else ""
     if not mt:
-        archs = cfg.get("architectures") or []
-        if archs and "Deepseek" in archs[0]:
+        archs = cfg.get("architectures")
+        if isinstance(archs, list) and archs and isinstance(archs[0], str) and "Deepseek" in archs[0]:
             mt = "deepseek_v3"
     return _ALIASES.get(mt, mt)
 
 
-def _int(cfg: dict[str, Any], key: str, value: Any) -> int:
-    try:
-        iv = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config field {key}={value!r} is not an integer; fix config.json.") from None
-    if iv < 0:
-        raise ConfigError(f"config field {key}={iv} is negative; fix config.json.")
-    return iv
-
-
-def moe_spec(cfg: dict[str, Any]) -> MoESpec:
+def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
     """Read a config dict into a :class:`MoESpec`.
+
+    Run :func:`moescope.validate.validate_config` first: it checks every field read here
+    (types, ranges, top-k against the expert count) with precise messages; the checks here
+    are the last line for callers that skip it.
 
     Args:
         cfg: a transformers config as a dict (``json.load`` of ``config.json``).
+        where: the file the config came from, for error messages.
 
     Returns:
         The normalised description; dense families get ``is_moe=False``.
@@ -189,6 +187,14 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
     Raises:
         ConfigError: when MoE fields are malformed or contradict each other (top_k > experts).
     """
+
+    def _int(_cfg: dict[str, Any], key: str, value: Any) -> int:
+        if type(value) is not int:  # floats (1e12), strings and booleans are typos, not counts
+            raise ConfigError(f"{where}: {key} is {value!r}; it must be a whole number (fix the config).")
+        if value < 0:
+            raise ConfigError(f"{where}: {key} is {value}; it must not be negative (fix the config).")
+        return value
+
     fam = family_of(cfg)
     tcfg = text_config(cfg) if fam == "llama4" else cfg
     tie_default = fam in _TIED_BY_DEFAULT
@@ -215,6 +221,13 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.top_k = _int(cfg, k_key, _get(tcfg, k_key, default=0))
         spec.num_experts_field, spec.top_k_field = exp_key, k_key
 
+    def layer_list(key: str, value: Any) -> list[int]:
+        if not isinstance(value, list) or any(type(i) is not int for i in value):
+            raise ConfigError(
+                f"{where}: {key} is {value!r}; it must be a list of layer indices (fix the config)."
+            )
+        return value
+
     L = spec.num_layers
     if fam in ("mixtral", "gpt_oss", "phimoe", "granitemoe", "granitemoeshared"):
         setk("num_local_experts", "num_experts_per_tok")
@@ -224,6 +237,7 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.expert_intermediate_size = _int(
             cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
         )
+        spec.expert_width_field = "intermediate_size"
         spec.scoring = {
             "mixtral": "softmax",
             "phimoe": "sparsemixer",
@@ -241,15 +255,17 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
             spec.expert_intermediate_size = _int(
                 cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
             )
+            spec.expert_width_field = "intermediate_size"
         else:
             step = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=1)) or 1
-            only = set(_get(cfg, "mlp_only_layers", default=[]) or [])
+            only = set(layer_list("mlp_only_layers", _get(cfg, "mlp_only_layers", default=[]) or []))
             spec.moe_layers = [
                 i for i in range(L) if i not in only and spec.num_experts > 0 and (i + 1) % step == 0
             ]
             spec.expert_intermediate_size = _int(
                 cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
             )
+            spec.expert_width_field = "moe_intermediate_size"
         if fam == "qwen2_moe":
             spec.shared_intermediate_size = _int(
                 cfg,
@@ -267,6 +283,7 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.expert_intermediate_size = _int(
             cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
         )
+        spec.expert_width_field = "moe_intermediate_size"
         spec.num_shared_experts = _int(cfg, "n_shared_experts", _get(cfg, "n_shared_experts", default=0))
         spec.shared_intermediate_size = spec.expert_intermediate_size * spec.num_shared_experts
         spec.n_group = _int(cfg, "n_group", _get(cfg, "n_group", default=1)) or 1
@@ -291,6 +308,7 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.expert_intermediate_size = _int(
             cfg, "ffn_config.ffn_hidden_size", _get(cfg, "ffn_config.ffn_hidden_size", default=0)
         )
+        spec.expert_width_field = "ffn_config.ffn_hidden_size"
         spec.moe_layers = list(range(L))
         spec.scoring = "softmax"
         spec.norm_topk_prob = True
@@ -303,10 +321,11 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
                 or 1
             )
             layers = list(range(step - 1, L, step))
-        spec.moe_layers = [int(i) for i in layers]
+        spec.moe_layers = layer_list("moe_layers", layers)
         spec.expert_intermediate_size = _int(
             cfg, "intermediate_size", _get(tcfg, "intermediate_size", default=0)
         )
+        spec.expert_width_field = "intermediate_size"
         spec.shared_intermediate_size = spec.expert_intermediate_size
         spec.num_shared_experts = 1
         spec.scoring = "sigmoid"
@@ -319,6 +338,7 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         spec.expert_intermediate_size = _int(
             cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
         )
+        spec.expert_width_field = "intermediate_size"
         spec.scoring = "softmax"
         spec.norm_topk_prob = False
     elif fam == "switch_transformers":
@@ -329,21 +349,33 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
         dec = _int(cfg, "num_decoder_layers", _get(cfg, "num_decoder_layers", default=enc))
         spec.num_layers = enc + dec
         spec.encoder_layers = enc
-        estep = _int(cfg, "encoder_sparse_step", _get(cfg, "encoder_sparse_step", default=2)) or 1
-        dstep = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=2)) or 1
+
+        def sparse(n: int, stack: str) -> list[int]:
+            # As transformers does: a saved *_sparse_step wins, else the step comes from
+            # num_sparse_*_layers (default 3); block i is sparse when i % step == 1, every
+            # block when step == 1, none when step == 0.
+            if _get(cfg, f"{stack}_sparse_step") is not None:
+                step = _int(cfg, f"{stack}_sparse_step", _get(cfg, f"{stack}_sparse_step"))
+            else:
+                n_sparse = _int(
+                    cfg, f"num_sparse_{stack}_layers", _get(cfg, f"num_sparse_{stack}_layers", default=3)
+                )
+                step = n // n_sparse if n_sparse > 0 else n
+            return [i for i in range(n) if step > 0 and (i % step == 1 or step == 1)]
+
         # encoder blocks are numbered 0..enc-1, decoder blocks enc..enc+dec-1 in moescope's layer index
-        spec.moe_layers = [i for i in range(enc) if i % estep == 1] + [
-            enc + i for i in range(dec) if i % dstep == 1
-        ]
+        spec.moe_layers = sparse(enc, "encoder") + [enc + i for i in sparse(dec, "decoder")]
         spec.expert_intermediate_size = _int(cfg, "d_ff", _get(cfg, "d_ff", default=0))
+        spec.expert_width_field = "d_ff"
         spec.scoring = "softmax"
         spec.norm_topk_prob = False
     elif fam == "moescope_spec":
         setk("num_experts", "num_experts_per_tok")
-        spec.moe_layers = [int(i) for i in cfg.get("moe_layers", [])]
+        spec.moe_layers = layer_list("moe_layers", cfg.get("moe_layers", []))
         spec.expert_intermediate_size = _int(
             cfg, "moe_intermediate_size", cfg.get("moe_intermediate_size", 0)
         )
+        spec.expert_width_field = "moe_intermediate_size"
         spec.num_shared_experts = _int(cfg, "n_shared_experts", cfg.get("n_shared_experts", 0))
         spec.shared_intermediate_size = spec.num_shared_experts * spec.expert_intermediate_size
         spec.encoder_layers = _int(cfg, "encoder_layers", cfg.get("encoder_layers", 0))
@@ -354,13 +386,13 @@ def moe_spec(cfg: dict[str, Any]) -> MoESpec:
     if spec.is_moe:
         if spec.top_k < 1:
             raise ConfigError(
-                f"config has {spec.num_experts} experts but top-k ({spec.top_k_field}) is {spec.top_k}; "
-                "fix config.json."
+                f"{where}: {spec.top_k_field} is {spec.top_k} but the config has {spec.num_experts} experts; "
+                "each token must be routed to at least 1 expert (fix the config)."
             )
         if spec.top_k > spec.num_experts:
             raise ConfigError(
-                f"config routes each token to {spec.top_k} experts ({spec.top_k_field}) but has only "
-                f"{spec.num_experts} ({spec.num_experts_field}); fix config.json."
+                f"{where}: the config routes each token to {spec.top_k} experts ({spec.top_k_field}) but "
+                f"has only {spec.num_experts} ({spec.num_experts_field}) (fix the config)."
             )
     else:
         spec.moe_layers = []
@@ -390,8 +422,10 @@ _DENSE_FAMILIES = {
 # Tensor classification
 # ---------------------------------------------------------------------------------------
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_EXPERT_RE = re.compile(r"\.experts\.(?:expert_)?(\d+)\.")
+# At most 18 digits: a layer or expert number is an int64, and int() of a longer run of digits
+# (a crafted header) would be slow or refused by Python's int-string limit.
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d{1,18})\.")
+_EXPERT_RE = re.compile(r"\.experts\.(?:expert_)?(\d{1,18})\.")
 _VISION_RE = re.compile(
     r"(vision_model|vision_tower|visual\.|multi_modal_projector|vision_encoder|image_newline|mm_projector)"
 )

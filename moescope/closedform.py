@@ -48,14 +48,17 @@ class TensorInfo(NamedTuple):
 Inventory = list[TensorInfo]
 
 
-def _req(cfg: dict[str, Any], *keys: str, default: Any = None) -> int:
+def _req(cfg: dict[str, Any], where: str, *keys: str, default: Any = None) -> int:
+    """A required whole-number field (the first of ``keys`` present)."""
     v = _get(cfg, *keys, default=default)
     if v is None:
-        raise ConfigError(f"config has no {keys[0]}; fix config.json or pass the checkpoint directory.")
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config field {keys[0]}={v!r} is not an integer; fix config.json.") from None
+        raise ConfigError(
+            f"{where}: has no {keys[0]}; moescope needs it to count parameters from the config alone "
+            "(fix the config, or pass the checkpoint directory with its safetensors weights)."
+        )
+    if type(v) is not int:  # validate_config refuses these first; this is the last line
+        raise ConfigError(f"{where}: {keys[0]} is {v!r}; it must be a whole number (fix the config).")
+    return v
 
 
 class _Builder:
@@ -76,16 +79,16 @@ class _Builder:
         self.linear(f"{prefix}.down_proj", hidden, inter, bias)
 
 
-def _attention(b: _Builder, p: str, cfg: dict[str, Any], fam: str, hidden: int) -> None:
-    heads = _req(cfg, "num_attention_heads")
+def _attention(b: _Builder, p: str, cfg: dict[str, Any], fam: str, hidden: int, where: str) -> None:
+    heads = _req(cfg, where, "num_attention_heads")
     kv = int(_get(cfg, "num_key_value_heads", default=heads) or heads)
     hd = int(_get(cfg, "head_dim", default=hidden // heads) or hidden // heads)
     if fam in ("deepseek_v2", "deepseek_v3"):
         q_lora = _get(cfg, "q_lora_rank")
-        kv_lora = _req(cfg, "kv_lora_rank")
-        rope = _req(cfg, "qk_rope_head_dim")
-        nope = _req(cfg, "qk_nope_head_dim")
-        v_hd = _req(cfg, "v_head_dim")
+        kv_lora = _req(cfg, where, "kv_lora_rank")
+        rope = _req(cfg, where, "qk_rope_head_dim")
+        nope = _req(cfg, where, "qk_nope_head_dim")
+        v_hd = _req(cfg, where, "v_head_dim")
         bias = bool(_get(cfg, "attention_bias", default=False))
         if q_lora:
             b.linear(f"{p}.q_a_proj", int(q_lora), hidden, bias)
@@ -130,12 +133,23 @@ def _attention(b: _Builder, p: str, cfg: dict[str, Any], fam: str, hidden: int) 
         b.add(f"{p}.sinks", heads)
 
 
-def _decoder_lm(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+def _need_expert_width(spec: MoESpec, where: str) -> None:
+    """A MoE config must give the experts' width: without it every expert would count 0."""
+    if spec.is_moe and spec.expert_intermediate_size < 1:
+        raise ConfigError(
+            f"{where}: has no {spec.expert_width_field or 'expert width'}; moescope needs the routed "
+            "experts' width to count parameters from the config alone (fix the config)."
+        )
+
+
+def _decoder_lm(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
     """Llama-style decoder stacks: llama, mistral, qwen2/3(+moe), mixtral, olmoe, deepseek, glm4_moe,
     gpt_oss, phimoe, granitemoe(shared)."""
     fam = spec.family
-    hidden = _req(cfg, "hidden_size")
-    vocab = _req(cfg, "vocab_size")
+    _req(cfg, where, "num_hidden_layers")
+    hidden = _req(cfg, where, "hidden_size")
+    vocab = _req(cfg, where, "vocab_size")
+    _need_expert_width(spec, where)
     b = _Builder()
     b.add("model.embed_tokens.weight", vocab, hidden)
     ln_bias = fam == "phimoe"
@@ -143,13 +157,13 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
     E, I = spec.num_experts, spec.expert_intermediate_size
     for i in range(spec.num_layers):
         p = f"model.layers.{i}"
-        _attention(b, f"{p}.self_attn", cfg, fam, hidden)
+        _attention(b, f"{p}.self_attn", cfg, fam, hidden, where)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             b.add(f"{p}.{norm}.weight", hidden)
             if ln_bias:
                 b.add(f"{p}.{norm}.bias", hidden)
         if i not in moe:
-            b.gated_mlp(f"{p}.mlp", hidden, _req(cfg, "intermediate_size"))
+            b.gated_mlp(f"{p}.mlp", hidden, _req(cfg, where, "intermediate_size"))
             continue
         block = "block_sparse_moe" if fam in ("granitemoe", "granitemoeshared") else "mlp"
         m = f"{p}.{block}"
@@ -183,12 +197,14 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
     return b.items
 
 
-def _dbrx(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
-    d = _req(cfg, "d_model")
-    heads = _req(cfg, "n_heads")
-    vocab = _req(cfg, "vocab_size")
-    kv = _req(cfg, "attn_config.kv_n_heads", default=1)
+def _dbrx(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
+    _req(cfg, where, "n_layers", "num_hidden_layers")
+    d = _req(cfg, where, "d_model")
+    heads = _req(cfg, where, "n_heads")
+    vocab = _req(cfg, where, "vocab_size")
+    kv = _req(cfg, where, "attn_config.kv_n_heads", default=1)
     hd = d // heads
+    _need_expert_width(spec, where)
     E, I = spec.num_experts, spec.expert_intermediate_size
     b = _Builder()
     b.add("transformer.wte.weight", vocab, d)
@@ -207,11 +223,12 @@ def _dbrx(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
     return b.items
 
 
-def _gpt2(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
-    h = _req(cfg, "n_embd", "hidden_size")
-    vocab = _req(cfg, "vocab_size")
-    npos = _req(cfg, "n_positions", "max_position_embeddings")
-    inner = int(_get(cfg, "n_inner", default=None) or 4 * h)
+def _gpt2(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
+    _req(cfg, where, "n_layer", "num_hidden_layers")
+    h = _req(cfg, where, "n_embd", "hidden_size")
+    vocab = _req(cfg, where, "vocab_size")
+    npos = _req(cfg, where, "n_positions", "max_position_embeddings")
+    inner = _get(cfg, "n_inner", default=None) or 4 * h
     b = _Builder()
     b.add("transformer.wte.weight", vocab, h)
     b.add("transformer.wpe.weight", npos, h)
@@ -233,7 +250,7 @@ def _gpt2(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
     return b.items
 
 
-_CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec], Inventory]] = {
+_CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec, str], Inventory]] = {
     **{
         f: _decoder_lm
         for f in (
@@ -259,7 +276,7 @@ _CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec], Inventory]] = {
 }
 
 
-def _spec(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+def _spec(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
     from moescope.spec import spec_inventory
 
     return spec_inventory(cfg, spec)
@@ -273,19 +290,25 @@ def has_closed_form(cfg: dict[str, Any]) -> bool:
     return family_of(cfg) in _CLOSED_FORMS
 
 
-def config_inventory(cfg: dict[str, Any], spec: MoESpec) -> Inventory:
+def config_inventory(cfg: dict[str, Any], spec: MoESpec, where: str = "config.json") -> Inventory:
     """Parameter tensors the transformers model would hold, from the config alone.
 
-    Families without a closed form here fall back to :func:`meta_inventory`.
+    Families without a closed form here fall back to :func:`meta_inventory`. Run
+    :func:`moescope.validate.validate_config` first (``moescope params`` does).
+
+    Args:
+        cfg: the config dict.
+        spec: its :class:`MoESpec`.
+        where: the file the config came from, for error messages.
 
     Raises:
         ConfigError: a required field is missing or malformed, or transformers does not
-            know the model type.
+            know the model type or cannot build it from these values.
     """
     fn = _CLOSED_FORMS.get(spec.family)
     if fn is None:
-        return meta_inventory(cfg)
-    return fn(cfg, spec)
+        return meta_inventory(cfg, where)
+    return fn(cfg, spec, where)
 
 
 def _fix_for_transformers(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +333,7 @@ def build_meta_model(cfg: dict[str, Any]) -> Any:
     import transformers
 
     cfg = _fix_for_transformers(cfg)
-    mt = cfg.get("model_type")
+    mt = str(cfg.get("model_type") or "")
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
         config = transformers.AutoConfig.for_model(mt, **kwargs)
@@ -335,7 +358,24 @@ def build_meta_model(cfg: dict[str, Any]) -> Any:
         transformers.logging.set_verbosity(prev)
 
 
-def meta_inventory(cfg: dict[str, Any]) -> Inventory:
-    """Inventory from the transformers model built on the meta device (parameters only, tied once)."""
-    model = build_meta_model(cfg)
-    return [TensorInfo(n, tuple(p.shape)) for n, p in model.named_parameters()]
+def meta_inventory(cfg: dict[str, Any], where: str = "config.json") -> Inventory:
+    """Inventory from the transformers model built on the meta device (parameters only, tied once).
+
+    Raises:
+        ConfigError: transformers does not know the model type, or its config class or model
+            refuses these values (whatever it raises becomes one line naming ``where``).
+    """
+    try:
+        model = build_meta_model(cfg)
+        return [TensorInfo(n, tuple(int(s) for s in p.shape)) for n, p in model.named_parameters()]
+    except ConfigError as exc:
+        if str(exc).startswith(f"{where}:"):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+    except Exception as exc:  # transformers validates configs its own way, with many error types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{where}: transformers cannot build model_type {cfg.get('model_type')!r} from this config "
+            f"({type(exc).__name__}: {first}); fix the config, or pass the checkpoint with its "
+            "safetensors weights."
+        ) from exc

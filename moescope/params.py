@@ -32,6 +32,8 @@ from moescope.arch import COMPONENTS, MoESpec, _get, classify, moe_spec
 from moescope.checkpoint import Checkpoint, open_checkpoint
 from moescope.closedform import TensorInfo, config_inventory
 from moescope.errors import ConfigError
+from moescope.spec import is_raw_spec, spec_to_config
+from moescope.validate import validate_config
 
 DEFAULT_CONTEXT = 4096
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "fp8": 1}
@@ -110,6 +112,7 @@ def _infer_spec_from_names(tensors: list[TensorInfo]) -> MoESpec:
     spec = MoESpec(model_type="unknown", family="unknown", known=False)
     layers: set[int] = set()
     experts: dict[int, set[int]] = defaultdict(set)
+    fused: dict[int, int] = defaultdict(int)  # a fused [E, ...] tensor holds experts 0..E-1
     for t in tensors:
         c = classify(t.name, spec, len(t.shape))
         if c.layer is not None:
@@ -118,11 +121,14 @@ def _infer_spec_from_names(tensors: list[TensorInfo]) -> MoESpec:
             if c.expert is not None:
                 experts[c.layer].add(c.expert)
             elif len(t.shape) >= 2:
-                experts[c.layer].update(range(t.shape[0]))
+                # a count, not range(E): an empty tensor's header may claim any first dimension
+                fused[c.layer] = max(fused[c.layer], t.shape[0])
+                experts.setdefault(c.layer, set())
     spec.num_layers = max(layers) + 1 if layers else 0
     if experts:
         spec.moe_layers = sorted(experts)
-        spec.num_experts = max(len(v) for v in experts.values())
+        # experts 0..E-1 of the fused tensors, plus per-expert indices beyond them
+        spec.num_experts = max(fused[i] + sum(1 for e in v if e >= fused[i]) for i, v in experts.items())
         spec.is_moe = spec.num_experts > 1
     spec.tie_word_embeddings = not any("lm_head" in t.name for t in tensors)
     return spec
@@ -131,7 +137,8 @@ def _infer_spec_from_names(tensors: list[TensorInfo]) -> MoESpec:
 def _attention_layers(cfg: dict[str, Any], spec: MoESpec) -> tuple[list[dict[str, Any]], str]:
     """Per attention layer: heads, qk/v head dims, KV elements per token, sliding window."""
     fam = spec.family
-    c = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    text = cfg.get("text_config")
+    c: dict[str, Any] = text if isinstance(text, dict) else cfg
     hidden = int(_get(c, "hidden_size", "d_model", "n_embd", default=0) or 0)
     heads = int(_get(c, "num_attention_heads", "n_heads", "n_head", "num_heads", default=0) or 0)
     if not hidden or not heads:
@@ -189,15 +196,23 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         A :class:`ParamsReport`.
 
     Raises:
-        ConfigError: the config's MoE fields contradict the stored tensors.
+        ConfigError: a config field is malformed or impossible (checked by
+            :func:`moescope.validate.validate_config` before any arithmetic), or the config's
+            MoE fields contradict the stored tensors.
     """
     if context < 1:
         raise ConfigError(f"--context must be at least 1, got {context}.")
     cfg = ck.config
     notes = list(ck.notes)
+    where = ck.config_where if cfg is not None else (ck.location or ck.ref)
     if cfg is not None:
-        spec = moe_spec(cfg)
-        tensors = ck.tensors or config_inventory(cfg, spec)
+        # Every field is checked before any arithmetic: a bad value is one clean error,
+        # never an impossible number, a huge allocation or a traceback.
+        if is_raw_spec(cfg):
+            cfg = spec_to_config(cfg, where)
+        validate_config(cfg, where)
+        spec = moe_spec(cfg, where)
+        tensors = ck.tensors or config_inventory(cfg, spec, where)
     else:
         tensors = ck.tensors
         spec = _infer_spec_from_names(tensors)
@@ -233,7 +248,7 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         if comp == "routed_experts" and (c.layer is None or c.layer not in moe_layers):
             if spec.is_moe or spec.known:
                 raise ConfigError(
-                    f"tensor {t.name} holds routed experts but the config makes layer {c.layer} "
+                    f"{where}: tensor {t.name} holds routed experts but the config makes layer {c.layer} "
                     f"{'dense' if spec.is_moe else 'dense (no MoE fields)'}; the config contradicts the "
                     "checkpoint — pass the config.json that came with these weights."
                 )
@@ -278,17 +293,20 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
     # The config's expert count must match the tensors.
     if spec.is_moe and cfg is not None:
         for layer in sorted(set(acc.experts_seen) | set(acc.fused_experts)):
-            found = acc.fused_experts.get(layer) or (max(acc.experts_seen[layer]) + 1)
+            if layer in acc.fused_experts:
+                found = acc.fused_experts[layer]
+            else:
+                found = max(acc.experts_seen[layer]) + 1
             if found != spec.num_experts:
                 raise ConfigError(
-                    f"config says {spec.num_experts} experts ({spec.num_experts_field}) but layer {layer} "
+                    f"{where}: config says {spec.num_experts} experts ({spec.num_experts_field}) but layer {layer} "
                     f"stores {found}; the config contradicts the checkpoint — pass the config.json that came "
                     "with these weights."
                 )
         missing = [i for i in spec.moe_layers if i not in acc.routed_by_layer]
         if missing and ck.tensors:
             raise ConfigError(
-                f"config makes layer {missing[0]} an MoE layer but the checkpoint stores no experts there; "
+                f"{where}: config makes layer {missing[0]} an MoE layer but the checkpoint stores no experts there; "
                 "pass the config.json that came with these weights."
             )
     if tied_skip:

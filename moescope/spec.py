@@ -17,6 +17,14 @@ brackets):
   ``bias`` [false] (biases on linear layers), ``norm`` [``rmsnorm``] or ``layernorm`` (with bias).
 
 Layers are numbered encoder first, then decoder, in one sequence.
+
+Every value is checked before any arithmetic (:func:`spec_to_config`): counts and widths
+are whole numbers within :mod:`moescope.validate`'s bounds (at least 1, except
+``encoder_layers``, ``num_experts``, ``num_shared_experts``, ``moe_offset`` and
+``position_embeddings``, which may be 0), flags are true/false, ``num_heads`` is a multiple
+of ``num_kv_heads`` and divides ``hidden_size`` unless ``head_dim`` is given,
+``1 <= top_k <= num_experts``, ``moe_offset < moe_every``, and ``moe_layers`` indices lie in
+``0 .. encoder_layers + num_layers - 1`` (and need ``num_experts >= 2``).
 """
 
 from __future__ import annotations
@@ -25,73 +33,148 @@ from typing import Any
 
 from moescope.closedform import Inventory, TensorInfo
 from moescope.errors import ConfigError
+from moescope.validate import (
+    MAX_EXPERT_INSTANCES,
+    MAX_EXPERTS,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    check_bool,
+    check_index_list,
+    check_int,
+    show,
+)
 
 _REQUIRED = ("num_layers", "hidden_size", "num_heads", "ffn_size", "vocab_size")
+_FIX = "(fix the spec)"
+
+#: keys of a normalised spec (the output of :func:`spec_to_config`)
+_NORMALISED = frozenset(
+    (
+        "num_hidden_layers", "encoder_layers", "hidden_size", "num_attention_heads", "head_dim",
+        "num_key_value_heads", "intermediate_size", "gated_mlp", "num_experts", "num_experts_per_tok",
+        "moe_intermediate_size", "experts_gated", "n_shared_experts", "moe_layers", "vocab_size",
+        "tie_word_embeddings", "position_embeddings", "bias", "norm",
+    )
+)  # fmt: skip
+
+
+def is_raw_spec(cfg: dict[str, Any]) -> bool:
+    """Whether ``cfg`` is a spec as written (not yet through :func:`spec_to_config`)."""
+    return cfg.get("model_type") == "moescope_spec" and not (
+        _NORMALISED <= cfg.keys() and "ffn_size" not in cfg
+    )
 
 
 def spec_to_config(spec: dict[str, Any], where: str = "spec") -> dict[str, Any]:
     """Validate a generic spec and normalise it into a config dict moescope accounts.
 
+    Every field is checked before it is used: whole numbers within the bounds of
+    :mod:`moescope.validate`, booleans, ``norm``, head counts that divide, ``top_k`` between 1
+    and ``num_experts``, ``moe_layers`` indices inside the model, ``moe_offset < moe_every``.
+
     Raises:
-        ConfigError: a required field is missing or a value is impossible.
+        ConfigError: a required field is missing or a value is impossible; one line naming
+            ``where``, the field, the value and the fix.
     """
-    missing = [k for k in _REQUIRED if k not in spec]
+    missing = [k for k in _REQUIRED if spec.get(k) is None]
     if missing:
         raise ConfigError(f"{where}: spec lacks {', '.join(missing)}; see `moescope.spec` for the fields.")
 
-    def num(key: str, default: Any = None) -> int:
-        v = spec.get(key, default)
-        try:
-            iv = int(v)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: {key}={v!r} is not an integer; fix the spec.") from None
-        if iv < 0:
-            raise ConfigError(f"{where}: {key}={iv} is negative; fix the spec.")
-        return iv
+    def num(key: str, noun: str, lo: int, hi: int, default: int | None = None) -> int:
+        v = spec.get(key)
+        if v is None:
+            if default is None:
+                raise ConfigError(f"{where}: spec lacks {key}; see `moescope.spec` for the fields.")
+            return default
+        return check_int(v, key, where, noun, lo, hi, _FIX)
 
-    dec = num("num_layers")
-    enc = num("encoder_layers", 0)
-    hidden = num("hidden_size")
-    heads = num("num_heads")
-    experts = num("num_experts", 0)
-    every = num("moe_every", 1) or 1
-    offset = num("moe_offset", every - 1)
-    if "moe_layers" in spec:
-        moe = [int(i) for i in spec["moe_layers"]]
+    def flag(key: str, default: bool) -> bool:
+        v = spec.get(key)
+        return default if v is None else check_bool(v, key, where, _FIX)
+
+    for key in ("name", "source"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"{where}: {key} is {show(spec[key])}; it must be a string {_FIX}.")
+    dec = num("num_layers", "layer count", 1, MAX_LAYERS)
+    enc = num("encoder_layers", "encoder layer count", 0, MAX_LAYERS, 0)
+    hidden = num("hidden_size", "hidden size", 1, MAX_HIDDEN)
+    heads = num("num_heads", "head count", 1, MAX_HEADS)
+    if spec.get("head_dim") is None and hidden % heads:
+        raise ConfigError(
+            f"{where}: hidden_size ({hidden}) is not a multiple of num_heads ({heads}) and there is no "
+            f"head_dim; set head_dim or a head count that divides the hidden size {_FIX}."
+        )
+    head_dim = num("head_dim", "head dimension", 1, MAX_HIDDEN, hidden // heads)
+    kv = num("num_kv_heads", "key/value head count", 1, MAX_HEADS, heads)
+    if heads % kv:
+        raise ConfigError(
+            f"{where}: num_kv_heads is {kv} but num_heads ({heads}) is not a multiple of it; each "
+            f"key/value head must serve the same number of query heads {_FIX}."
+        )
+    ffn = num("ffn_size", "MLP width", 1, MAX_WIDTH)
+    experts = num("num_experts", "expert count", 0, MAX_EXPERTS, 0)
+    every = num("moe_every", "MoE layer step", 1, MAX_LAYERS, 1)
+    offset = num("moe_offset", "MoE layer offset", 0, MAX_LAYERS, every - 1)
+    if offset >= every:
+        raise ConfigError(
+            f"{where}: moe_offset is {offset} but moe_every is {every}; the offset must be below the "
+            f"step, or no layer is MoE {_FIX}."
+        )
+    if spec.get("moe_layers") is not None:
+        moe = list(check_index_list(spec["moe_layers"], "moe_layers", where, enc + dec, _FIX))
+        if moe and experts < 2:
+            raise ConfigError(
+                f"{where}: moe_layers lists MoE layers but num_experts is {experts}; a MoE layer needs at "
+                f"least 2 experts {_FIX}."
+            )
     elif experts > 1:
         moe = [i for i in range(enc) if i % every == offset] + [
             enc + i for i in range(dec) if i % every == offset
         ]
     else:
         moe = []
-    top_k = num("top_k", 2 if experts > 1 else 0)
+    top_k = num("top_k", "top-k", 0, MAX_EXPERTS, 2 if experts > 1 else 0)
     if experts > 1 and not 1 <= top_k <= experts:
         raise ConfigError(
-            f"{where}: top_k={top_k} must be between 1 and num_experts={experts}; fix the spec."
+            f"{where}: top_k is {top_k}; it must be between 1 and num_experts ({experts}) {_FIX}."
         )
+    if (enc + dec) * experts > MAX_EXPERT_INSTANCES:
+        raise ConfigError(
+            f"{where}: {enc + dec} layers x {experts} experts is more than {MAX_EXPERT_INSTANCES:,} "
+            f"routed experts in all; that is not a real model {_FIX}."
+        )
+    norm = spec.get("norm", "rmsnorm")
+    if norm not in ("rmsnorm", "layernorm"):
+        raise ConfigError(f'{where}: norm is {show(norm)}; write "rmsnorm" or "layernorm" {_FIX}.')
+    gated = flag("gated_mlp", False)
+    name = spec.get("name")
     return {
         "model_type": "moescope_spec",
-        "name": spec.get("name", where),
+        "name": name if name is not None else where,
         "source": spec.get("source"),
         "num_hidden_layers": enc + dec,
         "encoder_layers": enc,
         "hidden_size": hidden,
         "num_attention_heads": heads,
-        "head_dim": num("head_dim", hidden // heads if heads else 0),
-        "num_key_value_heads": num("num_kv_heads", heads),
-        "intermediate_size": num("ffn_size"),
-        "gated_mlp": bool(spec.get("gated_mlp", False)),
+        "head_dim": head_dim,
+        "num_key_value_heads": kv,
+        "intermediate_size": ffn,
+        "gated_mlp": gated,
         "num_experts": experts,
         "num_experts_per_tok": top_k,
-        "moe_intermediate_size": num("expert_ffn_size", spec["ffn_size"]),
-        "experts_gated": bool(spec.get("experts_gated", spec.get("gated_mlp", False))),
-        "n_shared_experts": num("num_shared_experts", 0),
+        "moe_intermediate_size": num("expert_ffn_size", "expert width", 1, MAX_WIDTH, ffn),
+        "experts_gated": flag("experts_gated", gated),
+        "n_shared_experts": num("num_shared_experts", "shared-expert count", 0, MAX_EXPERTS, 0),
         "moe_layers": moe,
-        "vocab_size": num("vocab_size"),
-        "tie_word_embeddings": bool(spec.get("tie_word_embeddings", True)),
-        "position_embeddings": num("position_embeddings", 0),
-        "bias": bool(spec.get("bias", False)),
-        "norm": spec.get("norm", "rmsnorm"),
+        "vocab_size": num("vocab_size", "vocabulary size", 1, MAX_VOCAB),
+        "tie_word_embeddings": flag("tie_word_embeddings", True),
+        "position_embeddings": num("position_embeddings", "position count", 0, MAX_POSITIONS, 0),
+        "bias": flag("bias", False),
+        "norm": norm,
     }
 
 
