@@ -9,12 +9,15 @@ with at least ``seq_len - stride`` tokens of context. Windows of equal length
 are batched. The negative log-likelihood is summed in float32; perplexity is
 ``exp(total NLL / scored tokens)``, and overall perplexity pools every domain's tokens.
 ``max_tokens`` caps the scored tokens, split evenly across domains so a cap does not
-silently drop the last domains.
+silently drop the last domains. A ``seq_len`` beyond the model's context (its
+``max_position_embeddings``, or a sliding window every layer uses) is warned about, not
+refused: :func:`context_warnings`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,8 +28,11 @@ from moescope.errors import CorpusError
 class DocumentLike(Protocol):
     """What :func:`perplexity` needs from a document (``moescope.corpus.Document``)."""
 
-    text: str
-    domain: str | None
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def domain(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,47 @@ def _ppl(nll: float, tokens: int) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_warnings(config: Any, seq_len: int, model: str = "the model") -> list[str]:
+    """Why ``seq_len`` is more context than ``config``'s model handles as trained (empty: fine).
+
+    Args:
+        config: a transformers config (the text config of a multimodal one is used).
+        seq_len: window length.
+        model: the model's name, for the message.
+
+    Returns:
+        Warning lines: ``seq_len`` beyond the trained positions (perplexity will be inflated),
+        or beyond a sliding window that every attention layer uses (context is cut to it).
+    """
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    out: list[str] = []
+    for name in _POSITION_FIELDS:
+        limit = getattr(cfg, name, None)
+        if isinstance(limit, int) and limit > 0:
+            if seq_len > limit:
+                out.append(
+                    f"--seq-len {seq_len} exceeds {model}'s context ({name} = {limit}); positions past it "
+                    f"were never trained, so perplexity will be inflated. Use --seq-len {limit} or less."
+                )
+            break
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and layer_types:
+        every_layer = all("sliding" in str(t) for t in layer_types)
+    else:
+        every_layer = getattr(cfg, "use_sliding_window", True) is not False
+    if isinstance(window, int) and 0 < window < seq_len and every_layer and not out:
+        out.append(
+            f"--seq-len {seq_len} exceeds {model}'s sliding window ({window}): each token attends to at most "
+            f"{window} earlier tokens, so windows longer than that add no context."
+        )
+    return out
+
+
 def builtin_split(specs: Sequence[str], split: str | None) -> str | None:
     """Held-out text by default for the built-in corpus (``demo``, ``demo:code``...)."""
     from moescope.corpus import is_builtin
@@ -234,6 +281,7 @@ def evaluate(
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Load a model and a corpus and measure perplexity (the API behind ``moescope eval``).
 
@@ -250,6 +298,8 @@ def evaluate(
         revision: hub revision.
         trust_remote_code: allow the checkpoint's own modelling code.
         progress: window progress callback.
+        on_warning: receives each warning line (see :func:`context_warnings`) before the
+            scoring starts; by default they are issued with :func:`warnings.warn`.
 
     Returns:
         An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
@@ -260,6 +310,11 @@ def evaluate(
     model, tokenizer = load_model(
         model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
     )
+    for line in context_warnings(model.config, seq_len, model_ref):
+        if on_warning is not None:
+            on_warning(line)
+        else:
+            warnings.warn(line, UserWarning, stacklevel=2)
     docs = read_corpus(list(corpus), split=builtin_split(corpus, split))
     result = perplexity(
         model,

@@ -8,7 +8,6 @@ torch and transformers are imported inside the functions so the CLI starts fast.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +77,36 @@ def default_experts_implementation(device: str) -> str:
     return "eager" if device.startswith("cpu") else "grouped_mm"
 
 
+#: file suffixes of pickled weights: unpickling runs arbitrary code, so moescope never loads them
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+CONVERT_HINT = (
+    "convert it once, in an environment you trust: "
+    "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True), "
+    "or for a hub repo use the hub's safetensors conversion (huggingface.co/spaces/safetensors/convert)"
+)
+
+
+def _require_safetensors(root: Path, ref: str) -> None:
+    """Refuse a local checkpoint whose weights are only pickles, before transformers sees it.
+
+    Raises:
+        CheckpointError: no ``*.safetensors`` but pickled weights (``*.bin``, ``*.pt``, ...).
+    """
+    if (
+        not root.is_dir()
+        or (root / "model.safetensors.index.json").exists()
+        or any(root.glob("*.safetensors"))
+    ):
+        return
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise CheckpointError(
+            f"{ref} has only pickled weights ({pickles[0]}) and moescope reads safetensors only "
+            f"(unpickling can run arbitrary code); {CONVERT_HINT}."
+        )
+
+
 def load_model(
     ref: str,
     *,
@@ -89,9 +118,14 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a reference, in eval mode on ``device``.
 
+    Weights are read from safetensors only (``use_safetensors=True``); a checkpoint with
+    only pickled weights (``.bin``, ``.pt``) is refused with the way to convert it. Hub ids
+    honour ``HF_HUB_OFFLINE`` and fail in seconds when the hub is unreachable and the model
+    is not cached (see :func:`moescope.checkpoint.hub_offline_reason`).
+
     Raises:
-        ModelNotFoundError: the reference resolves to nothing.
-        CheckpointError: transformers cannot load it (message says why).
+        ModelNotFoundError: the reference resolves to nothing (or is neither cached nor reachable).
+        CheckpointError: transformers cannot load it (message says why), or the weights are pickles.
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -103,29 +137,51 @@ def load_model(
     }
     if mref.revision:
         kwargs["revision"] = mref.revision
+    offline_why: str | None = None
+    if mref.is_local:
+        _require_safetensors(Path(mref.path_or_id), ref)
+    else:
+        from moescope.checkpoint import _hub_env, hub_offline_reason
+
+        env = _hub_env()
+        offline_why = hub_offline_reason(mref.path_or_id, mref.revision, env)
+        kwargs["cache_dir"] = env["cache_dir"]
+        if env["token"]:
+            kwargs["token"] = env["token"]
+        if offline_why is not None:
+            kwargs["local_files_only"] = True
+    tok_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
     impl = experts_implementation or default_experts_implementation(device)
     transformers.logging.set_verbosity_error()
     if not sys.stderr.isatty():  # keep stderr to one line per message when piped (--json, CI)
         transformers.utils.logging.disable_progress_bar()
+    model: Any
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                mref.path_or_id, experts_implementation=impl, **kwargs
+                mref.path_or_id, experts_implementation=impl, use_safetensors=True, **kwargs
             )
         except (ValueError, TypeError) as exc:
             # Some families (llama4, dbrx, switch) refuse the setting: load with their default.
             if "experts_implementation" not in str(exc) and "experts" not in str(exc):
                 raise
-            model = AutoModelForCausalLM.from_pretrained(mref.path_or_id, **kwargs)
-        tok = AutoTokenizer.from_pretrained(
-            mref.path_or_id,
-            trust_remote_code=trust_remote_code,
-            **({"revision": mref.revision} if mref.revision else {}),
-        )
+            model = AutoModelForCausalLM.from_pretrained(mref.path_or_id, use_safetensors=True, **kwargs)
+        # tokenizer.json / sentencepiece / tiktoken files: none of them is a pickle
+        tok = AutoTokenizer.from_pretrained(mref.path_or_id, **tok_kwargs)
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1: run `moescope download` first)" if offline else ""
-        raise ModelNotFoundError(f"cannot load {ref}: {str(exc).splitlines()[0]}{hint}") from exc
+        if exc.errno is not None:  # a real I/O error (disk full, permissions): the CLI maps it
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "safetensors" in first and ("no file named" in first or "does not appear to have" in first):
+            raise CheckpointError(
+                f"{ref} has no safetensors weights and moescope never unpickles .bin/.pt files; {CONVERT_HINT}."
+            ) from exc
+        hint = (
+            f" ({offline_why}: run `moescope download {ref}` on a machine with network first)"
+            if offline_why
+            else ""
+        )
+        raise ModelNotFoundError(f"cannot load {ref}: {first}{hint}") from exc
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"transformers cannot load {ref}: {str(exc).splitlines()[0]}") from exc
     model.to(device)

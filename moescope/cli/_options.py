@@ -1,17 +1,155 @@
-"""Options shared by several commands, defined once as ``Annotated`` aliases.
+"""Options shared by several commands, defined once as validated ``Annotated`` aliases.
 
-Each command keeps its own default (``dtype: DtypeOpt = "auto"``); the flag name and help
-text live here so they read the same in every ``--help``.
+Each command keeps its own default (``dtype: DtypeOpt = "auto"``); the flag name, help text
+and validation live here, so they read and behave the same in every command. Validation
+runs in option callbacks, while click parses the command line: a bad value is a usage
+error (exit 2) before any model is loaded, and the command body receives the canonical
+spelling (``bf16`` arrives as ``bfloat16``).
+
+- :data:`DtypeOpt`: ``auto``, ``float32``, ``bfloat16``, ``float16`` (aliases ``fp32``,
+  ``bf16``, ``fp16``, ``float``, ``half``).
+- :data:`DeviceOpt`: ``cpu``, ``cuda``, ``cuda:N``, ``mps``; CUDA and MPS are checked
+  against this torch and machine (torch is imported only for those values).
+- :data:`SplitOpt`: ``train`` or ``heldout``, the splits of the built-in corpus.
+- :data:`CriterionOpt`: the pruning criteria of :data:`moescope.prune.CRITERIA`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
 
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, mps.")]
+from moescope.cli._errors import NO_CUDA
+from moescope.demo.corpus import SPLITS
+
+#: dtype spellings -> the canonical name ``moescope.model.torch_dtype`` takes
+DTYPES: dict[str, str] = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+
+#: pruning criteria; equal to ``moescope.prune.CRITERIA`` (tested), spelled out here so that
+#: parsing the command line does not import numpy and pandas
+CRITERIA: tuple[str, ...] = ("frequency", "soft", "reap", "ean", "random")
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
+
+
+def check_dtype(value: str) -> str:
+    """Canonical dtype name, or a usage error naming the valid ones."""
+    key = DTYPES.get(value.strip().lower())
+    if key is None:
+        raise typer.BadParameter(
+            f"unknown dtype {value!r}; use auto, float32, bfloat16 or float16 (or fp32, bf16, fp16)."
+        )
+    return key
+
+
+def check_device(value: str) -> str:
+    """A torch device this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        typer.BadParameter: an unknown device, or one this torch or machine lacks.
+    """
+    device = value.strip().lower()
+    m = _DEVICE.match(device)
+    if m is None or (m.group(1) == "cpu" and m.group(2) not in (None, "0")):
+        raise typer.BadParameter(f"unknown device {value!r}; use cpu, cuda, cuda:N (N = 0, 1, ...) or mps.")
+    kind, index = m.group(1), m.group(2)
+    if kind == "cpu":
+        return device
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        raise typer.BadParameter(f"--device {value} needs torch; install it first.") from None
+    if kind == "cuda":
+        if getattr(torch.version, "cuda", None) is None and getattr(torch.version, "hip", None) is None:
+            raise typer.BadParameter(f"{NO_CUDA}.")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise typer.BadParameter(
+                "no CUDA GPU is visible (torch.cuda.is_available() is False: check the driver and "
+                "CUDA_VISIBLE_DEVICES); pass --device cpu."
+            )
+        if index is not None and int(index) >= count:
+            raise typer.BadParameter(
+                f"{device} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
+            )
+        return device
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        raise typer.BadParameter("MPS is not available in this torch or on this machine; pass --device cpu.")
+    return device
+
+
+def check_split(value: str | None) -> str | None:
+    """``train``, ``heldout`` or None (the command's default)."""
+    if value is None:
+        return None
+    split = value.strip().lower()
+    if split not in SPLITS:
+        raise typer.BadParameter(
+            f"unknown split {value!r}; use {' or '.join(SPLITS)} (splits of the built-in corpus 'demo')."
+        )
+    return split
+
+
+def check_criterion(value: str) -> str:
+    """One of :data:`CRITERIA`."""
+    criterion = value.strip().lower()
+    if criterion not in CRITERIA:
+        raise typer.BadParameter(f"unknown criterion {value!r}; use one of {', '.join(CRITERIA)}.")
+    return criterion
+
+
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        callback=check_dtype,
+        metavar="DTYPE",
+        help="auto, float32, bfloat16 or float16 (fp32, bf16, fp16 accepted).",
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        callback=check_device,
+        metavar="DEVICE",
+        help="torch device: cpu, cuda, cuda:N or mps (checked against this torch and machine).",
+    ),
+]
+SplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        callback=check_split,
+        metavar="SPLIT",
+        help="train or heldout: split of the built-in corpus 'demo' (files have none); "
+        "trace and eval read heldout unless told.",
+        show_default=False,
+    ),
+]
+CriterionOpt = Annotated[
+    str,
+    typer.Option(
+        "--criterion",
+        callback=check_criterion,
+        metavar="CRITERION",
+        help="frequency (tokens routed), soft (sum of gate weights), reap (mean gate x output norm "
+        "over routed tokens), ean (sum of output norms) or random (seeded baseline).",
+    ),
+]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")

@@ -1,7 +1,9 @@
 """Wires the ``moescope`` commands together; each command lives in its own module.
 
 Each command module exposes ``register(app)``; command bodies are wrapped by
-``_errors.friendly`` so library errors become one ``Error: ...`` line and exit 1.
+``_errors.friendly``, so every exception becomes one ``Error: ...`` line and exit 1 (130 for
+Ctrl-C; the traceback only with ``MOESCOPE_DEBUG=1``). Bad option values are rejected by the
+shared option callbacks of ``_options`` as usage errors (exit 2) before any work.
 """
 
 from __future__ import annotations

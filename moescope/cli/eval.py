@@ -7,12 +7,19 @@ domain plus ``all``).
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moescope.cli._options import (
+    DeviceOpt,
+    DtypeOpt,
+    QuietOpt,
+    RevisionOpt,
+    SplitOpt,
+    TrustRemoteCodeOpt,
+)
 from moescope.cli._output import (
     check_format,
     human,
@@ -21,6 +28,7 @@ from moescope.cli._output import (
     print_table,
     progress_bar,
     progress_enabled,
+    warn,
 )
 
 EXAMPLES = """
@@ -29,7 +37,7 @@ Examples:
   moescope eval demo demo
   moescope eval demo demo:code --seq-len 256 --stride 128 --json
   moescope eval pruned/ demo --max-tokens 20000
-  moescope eval org/name notes.jsonl --split all --device cuda
+  moescope eval org/name notes.jsonl --device cuda --dtype bf16
 """
 
 
@@ -39,10 +47,7 @@ def eval_cmd(
         list[str],
         typer.Argument(help="Corpus: .txt, .jsonl, .parquet, a directory, '-' or built-in 'demo[:domain]'."),
     ],
-    split: Annotated[
-        str | None,
-        typer.Option("--split", help="Corpus split; the built-in corpus defaults to 'heldout'."),
-    ] = None,
+    split: SplitOpt = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
     stride: Annotated[
         int | None, typer.Option("--stride", help="Window step (default: half of --seq-len).")
@@ -90,8 +95,11 @@ def eval_cmd(
             revision=revision,
             trust_remote_code=trust_remote_code,
             progress=on_progress,
+            on_warning=warn,
         )
-    rows = [{"domain": "all", "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}]
+    rows: list[dict[str, Any]] = [
+        {"domain": "all", "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}
+    ]
     rows += [
         {
             "domain": d,

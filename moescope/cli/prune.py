@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._options import QuietOpt, RevisionOpt
+from moescope.cli._options import CriterionOpt, QuietOpt, RevisionOpt
 from moescope.cli._output import (
     check_format,
     note,
@@ -49,14 +49,7 @@ def prune_cmd(
         float | None,
         typer.Option("--ratio", help="Fraction of experts to drop per layer (0.25 drops a quarter)."),
     ] = None,
-    criterion: Annotated[
-        str,
-        typer.Option(
-            "--criterion",
-            help="frequency (tokens routed), soft (sum of gate weights), reap (mean gate x output norm "
-            "over routed tokens), ean (sum of output norms) or random (seeded baseline).",
-        ),
-    ] = "reap",
+    criterion: CriterionOpt = "reap",
     seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
     balance_domains: Annotated[
         bool,

@@ -14,7 +14,14 @@ from typing import Annotated
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moescope.cli._options import (
+    DeviceOpt,
+    DtypeOpt,
+    QuietOpt,
+    RevisionOpt,
+    SplitOpt,
+    TrustRemoteCodeOpt,
+)
 from moescope.cli._output import (
     check_format,
     note,
@@ -47,7 +54,7 @@ def similarity_cmd(
         list[str] | None,
         typer.Option("--corpus", help="Corpus for the sampled tokens of the outputs measure (repeatable)."),
     ] = None,
-    split: Annotated[str | None, typer.Option("--split", help="Corpus split.")] = None,
+    split: SplitOpt = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Tokens per layer on which every expert is run.")
     ] = 512,

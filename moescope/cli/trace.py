@@ -15,7 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._options import DeviceOpt, DtypeOpt, QuietOpt, RevisionOpt, TrustRemoteCodeOpt
+from moescope.cli._options import (
+    DeviceOpt,
+    DtypeOpt,
+    QuietOpt,
+    RevisionOpt,
+    SplitOpt,
+    TrustRemoteCodeOpt,
+)
 from moescope.cli._output import (
     check_format,
     human,
@@ -62,9 +69,7 @@ def trace_cmd(
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
-    split: Annotated[
-        str | None, typer.Option("--split", help="Corpus split; the built-in corpus defaults to 'heldout'.")
-    ] = None,
+    split: SplitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     save_routes: Annotated[
