@@ -240,29 +240,6 @@ class Checkpoint:
         return str(self.config.get("model_type", ""))
 
 
-def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """Return ``(data_start, header)`` of a safetensors file without reading tensor data.
-
-    Raises:
-        CheckpointError: the file is truncated or its header is not valid JSON.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path}: truncated safetensors file; download it again.")
-        (n,) = struct.unpack("<Q", raw)
-        if n > min(size - 8, 512 * 2**20):
-            raise CheckpointError(f"{path}: corrupt safetensors header length {n}; download it again.")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc}); download it again.") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header; download it again.")
-    return 8 + n, header
-
-
 def resolve_checkpoint_dir(ref: str, revision: str | None = None) -> Path:
     """Resolve a model reference (``demo``, a directory, a hub id in the cache) to a directory.
 
@@ -279,11 +256,19 @@ def resolve_checkpoint_dir(ref: str, revision: str | None = None) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
+    from moescope.checkpoint import _hub_env, hub_offline_reason
+    from moescope.download import PICKLE_PATTERNS
+
+    env = _hub_env()
+    offline = hub_offline_reason(mref.path_or_id, mref.revision, env) is not None
     try:
         local = snapshot_download(
             mref.path_or_id,
             revision=mref.revision,
+            cache_dir=env["cache_dir"],
+            local_files_only=offline,
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"],
+            ignore_patterns=PICKLE_PATTERNS,
         )
     except Exception as exc:  # hub errors come in many types; one line with the cause
         raise ModelNotFoundError(f"cannot fetch {ref}: {str(exc).splitlines()[0]}") from exc
@@ -297,15 +282,18 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         CheckpointError: no config, no safetensors weights, a missing shard, or a header
             whose offsets do not match its shapes.
     """
+    from moescope.checkpoint import index_shards, load_json, read_safetensors_header, safe_child
+    from moescope.validate import validate_config
+
     root = Path(path)
     cfg_path = root / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{root} has no config.json; pass a save_pretrained directory or a hub id.")
-    config = json.loads(cfg_path.read_text())
+    config = load_json(cfg_path)
+    validate_config(config, str(cfg_path))
     index = root / _INDEX_NAME
     if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = list(dict.fromkeys(weight_map.values()))
+        shards = index_shards(root, index)
     elif (root / _SINGLE_NAME).exists():
         shards = [_SINGLE_NAME]
     else:
@@ -319,7 +307,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, dict[str, str]] = {}
     for shard in shards:
-        file = root / shard
+        file = safe_child(root, shard, f"{_INDEX_NAME} shard")
         if not file.exists():
             raise CheckpointError(f"{file}: shard listed in the index is missing; download it again.")
         data_start, header = read_safetensors_header(file)

@@ -470,6 +470,11 @@ class _Injector:
         monkeypatch.setattr(outdir, "_exchange", fake_exchange)
 
 
+def _rel(root: Path) -> dict[str, str]:
+    """A snapshot keyed by path relative to ``root`` (to compare two directories' contents)."""
+    return {str(Path(k).relative_to(root)): v for k, v in snapshot(root).items()}
+
+
 def _is_complete_new(dest: Path, kind: str, old: dict[str, str], snap: dict[str, str]) -> bool:
     marker = outdir.read_marker(dest, kind)
     if marker is None or marker.get("complete") is not True or "owned_files" not in marker:
@@ -493,7 +498,7 @@ def _run_merge(env: dict[str, Path], out: Path) -> None:
 def _run_similarity(env: dict[str, Path], out: Path) -> None:
     from moescope.similarity import similarity
 
-    similarity(str(env["model"]), out, outputs=False, plots=False)
+    similarity(str(env["model"]), out, trace=env["full"], outputs=False, plots=False)  # old: no trace
 
 
 def _run_prune(env: dict[str, Path], out: Path) -> None:
@@ -555,3 +560,6 @@ def test_fault_at_every_step_leaves_old_or_new(
         leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(outdir.TMP_PREFIX)]
         assert leftovers == [], (at, probe.steps[at], leftovers)
     assert outcomes["old"] >= 1
+    # and the probe's clean run really replaced the old output with a different, complete one
+    probe_dest = tmp_path / "probe"
+    assert _is_complete_new(probe_dest, kind, _rel(env[existing]), _rel(probe_dest))
