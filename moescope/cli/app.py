@@ -45,7 +45,7 @@ for _name in _COMMAND_MODULES:
 
 def main() -> None:
     """Console entry point."""
-    app()
+    app(prog_name="moescope")
 
 
 if __name__ == "__main__":

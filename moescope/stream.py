@@ -1,0 +1,452 @@
+"""Layer-streamed execution: run a model bigger than memory one decoder layer at a time.
+
+What: :class:`StreamedModel` runs a list of token batches through a checkpoint in
+*layer-major* order, so only one decoder layer's weights are resident at a time and each
+weight is read once per pass, as calibration tools for quantisers do. Trace, eval,
+similarity and the pruning scores use it when the model does not fit the memory budget.
+
+How:
+
+- The model skeleton is built from its config with parameters on the meta device and
+  buffers (rotary tables) real (``accelerate.init_empty_weights(include_buffers=False)``).
+- Weights go through transformers' own checkpoint conversion
+  (``convert_and_load_state_dict_in_model`` with the model's conversion mapping), fed
+  with only one layer's tensors at a time as lazy ``safe_open`` slices: the on-disk layout
+  (e.g. Mixtral's per-expert ``block_sparse_moe.experts.N.w1``) becomes the module layout
+  (fused ``mlp.experts.gate_up_proj``) exactly as ``from_pretrained`` does it, without
+  writing anything to disk. Embeddings, final norm and head are loaded once.
+- A first pass replaces every decoder layer's forward with a stub that records its
+  inputs (hidden states for layer 0, keyword arguments for every layer: position
+  embeddings and the mask of that layer's attention type) and passes the hidden states
+  through. Then, for each layer: load its weights, run every batch through it (routing
+  hooks fire as in a normal forward), keep the outputs as the next layer's inputs, and
+  release the weights (back to meta; glibc is asked to return the memory).
+- Eval needs logits: a final pass runs the model's own tail (norm, head, soft-capping)
+  with the decoder layers stubbed to return the streamed final hidden states.
+- Batches whose hidden states exceed a share of the memory budget are run in chunks,
+  each chunk one layer-major pass (weights are then read once per chunk).
+
+The results equal the in-memory model's (the same ops on the same inputs; bit-identical
+in float32 on CPU, see tests/test_stream.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moescope.errors import CheckpointError, MoescopeError
+
+# Decoder blocks are ``…layers.{i}.`` in almost every family, ``blocks.{i}`` in dbrx.
+_LAYER_KEY_RE = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30})
+#: share of the budget the kept hidden states of one chunk may use
+HIDDEN_SHARE = 0.5
+
+
+def parse_size(text: str) -> int:
+    """``"20GiB"``, ``"512MB"``, ``"1.5g"`` or a plain byte count → bytes.
+
+    Raises:
+        ValueError: not a size.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = (m.group(2) or "b").lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(f"--max-memory {text!r}: expected a size such as 20GiB, 512MB or 8g.")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"--max-memory {text!r}: must be positive.")
+    return value
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes available now: free GPU memory for ``cuda``, else ``MemAvailable`` (or total RAM)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def default_budget(device: str = "cpu") -> int:
+    """About 85% of the memory available on ``device``."""
+    return int(0.85 * available_memory(device))
+
+
+def _release_memory() -> None:
+    """Collect garbage and ask glibc to hand freed pages back (fragmentation, not live tensors)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)
+
+
+@dataclass
+class _Shards:
+    """Which tensors of the checkpoint belong to which decoder layer, and their bytes."""
+
+    files: dict[str, Path]
+    by_layer: dict[int, list[str]] = field(default_factory=dict)
+    globals_: list[str] = field(default_factory=list)
+    nbytes: dict[str, int] = field(default_factory=dict)
+
+
+def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
+    from moescope.checkpoint import index_shards, read_safetensors_header, safe_child
+
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        names = index_shards(root, index)
+    else:
+        names = sorted(p.name for p in root.glob("*.safetensors"))
+    if not names:
+        raise CheckpointError(
+            f"{root} has no safetensors weights; streaming reads safetensors only (convert with "
+            "save_pretrained(safe_serialization=True))."
+        )
+    shards = _Shards(files={})
+    for name in names:
+        path = safe_child(root, name, f"{index.name} shard")
+        _start, header = read_safetensors_header(path)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            shards.files[key] = path
+            begin, end = info["data_offsets"]
+            shards.nbytes[key] = int(end) - int(begin)
+            m = _LAYER_KEY_RE.search(key)
+            if m is None:
+                shards.globals_.append(key)
+            elif int(m.group(1)) < num_layers:
+                shards.by_layer.setdefault(int(m.group(1)), []).append(key)
+            # layers past num_hidden_layers (MTP heads) are not part of the causal LM
+    return shards
+
+
+def decoder_layers(model: Any, num_layers: int) -> Any:
+    """The ``ModuleList`` of decoder layers (``model.layers``, ``transformer.blocks``, …).
+
+    Raises:
+        MoescopeError: none found (an architecture streaming does not know).
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.ModuleList) and leaf in ("layers", "blocks", "h"):
+            if len(module) == num_layers:
+                return module
+    raise MoescopeError(
+        f"cannot find the {num_layers} decoder layers of {type(model).__name__}; "
+        "pass --no-stream to load it whole."
+    )
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+class StreamedModel:
+    """A causal LM whose decoder layers are materialised one at a time.
+
+    Args:
+        path: a local safetensors checkpoint directory (``save_pretrained`` or a snapshot).
+        dtype: ``auto`` (the checkpoint's) or a torch dtype name.
+        device: torch device for the weights and activations.
+        trust_remote_code: allow the checkpoint's own modelling code.
+
+    Attributes:
+        model: the skeleton (meta parameters except the resident globals): hook it like a
+            loaded model, e.g. with :class:`moescope.routing.RoutingRecorder`.
+        bytes_read: tensor bytes loaded from the checkpoint so far.
+    """
+
+    def __init__(
+        self, path: str | Path, *, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False
+    ) -> None:
+        import torch
+        import transformers
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from moescope.model import default_experts_implementation, torch_dtype
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+        if getattr(config, "is_encoder_decoder", False):
+            raise MoescopeError(f"{path}: encoder-decoder models are not streamed; pass --no-stream.")
+        if getattr(config, "quantization_config", None):
+            raise MoescopeError(
+                f"{path}: quantised checkpoints are not streamed yet; pass --no-stream (or a bf16 copy)."
+            )
+        want = torch_dtype(dtype)
+        if want == "auto":
+            want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            if isinstance(want, str):
+                want = getattr(torch, want)
+        self.dtype = want
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=self.dtype, trust_remote_code=trust_remote_code
+            )
+        model.eval()
+        with contextlib.suppress(Exception):  # families whose experts take no implementation
+            model.set_experts_implementation(default_experts_implementation(str(device)))
+        self.model = model
+        text = config.get_text_config()
+        self.num_layers = int(text.num_hidden_layers)
+        self.layers = decoder_layers(model, self.num_layers)
+        self.shards = _index_checkpoint(self.path, self.num_layers)
+        self.bytes_read = 0
+        self._handles: dict[Path, Any] = {}
+        self._transformers = transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        self._load_config = LoadStateDictConfig(
+            pretrained_model_name_or_path=str(self.path),
+            device_map={"": self.device},
+            dtype=self.dtype,
+            weight_mapping=get_model_conversion_mapping(model),
+        )
+        self._load(self.shards.globals_)
+        model.tie_weights()
+        self._resident: int | None = None
+
+    # -- weights --------------------------------------------------------------------------------
+    def _slice(self, key: str) -> Any:
+        from safetensors import safe_open
+
+        path = self.shards.files[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
+        return self._handles[path].get_slice(key)
+
+    def _load(self, keys: Sequence[str]) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.utils import logging as hf_logging
+
+        if not keys:
+            return
+        state = {k: self._slice(k) for k in keys}
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(self.model, state, self._load_config)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        if getattr(info, "conversion_errors", None):
+            raise CheckpointError(f"{self.path}: converting weights failed: {info.conversion_errors}")
+        self.bytes_read += sum(self.shards.nbytes[k] for k in keys)
+
+    def load_layer(self, i: int) -> None:
+        """Materialise decoder layer ``i`` (and release the one resident before)."""
+        if self._resident == i:
+            return
+        if self._resident is not None:
+            self.release_layer(self._resident)
+        self._load(self.shards.by_layer.get(i, []))
+        self._resident = i
+
+    def release_layer(self, i: int) -> None:
+        """Put layer ``i``'s parameters back on the meta device and return the memory."""
+        self.layers[i].to("meta")
+        if self._resident == i:
+            self._resident = None
+        _release_memory()
+
+    def layer_bytes(self) -> int:
+        """Bytes of the largest decoder layer as stored."""
+        return max(
+            (sum(self.shards.nbytes[k] for k in keys) for keys in self.shards.by_layer.values()), default=0
+        )
+
+    def close(self) -> None:
+        """Close the checkpoint files and release every layer."""
+        if self._resident is not None:
+            self.release_layer(self._resident)
+        self._handles.clear()
+
+    # -- execution ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stubbed(self, stub: Callable[[int, Any, dict[str, Any]], Any]) -> Iterator[None]:
+        """Replace every decoder layer's forward by ``stub(i, hidden, kwargs)``."""
+        for i, layer in enumerate(self.layers):
+
+            def fwd(*args: Any, _i: int = i, **kwargs: Any) -> Any:
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                return stub(_i, hidden, {**kwargs, **({} if not args[1:] else {"_args": args[1:]})})
+
+            layer.forward = fwd
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                with contextlib.suppress(AttributeError):
+                    del layer.forward
+
+    def _returns_tuple(self, batch: dict[str, Any]) -> bool:
+        """Whether the decoder layers return a tuple (older families) or a tensor."""
+        captured: dict[str, Any] = {}
+
+        def grab(i: int, hidden: Any, kwargs: dict[str, Any]) -> Any:
+            captured["hidden"], captured["kwargs"] = hidden, kwargs
+            raise _Stop
+
+        with self._stubbed(grab), contextlib.suppress(_Stop):
+            self._base_forward(batch)
+        self.load_layer(0)
+        out = self._call_layer(0, captured["hidden"], captured["kwargs"])
+        return isinstance(out, tuple)
+
+    def _call_layer(self, i: int, hidden: Any, kwargs: dict[str, Any]) -> Any:
+        kw = dict(kwargs)
+        extra = kw.pop("_args", ())
+        return self.layers[i](hidden, *extra, **kw)
+
+    def _base_forward(self, batch: dict[str, Any]) -> Any:
+        base = getattr(self.model, "base_model", self.model)
+        return base(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
+
+    def run(
+        self,
+        batches: Sequence[dict[str, Any]],
+        *,
+        after_layer: Callable[[int, int], None] | None = None,
+        logits: Callable[[int, Any], None] | None = None,
+        max_hidden_bytes: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Run ``batches`` (dicts with ``input_ids`` and ``attention_mask``) layer-major.
+
+        Args:
+            batches: the inputs, in order.
+            after_layer: called as ``after_layer(layer, batch)`` right after decoder layer
+                ``layer`` ran on batch ``batch`` (read routing hooks there).
+            logits: called as ``logits(batch, tensor)`` with each batch's logits at the end.
+            max_hidden_bytes: hidden states kept between layers at most; batches beyond
+                are run in further chunks (each re-reads the weights).
+            progress: called as ``progress(layers_done, layers_total)`` per layer and chunk.
+        """
+        import torch
+
+        if not batches:
+            return
+        with torch.inference_mode():
+            as_tuple = self._returns_tuple(batches[0])
+            for start, stop in self._chunks(batches, max_hidden_bytes):
+                self._run_chunk(batches, start, stop, as_tuple, after_layer, logits, progress)
+
+    def _chunks(self, batches: Sequence[dict[str, Any]], limit: int | None) -> list[tuple[int, int]]:
+        hidden = int(self.model.config.get_text_config().hidden_size)
+        item = torch_itemsize(self.dtype)
+        sizes = [int(b["input_ids"].numel()) * hidden * item for b in batches]
+        if limit is None:
+            return [(0, len(batches))]
+        chunks, start, used = [], 0, 0
+        for i, size in enumerate(sizes):
+            if used and used + size > limit:
+                chunks.append((start, i))
+                start, used = i, 0
+            used += size
+        chunks.append((start, len(batches)))
+        return chunks
+
+    def _run_chunk(
+        self,
+        batches: Sequence[dict[str, Any]],
+        start: int,
+        stop: int,
+        as_tuple: bool,
+        after_layer: Callable[[int, int], None] | None,
+        logits: Callable[[int, Any], None] | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        hidden: dict[int, Any] = {}
+        kwargs: dict[tuple[int, int], dict[str, Any]] = {}
+        current = [0]
+
+        def capture(i: int, h: Any, kw: dict[str, Any]) -> Any:
+            if i == 0:
+                hidden[current[0]] = h
+            kwargs[(i, current[0])] = kw
+            return (h,) if as_tuple else h
+
+        with self._stubbed(capture):
+            for b in range(start, stop):
+                current[0] = b
+                self._base_forward(batches[b])
+        for i in range(self.num_layers):
+            self.load_layer(i)
+            for b in range(start, stop):
+                out = self._call_layer(i, hidden[b], kwargs.pop((i, b)))
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+                if after_layer is not None:
+                    after_layer(i, b)
+            if progress is not None:
+                progress(i + 1, self.num_layers)
+        if self._resident is not None:
+            self.release_layer(self._resident)
+        if logits is None:
+            return
+        for b in range(start, stop):
+            final = hidden.pop(b)
+
+            def tail(i: int, h: Any, kw: dict[str, Any], _f: Any = final) -> Any:
+                out = _f if i == self.num_layers - 1 else h
+                return (out,) if as_tuple else out
+
+            with self._stubbed(tail):
+                batch = {k: v.to(self.device) for k, v in batches[b].items()}
+                logits(b, self.model(**batch, use_cache=False).logits)
+
+
+def torch_itemsize(dtype: Any) -> int:
+    """Bytes per element of a torch dtype."""
+    import torch
+
+    return int(torch.empty((), dtype=dtype).element_size())
+
+
+def weight_bytes(path: str | Path, dtype: str = "auto") -> int:
+    """Bytes the model's weights take in memory in ``dtype`` (``auto``: as stored), from headers only."""
+    from moescope.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(str(path))
+    if dtype == "auto":
+        return int(sum(t.nbytes for t in ck.tensors))
+    item = {"float32": 4, "fp32": 4}.get(dtype, 2)
+    return int(sum(t.numel for t in ck.tensors) * item)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def describe_plan(stream: bool, model_bytes: int, budget: int) -> str:
+    """The stderr line that says how a command runs the model and why."""
+    if stream:
+        return (
+            f"streaming the model layer by layer: its weights ({_gib(model_bytes)}) exceed the memory "
+            f"budget ({_gib(budget)}; set it with --max-memory)"
+        )
+    return (
+        f"loading the model whole: its weights ({_gib(model_bytes)}) fit the memory budget ({_gib(budget)})"
+    )

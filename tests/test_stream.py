@@ -1,0 +1,117 @@
+"""Layer-streamed execution equals the in-memory model: logits and every routing decision.
+
+Each family's tiny random model is saved with ``save_pretrained`` (the on-disk layout, which
+differs from the module layout for most families) and run twice on the same padded
+batches: loaded whole by transformers, and streamed one decoder layer at a time by
+:class:`moescope.stream.StreamedModel`. In float32 on CPU both run the same ops on the same
+inputs, so the results must be identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from moescope.routing import RoutingRecorder, find_moe_sites
+from moescope.stream import StreamedModel, parse_size
+from tests.tiny import FAMILIES, tiny_model
+
+MOE_FAMILIES = [f for f in FAMILIES if f != "llama"]
+
+
+def _batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for rows, width in ((2, 12), (3, 9)):
+        ids = torch.randint(3, 99, (rows, width), generator=g)
+        mask = torch.ones(rows, width, dtype=torch.long)
+        mask[-1, width - 4 :] = 0  # a padded row: the mask path is exercised too
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _in_memory(path: Path, batches: list[dict[str, torch.Tensor]]) -> tuple[list[Any], list[list[Any]]]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    try:
+        model.set_experts_implementation("eager")
+    except Exception:
+        pass
+    logits, records = [], []
+    sites = find_moe_sites(model)
+    with torch.inference_mode(), RoutingRecorder(sites) as rec:
+        for batch in batches:
+            rec.clear()
+            logits.append(model(**batch, use_cache=False).logits)
+            records.append(rec.records)
+    return logits, records
+
+
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama"])
+def test_streamed_equals_in_memory(family: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny_model(family).save_pretrained(tmp_path)
+    batches = _batches()
+    ref_logits, ref_records = _in_memory(tmp_path, batches)
+
+    sm = StreamedModel(tmp_path, dtype="float32")
+    sites = find_moe_sites(sm.model)
+    layer_sites = {s.layer: i for i, s in enumerate(sites)}
+    got: dict[tuple[int, int], Any] = {}
+    logits: dict[int, Any] = {}
+    with RoutingRecorder(sites) as rec:
+
+        def after(layer: int, b: int) -> None:
+            if layer in layer_sites:
+                got[(layer, b)] = rec.records[layer_sites[layer]]
+                rec.clear()
+
+        sm.run(batches, after_layer=after, logits=lambda b, t: logits.__setitem__(b, t.clone()))
+    sm.close()
+    for b, ref in enumerate(ref_logits):
+        assert torch.equal(logits[b], ref), (family, b, (logits[b] - ref).abs().max())
+    for b, recs in enumerate(ref_records):
+        for i, site in enumerate(sites):
+            r, s = recs[i], got[(site.layer, b)]
+            assert torch.equal(r.ids, s.ids), (family, b, site.layer)
+            assert torch.equal(r.weights, s.weights), (family, b, site.layer)
+            if r.norms is not None:
+                assert torch.equal(r.norms, s.norms), (family, b, site.layer)
+    # every layer's weights were read exactly once, plus the globals once
+    assert sm.bytes_read == sum(sm.shards.nbytes.values())
+
+
+def test_chunks_read_weights_once_per_chunk(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    batches = _batches()
+    ref_logits, _ = _in_memory(tmp_path, batches)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    globals_bytes = sm.bytes_read
+    logits: dict[int, Any] = {}
+    sm.run(batches, logits=lambda b, t: logits.__setitem__(b, t.clone()), max_hidden_bytes=1)
+    layer_bytes = sum(sm.shards.nbytes.values()) - globals_bytes
+    assert sm.bytes_read == globals_bytes + 2 * layer_bytes  # two chunks, one pass each
+    for b, ref in enumerate(ref_logits):
+        assert torch.equal(logits[b], ref)
+    # after a pass, no decoder layer holds real weights
+    assert all(p.device.type == "meta" for p in sm.layers.parameters())
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("20GiB", 20 * 2**30), ("512MB", 512 * 10**6), ("1.5g", int(1.5 * 2**30)), ("4096", 4096)],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1GiB", "0", "12 parsecs", "1e3GiB"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)
