@@ -115,8 +115,14 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     experts_implementation: str | None = None,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a reference, in eval mode on ``device``.
+
+    With ``device_map="auto"`` placement across GPUs, CPU and disk is accelerate's
+    (``max_memory`` in its syntax, e.g. ``{"0": "20GiB", "cpu": "60GiB"}``) and
+    ``device`` is ignored; offloaded weights are re-read on every forward pass.
 
     Weights are read from safetensors only (``use_safetensors=True``); a checkpoint with
     only pickled weights (``.bin``, ``.pt``) is refused with the way to convert it. Hub ids
@@ -135,6 +141,14 @@ def load_model(
         "dtype": torch_dtype(dtype),
         "trust_remote_code": trust_remote_code,
     }
+    offload: Any = None
+    if device_map is not None:
+        import tempfile
+
+        offload = tempfile.TemporaryDirectory(prefix="moescope-offload-")
+        kwargs.update(device_map=device_map, offload_folder=offload.name)
+        if max_memory:
+            kwargs["max_memory"] = max_memory
     if mref.revision:
         kwargs["revision"] = mref.revision
     offline_why: str | None = None
@@ -184,6 +198,9 @@ def load_model(
         raise ModelNotFoundError(f"cannot load {ref}: {first}{hint}") from exc
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"transformers cannot load {ref}: {str(exc).splitlines()[0]}") from exc
-    model.to(device)
+    if device_map is None:
+        model.to(device)
+    else:
+        model._moescope_offload = offload  # the offload folder lives as long as the model
     model.eval()
     return model, tok

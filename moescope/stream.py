@@ -191,10 +191,27 @@ class StreamedModel:
         config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
         if getattr(config, "is_encoder_decoder", False):
             raise MoescopeError(f"{path}: encoder-decoder models are not streamed; pass --no-stream.")
-        if getattr(config, "quantization_config", None):
-            raise MoescopeError(
-                f"{path}: quantised checkpoints are not streamed yet; pass --no-stream (or a bf16 copy)."
+        quant = getattr(config, "quantization_config", None)
+        self.quantized = bool(quant)
+        self.block: tuple[int, int] | None = None
+        if quant:
+            method = (
+                quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
             )
+            if str(method) not in ("fp8", "mxfp4", "QuantizationMethod.FP8", "QuantizationMethod.MXFP4"):
+                raise MoescopeError(
+                    f"{path}: {method} quantisation is not streamed (FP8 block scales and MXFP4 are); "
+                    "pass --no-stream."
+                )
+            size = (
+                quant.get("weight_block_size")
+                if isinstance(quant, dict)
+                else getattr(quant, "weight_block_size", None)
+            )
+            self.block = (int(size[0]), int(size[1])) if size else None
+            # the skeleton is plain: layers are fed dequantised weights (moescope.quant)
+            with contextlib.suppress(AttributeError):
+                delattr(config, "quantization_config")
         want = torch_dtype(dtype)
         if want == "auto":
             want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
@@ -245,6 +262,10 @@ class StreamedModel:
         if not keys:
             return
         state = {k: self._slice(k) for k in keys}
+        if self.quantized:
+            from moescope.quant import dequantize_state
+
+            state = dequantize_state(state, self.dtype, self.block)
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
@@ -425,19 +446,8 @@ def torch_itemsize(dtype: Any) -> int:
     return int(torch.empty((), dtype=dtype).element_size())
 
 
-def weight_bytes(path: str | Path, dtype: str = "auto") -> int:
-    """Bytes the model's weights take in memory in ``dtype`` (``auto``: as stored), from headers only."""
-    from moescope.checkpoint import open_checkpoint
-
-    ck = open_checkpoint(str(path))
-    if dtype == "auto":
-        return int(sum(t.nbytes for t in ck.tensors))
-    item = {"float32": 4, "fp32": 4}.get(dtype, 2)
-    return int(sum(t.numel for t in ck.tensors) * item)
-
-
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def describe_plan(stream: bool, model_bytes: int, budget: int) -> str:
@@ -450,3 +460,77 @@ def describe_plan(stream: bool, model_bytes: int, budget: int) -> str:
     return (
         f"loading the model whole: its weights ({_gib(model_bytes)}) fit the memory budget ({_gib(budget)})"
     )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a command runs the model, and why.
+
+    Attributes:
+        mode: ``whole`` (``from_pretrained`` then ``.to(device)``), ``stream`` (layer by
+            layer, :class:`StreamedModel`) or ``device_map`` (accelerate's placement).
+        budget: the memory budget in bytes.
+        model_bytes: the weights' bytes in the chosen dtype.
+        message: one line for stderr.
+    """
+
+    mode: str
+    budget: int
+    model_bytes: int
+    message: str
+
+
+def plan_execution(
+    ref: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+) -> Execution:
+    """Decide whole, streamed or accelerate-placed execution from the headers and the budget.
+
+    Args:
+        ref: model reference (headers are read, never the weights).
+        revision: hub revision.
+        dtype: compute dtype name (``auto``: as stored).
+        device: torch device.
+        max_memory: ``--max-memory`` (a size; default about 85% of what is available).
+        stream: ``--stream``/``--no-stream``; None decides by size.
+        device_map: ``auto`` hands placement to accelerate.
+    """
+    single = max_memory is not None and "=" not in max_memory
+    budget = parse_size(max_memory) if single and max_memory else default_budget(device)
+    size = weight_bytes_of(ref, revision, dtype)
+    if device_map is not None:
+        msg = f"placing the model with accelerate (device_map={device_map}): weights {_gib(size)}"
+        return Execution("device_map", budget, size, msg)
+    if stream is None:
+        stream = size > budget
+        return Execution("stream" if stream else "whole", budget, size, describe_plan(stream, size, budget))
+    why = "--stream" if stream else "--no-stream"
+    return Execution(
+        "stream" if stream else "whole",
+        budget,
+        size,
+        f"{describe_plan(stream, size, budget).split(':')[0]} ({why})",
+    )
+
+
+def weight_bytes_of(ref: str, revision: str | None, dtype: str) -> int:
+    """Bytes of the weights in ``dtype``, from safetensors headers (config-only: 0)."""
+    from moescope.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(ref, revision)
+    quantized = any(t.name.endswith(("_scale_inv", "_blocks")) for t in ck.tensors)
+    if dtype == "auto" and not quantized:
+        return int(sum(t.nbytes for t in ck.tensors))
+    item = {"float32": 4}.get(dtype, 2)  # quantised weights are dequantised to bf16 (auto) or dtype
+    values = sum(
+        t.numel * (2 if t.name.endswith("_blocks") else 1)
+        for t in ck.tensors
+        if not t.name.endswith(("_scale_inv", "_scales"))
+    )
+    return int(values * item)

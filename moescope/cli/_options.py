@@ -155,3 +155,55 @@ TrustRemoteCodeOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Run the checkpoint's own modelling code.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def check_max_memory(value: str | None) -> str | None:
+    """A size (``20GiB``) or accelerate's per-device form (``0=20GiB,cpu=60GiB``)."""
+    if value is None:
+        return None
+    from moescope.stream import parse_size
+
+    try:
+        for part in value.split(","):
+            parse_size(part.split("=", 1)[-1])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+def check_device_map(value: str | None) -> str | None:
+    """Only ``auto`` (accelerate's placement) is accepted."""
+    if value is not None and value != "auto":
+        raise typer.BadParameter(
+            f"--device-map {value!r}: only 'auto' is supported (accelerate's placement)."
+        )
+    return value
+
+
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory budget, e.g. 20GiB (default: about 85% of available RAM, or of the GPU's with "
+        "--device cuda); with --device-map auto, per device: 0=20GiB,cpu=60GiB.",
+        callback=check_max_memory,
+    ),
+]
+StreamOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream/--no-stream",
+        help="Run layer by layer (one decoder layer's weights in memory) or load whole; default: stream "
+        "only when the model does not fit --max-memory.",
+        show_default=False,
+    ),
+]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="auto: let accelerate place the model across GPUs, CPU and disk (re-reads offloaded "
+        "weights every forward; --stream reads them once per pass).",
+        callback=check_device_map,
+    ),
+]
