@@ -1,15 +1,18 @@
 """Perplexity of a causal LM on a corpus, overall and per domain, by sliding window.
 
-How: documents are grouped by domain; each group's documents are tokenized (the
-tokenizer's own special tokens, plus EOS between documents when the tokenizer has
-one) and concatenated into one stream. A window of ``seq_len`` tokens slides by
-``stride`` (capped at ``seq_len - 1``); each window scores only the tokens the previous
-window did not, so every token after the first of a stream is predicted exactly once,
-with at least ``seq_len - stride`` tokens of context. Windows of equal length
-are batched. The negative log-likelihood is summed in float32; perplexity is
-``exp(total NLL / scored tokens)``, and overall perplexity pools every domain's tokens.
-``max_tokens`` caps the scored tokens, split evenly across domains so a cap does not
-silently drop the last domains. A ``seq_len`` beyond the model's context (its
+How: tokens come from :mod:`moescope.packing`, the convention trace and similarity use:
+each document is tokenized with the tokenizer's own special tokens and EOS appended
+unless already last; documents are grouped by domain and each group's documents are
+concatenated into one stream (so a domain's text is never conditioned on another's). A
+window of ``seq_len`` tokens slides by ``stride`` (capped at ``seq_len - 1``); each window
+scores only the tokens the previous window did not, so every token after the first of a
+stream is predicted exactly once, with at least ``seq_len - stride`` tokens of context
+(:func:`moescope.packing.sliding_windows`). Windows of equal length are batched. The
+negative log-likelihood is summed in float32; perplexity is ``exp(total NLL / scored
+tokens)``, and overall perplexity pools every domain's tokens. ``max_tokens`` caps the
+scored tokens, split evenly across domains so a cap does not silently drop the last
+domains. The built-in corpus is read from its held-out split unless told otherwise
+(:func:`moescope.packing.resolve_split`). A ``seq_len`` beyond the model's context (its
 ``max_position_embeddings``, or a sliding window every layer uses) is warned about, not
 refused: :func:`context_warnings`.
 """
@@ -20,19 +23,26 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from moescope.errors import CorpusError
+from moescope.packing import DocumentLike, domain_streams, resolve_split, sliding_windows
 
+#: sliding windows ``(begin, end, targets)``; see :func:`moescope.packing.sliding_windows`
+windows = sliding_windows
+#: the held-out default for the built-in corpus; see :func:`moescope.packing.resolve_split`
+builtin_split = resolve_split
 
-class DocumentLike(Protocol):
-    """What :func:`perplexity` needs from a document (``moescope.corpus.Document``)."""
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def domain(self) -> str | None: ...
+__all__ = [
+    "DocumentLike",
+    "DomainPerplexity",
+    "EvalResult",
+    "builtin_split",
+    "context_warnings",
+    "evaluate",
+    "perplexity",
+    "windows",
+]
 
 
 @dataclass(frozen=True)
@@ -93,33 +103,6 @@ class EvalResult:
         return out
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    ids = list(tokenizer(text)["input_ids"])
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids.append(int(eos))
-    return ids
-
-
-def windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over a stream of ``n`` tokens as ``(begin, end, targets)``.
-
-    Window ends advance by ``stride`` (at most ``seq_len - 1``, so even "disjoint"
-    windows give their first target one token of context); each window scores its last
-    ``targets`` tokens. Together the windows score tokens ``1 .. n-1`` exactly once.
-    """
-    step = max(1, min(stride, seq_len - 1))
-    out: list[tuple[int, int, int]] = []
-    prev_end = 1  # token 0 has no context and is never scored
-    end = min(seq_len, n)
-    while prev_end < n:
-        begin = max(0, end - seq_len)
-        out.append((begin, end, end - prev_end))
-        prev_end = end
-        end = min(end + step, n)
-    return out
-
-
 def perplexity(
     model: Any,
     tokenizer: Any,
@@ -150,30 +133,46 @@ def perplexity(
         CorpusError: no documents, or nothing to score.
         ValueError: ``seq_len < 2`` or ``stride`` out of ``1..seq_len``.
     """
-    import torch
-
     if seq_len < 2:
         raise ValueError(f"--seq-len {seq_len} is too short; use at least 2.")
     if not 1 <= stride <= seq_len:
         raise ValueError(f"--stride {stride} must be between 1 and --seq-len ({seq_len}).")
-    streams: dict[str | None, list[int]] = {}
-    doc_counts: dict[str | None, int] = {}
-    for doc in documents:
-        streams.setdefault(doc.domain, []).extend(_encode(tokenizer, doc.text))
-        doc_counts[doc.domain] = doc_counts.get(doc.domain, 0) + 1
+    streams, doc_counts = domain_streams(documents, tokenizer)
     if not streams:
         raise CorpusError("the corpus has no documents; pass a non-empty corpus (or another --split).")
     if max_tokens is not None:
         share = max(1, max_tokens // len(streams))
         streams = {d: s[: share + 1] for d, s in streams.items()}
-    jobs: list[tuple[str | None, list[int], int]] = []
-    for dom, stream in streams.items():
-        for begin, end, targets in windows(len(stream), seq_len, stride):
-            jobs.append((dom, stream[begin:end], targets))
+    jobs = [
+        (dom, stream[begin:end], targets)
+        for dom, stream in streams.items()
+        for begin, end, targets in sliding_windows(len(stream), seq_len, stride)
+    ]
     if not jobs:
         raise CorpusError("the corpus is too short to score (fewer than 2 tokens).")
-    nll: dict[str | None, float] = dict.fromkeys(streams, 0.0)
-    count: dict[str | None, int] = dict.fromkeys(streams, 0)
+    nll, count = _score(model, jobs, list(streams), batch_size, progress)
+    total_nll = sum(nll.values())
+    total = sum(count.values())
+    domains = {}
+    if any(d is not None for d in streams):
+        for d in streams:
+            key = d if d is not None else "(none)"
+            domains[key] = DomainPerplexity(_ppl(nll[d], count[d]), nll[d], count[d], doc_counts[d])
+    return EvalResult(_ppl(total_nll, total), total_nll / total, total, seq_len, stride, domains)
+
+
+def _score(
+    model: Any,
+    jobs: list[tuple[str | None, list[int], int]],
+    keys: list[str | None],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[dict[str | None, float], dict[str | None, int]]:
+    """Summed NLL and scored tokens per domain; windows of equal length share a forward pass."""
+    import torch
+
+    nll: dict[str | None, float] = dict.fromkeys(keys, 0.0)
+    count: dict[str | None, int] = dict.fromkeys(keys, 0)
     device = next(model.parameters()).device
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
     done = 0
@@ -199,15 +198,7 @@ def perplexity(
             done += len(batch)
             if progress:
                 progress(done, len(jobs))
-    total_nll = sum(nll.values())
-    total = sum(count.values())
-    named = [d for d in streams if d is not None]
-    domains = {}
-    if named:
-        for d in streams:
-            key = d if d is not None else "(none)"
-            domains[key] = DomainPerplexity(_ppl(nll[d], count[d]), nll[d], count[d], doc_counts[d])
-    return EvalResult(_ppl(total_nll, total), total_nll / total, total, seq_len, stride, domains)
+    return nll, count
 
 
 def _ppl(nll: float, tokens: int) -> float:
@@ -258,15 +249,6 @@ def context_warnings(config: Any, seq_len: int, model: str = "the model") -> lis
     return out
 
 
-def builtin_split(specs: Sequence[str], split: str | None) -> str | None:
-    """Held-out text by default for the built-in corpus (``demo``, ``demo:code``...)."""
-    from moescope.corpus import is_builtin
-
-    if split is None and specs and all(is_builtin(s) for s in specs):
-        return "heldout"
-    return split
-
-
 def evaluate(
     model_ref: str,
     corpus: Sequence[str],
@@ -288,7 +270,8 @@ def evaluate(
     Args:
         model_ref: ``demo``, a checkpoint directory or a hub id.
         corpus: corpus specs (see ``moescope.corpus.read_corpus``).
-        split: corpus split; ``heldout`` by default for the built-in corpus.
+        split: corpus split (``train``, ``heldout``, ``all``); ``heldout`` by default for
+            the built-in corpus (:func:`moescope.packing.resolve_split`).
         seq_len: window length.
         stride: window step.
         max_tokens: cap on scored tokens (None: the whole corpus).
@@ -315,7 +298,7 @@ def evaluate(
             on_warning(line)
         else:
             warnings.warn(line, UserWarning, stacklevel=2)
-    docs = read_corpus(list(corpus), split=builtin_split(corpus, split))
+    docs = read_corpus(list(corpus), split=resolve_split(corpus, split))
     result = perplexity(
         model,
         tokenizer,

@@ -1,4 +1,4 @@
-"""Routing statistics derived from a trace's raw sums (:class:`moescope.trace.TraceState`).
+"""Routing statistics derived from a trace's raw sums (:class:`moescope.tracedir.TraceState`).
 
 What: per-layer load imbalance (max/mean, coefficient of variation, normalised entropy),
 dead and near-dead experts, router confidence (mean top-1 gate weight, histogram of the
@@ -9,7 +9,9 @@ under a capacity factor, and expert-parallel load and all-to-all traffic.
 form of ``moescope report``.
 
 How: everything is computed from the mergeable sums in ``state.npz``, so a merged shard
-trace gives the same report as one run. Definitions, stated where they are computed:
+trace gives the same report as one run. This module imports only :mod:`moescope.tracedir`
+(the tables written into a trace directory, :func:`expert_load` and friends, live there
+and are re-exported here). Definitions, stated where they are computed:
 
 - load share ``p_e = count_e / Σ count``; imbalance ``max/mean``; ``cv = std/mean``
   (population std); ``entropy_norm = H(p) / ln E`` (1 = perfectly even).
@@ -35,13 +37,46 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from moescope.trace import TraceState
+from moescope.tracedir import (
+    CAPACITY_FACTORS,
+    EP_DEGREES,
+    HIST_BINS,
+    TraceState,
+    capacity,
+    coactivation,
+    domain_load,
+    expert_load,
+    read_trace_dir,
+)
+
+__all__ = [
+    "CAPACITY_FACTORS",
+    "EP_DEGREES",
+    "HIST_BINS",
+    "Report",
+    "balanced_placement",
+    "build_report",
+    "capacity",
+    "coactivation",
+    "coactivation_ratio",
+    "coactivation_top",
+    "confidence_histogram",
+    "dead_experts",
+    "domain_load",
+    "domain_specialisation",
+    "expert_load",
+    "expert_parallel",
+    "imbalance",
+    "js_divergence",
+    "layer_stats",
+    "load_share",
+    "mean_pairwise_jsd",
+]
 
 #: an expert is near-dead below this fraction of the mean load
 NEAR_DEAD_FRACTION = 0.1
@@ -106,72 +141,6 @@ def dead_experts(state: TraceState, layer: int, *, near: bool = False) -> list[i
     return [int(e) for e in np.nonzero(row == 0)[0]]
 
 
-# --------------------------------------------------------------------------- tables in the trace dir
-
-
-def expert_load(state: TraceState) -> pd.DataFrame:
-    """``expert_load.csv``: one row per (layer, expert)."""
-    n_l, n_e = state.counts.shape
-    return pd.DataFrame(
-        {
-            "layer": np.repeat(state.layers, n_e),
-            "expert": np.tile(np.arange(n_e), n_l),
-            "count": state.counts.reshape(-1),
-            "weight_sum": state.floats("weight").reshape(-1),
-            "out_norm_sum": state.floats("out_norm").reshape(-1),
-            "weighted_out_norm_sum": state.floats("wout_norm").reshape(-1),
-        }
-    )
-
-
-def coactivation(state: TraceState) -> pd.DataFrame:
-    """``coactivation.csv``: pairs ``expert_a < expert_b`` chosen by the same token (count > 0)."""
-    li, a, b = np.nonzero(state.coact)
-    return pd.DataFrame(
-        {
-            "layer": np.asarray(state.layers, dtype=np.int64)[li],
-            "expert_a": a,
-            "expert_b": b,
-            "count": state.coact[li, a, b],
-        }
-    )
-
-
-def domain_load(state: TraceState) -> pd.DataFrame:
-    """``domain_load.csv``: one row per (domain, layer, expert)."""
-    n_d, n_l, n_e = state.dom_counts.shape
-    return pd.DataFrame(
-        {
-            "domain": np.repeat(state.domains, n_l * n_e),
-            "layer": np.tile(np.repeat(state.layers, n_e), n_d),
-            "expert": np.tile(np.arange(n_e), n_d * n_l),
-            "count": state.dom_counts.reshape(-1),
-            "weight_sum": state.floats("dom_weight").reshape(-1),
-        }
-    )
-
-
-def capacity(state: TraceState) -> pd.DataFrame:
-    """Share of token-expert assignments dropped at each capacity factor, per layer."""
-    from moescope.trace import CAPACITY_FACTORS
-
-    rows = []
-    assignments = state.counts.sum(axis=1)
-    for i, layer in enumerate(state.layers):
-        for j, cf in enumerate(CAPACITY_FACTORS):
-            dropped = int(state.cap_dropped[i, j])
-            rows.append(
-                {
-                    "layer": layer,
-                    "capacity_factor": cf,
-                    "dropped": dropped,
-                    "assignments": int(assignments[i]),
-                    "dropped_share": dropped / assignments[i] if assignments[i] else float("nan"),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
 # --------------------------------------------------------------------------- report tables
 
 
@@ -184,7 +153,7 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
     k = state.top_k
     chance = (q**2).sum(axis=1) / k
     reuse_rate = _safe_div(state.reuse, state.reuse_pairs * k)
-    coact_ratio = _coact_ratio(state)
+    coact_ratio = coactivation_ratio(state)
     rows = []
     for i, layer in enumerate(state.layers):
         finite = coact_ratio[i][np.isfinite(coact_ratio[i])]
@@ -202,14 +171,14 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
                 "reuse_chance": float(chance[i]),
                 "reuse_ratio": float(_safe_div(reuse_rate[i], chance[i])),
                 "coact_max_ratio": float(finite.max()) if finite.size else float("nan"),
-                "domain_jsd": _mean_pairwise_jsd(state, i),
+                "domain_jsd": mean_pairwise_jsd(state, i),
                 "router_dropped": int(state.router_dropped[i]),
             }
         )
     return pd.DataFrame(rows)
 
 
-def _coact_ratio(state: TraceState) -> np.ndarray:
+def coactivation_ratio(state: TraceState) -> np.ndarray:
     """``[L, E, E]`` observed / expected pair counts (NaN below :data:`MIN_PAIR_COUNT`)."""
     q = state.counts / max(state.tokens, 1)
     expected = state.tokens * q[:, :, None] * q[:, None, :]
@@ -220,7 +189,7 @@ def _coact_ratio(state: TraceState) -> np.ndarray:
 
 def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
     """The pairs that fire together most above chance, ``per_layer`` per layer."""
-    ratio = _coact_ratio(state)
+    ratio = coactivation_ratio(state)
     q = state.counts / max(state.tokens, 1)
     rows = []
     for i, layer in enumerate(state.layers):
@@ -241,7 +210,8 @@ def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "expert_a", "expert_b", "count", "expected", "ratio"])
 
 
-def _mean_pairwise_jsd(state: TraceState, li: int) -> float:
+def mean_pairwise_jsd(state: TraceState, li: int) -> float:
+    """Mean Jensen-Shannon divergence between the expert loads of every two domains at layer index ``li``."""
     dist = [state.dom_counts[d, li] for d in range(len(state.domains)) if state.dom_counts[d, li].sum() > 0]
     if len(dist) < 2:
         return float("nan")
@@ -310,8 +280,6 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
         Columns ``layer, degree, placement, experts_per_device, imbalance,
         batch_imbalance, bytes_per_token, bytes_per_token_dedup``.
     """
-    from moescope.trace import EP_DEGREES
-
     hidden = state.meta.get("hidden_size") or 0
     nbytes = dtype_bytes or _DTYPE_BYTES.get(str(state.meta.get("dtype")), 2)
     n_e, k = state.num_experts, state.top_k
@@ -352,8 +320,6 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
 
 def confidence_histogram(state: TraceState) -> pd.DataFrame:
     """Tokens per bin of top-1 share (largest gate weight / sum of the token's gate weights)."""
-    from moescope.trace import HIST_BINS
-
     rows = []
     for i, layer in enumerate(state.layers):
         for b in range(HIST_BINS):
@@ -433,11 +399,10 @@ def build_report(trace_dir: str | Path, *, dtype_bytes: int | None = None) -> Re
     Raises:
         TraceError: the directory is missing or incomplete.
     """
-    from moescope.trace import load_trace
-
-    state, summary = load_trace(trace_dir)
+    trace = read_trace_dir(trace_dir)
+    state = trace.state
     return Report(
-        summary=summary,
+        summary=trace.summary,
         layers=layer_stats(state),
         capacity=capacity(state),
         expert_parallel=expert_parallel(state, dtype_bytes),

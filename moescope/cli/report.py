@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from moescope.cli._errors import friendly
 from moescope.cli._output import check_format, human, note, print_json, print_table
+
+if TYPE_CHECKING:
+    from moescope.stats import Report
 
 EXAMPLES = """
 Examples:
@@ -60,6 +63,15 @@ def report_cmd(
     if fmt == "json":
         print_json(rep.to_dict())
         return
+    _print_layers(rep)
+    _print_capacity(rep)
+    _print_expert_parallel(rep)
+    _print_pairs(rep)
+    _print_domains(rep)
+    note("--json prints every table, including the confidence histogram and per-layer EP rows.")
+
+
+def _print_layers(rep: Report) -> None:
     s = rep.summary
     title = f"{s.get('model')}: {s.get('tokens', 0):,} tokens, top-{s.get('top_k')} of {s.get('num_experts')} experts"
     print_table(
@@ -74,6 +86,9 @@ def report_cmd(
         ["layer", "max/mean", "cv", "entropy", "dead/near", "top-1 w", "reuse/chance", "max co-act", "domain JSD"],
         title=title,
     )  # fmt: skip
+
+
+def _print_capacity(rep: Report) -> None:
     cap = rep.capacity.pivot(index="layer", columns="capacity_factor", values="dropped_share")
     print_table(
         [
@@ -83,47 +98,56 @@ def report_cmd(
         ["layer", *(f"C={c:g}" for c in cap.columns)],
         title="Assignments dropped at capacity factor C (per batch)",
     )
+
+
+def _print_expert_parallel(rep: Report) -> None:
     ep = rep.expert_parallel
-    if not ep.empty:
-        agg = ep.groupby(["degree", "placement"], sort=True).agg(
-            imbalance=("imbalance", "mean"),
-            worst=("imbalance", "max"),
-            batch=("batch_imbalance", "mean"),
-            bytes_=("bytes_per_token", "sum"),
-            dedup=("bytes_per_token_dedup", lambda x: x.sum(min_count=1)),  # NaN (balanced) stays NaN
-        )
-        print_table(
-            [
-                [f"EP={d}", p, _f(r.imbalance), _f(r.worst), _f(r.batch), human(r.bytes_, "B"),
-                 human(r.dedup, "B") if math.isfinite(r.dedup) else "-"]
-                for (d, p), r in zip(agg.index, agg.itertuples(), strict=True)
-            ],
-            ["degree", "placement", "imbalance (mean)", "worst layer", "per batch", "a2a/token", "dedup a2a/token"],
-            title="Expert parallelism: device load max/mean over layers; all-to-all bytes per token, all layers",
-        )  # fmt: skip
-    if not rep.coactivation_top.empty:
-        top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
-        print_table(
-            [
-                [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
-                for r in top.itertuples()
-            ],  # fmt: skip
-            ["layer", "pair", "count", "expected", "ratio"],
-            title="Pairs chosen together most above chance",
-        )
-    if not rep.domains.empty:
-        dom = rep.domains.groupby("domain").agg(
-            jsd=("jsd_vs_rest", "mean"), assignments=("assignments", "sum")
-        )
-        print_table(
-            [
-                [name, r.assignments, _f(r.jsd, ".3f")]
-                for name, r in zip(dom.index, dom.itertuples(), strict=True)
-            ],
-            ["domain", "assignments", "JSD vs other domains (mean over layers)"],
-            title="Domain specialisation",
-        )
-    note("--json prints every table, including the confidence histogram and per-layer EP rows.")
+    if ep.empty:
+        return
+    agg = ep.groupby(["degree", "placement"], sort=True).agg(
+        imbalance=("imbalance", "mean"),
+        worst=("imbalance", "max"),
+        batch=("batch_imbalance", "mean"),
+        bytes_=("bytes_per_token", "sum"),
+        dedup=("bytes_per_token_dedup", lambda x: x.sum(min_count=1)),  # NaN (balanced) stays NaN
+    )
+    print_table(
+        [
+            [f"EP={d}", p, _f(r.imbalance), _f(r.worst), _f(r.batch), human(r.bytes_, "B"),
+             human(r.dedup, "B") if math.isfinite(r.dedup) else "-"]
+            for (d, p), r in zip(agg.index, agg.itertuples(), strict=True)
+        ],
+        ["degree", "placement", "imbalance (mean)", "worst layer", "per batch", "a2a/token", "dedup a2a/token"],
+        title="Expert parallelism: device load max/mean over layers; all-to-all bytes per token, all layers",
+    )  # fmt: skip
+
+
+def _print_pairs(rep: Report) -> None:
+    if rep.coactivation_top.empty:
+        return
+    top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
+    print_table(
+        [
+            [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
+            for r in top.itertuples()
+        ],  # fmt: skip
+        ["layer", "pair", "count", "expected", "ratio"],
+        title="Pairs chosen together most above chance",
+    )
+
+
+def _print_domains(rep: Report) -> None:
+    if rep.domains.empty:
+        return
+    dom = rep.domains.groupby("domain").agg(jsd=("jsd_vs_rest", "mean"), assignments=("assignments", "sum"))
+    print_table(
+        [
+            [name, r.assignments, _f(r.jsd, ".3f")]
+            for name, r in zip(dom.index, dom.itertuples(), strict=True)
+        ],
+        ["domain", "assignments", "JSD vs other domains (mean over layers)"],
+        title="Domain specialisation",
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -43,16 +43,10 @@ Examples:
   moescope trace org/name corpus/ --shard 0/4 --out traces/s0   # then: moescope merge traces/s* --out traces/all
   torchrun --nproc-per-node 4 -m moescope trace org/name corpus/ --shard env --device cuda --out 'traces/s{rank}'
 
-Packing: each document is tokenised, followed by EOS and concatenated into one stream that is cut into --seq-len windows (a window may span documents; each token keeps its document and domain).
+Packing (shared with eval and similarity): each document is tokenised with the tokenizer's own special tokens, followed by EOS and concatenated into one stream that is cut into --seq-len windows (a window may span documents; each token keeps its document and domain).
 
 Shards: --shard i/n runs batches b with b mod n == i of that same stream; --shard env takes i/n from $RANK/$WORLD_SIZE (torchrun) and '{rank}' in --out becomes i.
 """
-
-
-def _builtin_split(specs: list[str], split: str | None) -> str | None:
-    if split is None and specs and all(s == "demo" or s.startswith("demo:") for s in specs):
-        return "heldout"
-    return split
 
 
 def trace_cmd(
@@ -114,7 +108,7 @@ def trace_cmd(
             model,
             corpus,
             out,
-            split=_builtin_split(corpus, split),
+            split=split,
             revision=revision,
             dtype=dtype,
             device=device,

@@ -1,0 +1,281 @@
+"""Online reduction: recorded routing of a few batches → fixed-size sums in a :class:`TraceState`.
+
+What: :class:`Reducer` takes what :class:`moescope.routing.RoutingRecorder` recorded for
+one batch (per MoE layer: the token's top-k expert ids, gate weights and, when the family
+allows, routed-expert output norms) and adds it to the state's sums, then drops it, so
+memory does not grow with the corpus.
+
+How: batches are queued and reduced ``group`` at a time with vectorised ``bincount``
+calls (all layers at once), so the fixed cost of the ~50 small tensor ops is paid once per
+group. Sums are still binned per batch (the batch is part of every bincount code), so
+per-batch quantities (capacity drops, busiest device) and fixed-point rounding are exactly
+what reducing each batch alone would give: float sums are accumulated per batch in
+float64 and added as fixed-point integers (:data:`~moescope.tracedir.FIXED_SCALE`), so
+addition is associative and merging shards reproduces an unsharded run bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moescope.errors import TraceError
+from moescope.tracedir import CAPACITY_FACTORS, EP_DEGREES, FIXED_SCALE, HIST_BINS, TraceState
+
+
+class Reducer:
+    """Reduces recorded routing into a :class:`TraceState` (torch, vectorised).
+
+    Attributes:
+        state: the sums being filled.
+        group: batches reduced together.
+        lacks_norms: some batch had no output norms (the family's experts cannot be observed).
+    """
+
+    def __init__(self, state: TraceState, group: int = 8) -> None:
+        self.state = state
+        self.group = group
+        self.lacks_norms = False
+        self._pending: list[tuple[Any, ...]] = []
+
+    def update(self, records: Sequence[Any], mask: Any, doc: Any, dom: Any) -> None:
+        """Queue one batch (``records`` from :class:`~moescope.routing.RoutingRecorder`).
+
+        Args:
+            records: one record per MoE layer, in the state's layer order.
+            mask: ``[B, S]`` real (non-padding) tokens.
+            doc: ``[B, S]`` document index per token.
+            dom: ``[B, S]`` domain index per token (``-1``: none).
+
+        Raises:
+            TraceError: the model routed another number of experts per token than ``top_k``.
+        """
+        import torch
+
+        bsz, seq = mask.shape
+        k = self.state.top_k
+        ids = torch.stack([r.ids.reshape(bsz, seq, -1) for r in records])  # [L, B, S, k]
+        if ids.shape[-1] != k:
+            raise TraceError(f"the model routed {ids.shape[-1]} experts per token, expected top_k={k}.")
+        wts = torch.stack([r.weights.reshape(bsz, seq, -1) for r in records])
+        has_norms = all(r.norms is not None for r in records)
+        self.lacks_norms |= not has_norms
+        nrm = torch.stack([r.norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
+        wnrm = torch.stack([r.weighted_norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
+        if self._pending and self._pending[0][4].shape[1] != seq:
+            self.flush()
+        self._pending.append(
+            (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device))
+        )
+        if len(self._pending) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        """Reduce every queued batch."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            group = _Group.gather(self.state, pending)
+            if group is not None:
+                _reduce(self.state, group, pending)
+
+
+def _fx(t: Any) -> np.ndarray:
+    """Fixed point per batch (first axis), then summed: exact and order-independent."""
+    import torch
+
+    return torch.round(t.double() * FIXED_SCALE).to(torch.int64).sum(dim=0).cpu().numpy()
+
+
+@dataclass
+class _Group:
+    """The queued batches of one reduction, flattened to the ``N`` real tokens.
+
+    ``ids4``/``mask``/``doc``/``dom`` keep the padded ``[.., B, S, ..]`` layout (for
+    adjacency); ``ids_v``/``w_v`` are ``[L, N, k]``; ``bt`` is each token's batch in the
+    group; ``flat`` the bincount code of every (batch, layer, expert) assignment.
+    """
+
+    n_l: int
+    n_e: int
+    k: int
+    n_g: int
+    ids4: Any
+    mask: Any
+    doc: Any
+    dom: Any
+    vidx: Any
+    bt: Any
+    tok_per_batch: np.ndarray
+    ids_v: Any
+    w_v: Any
+    routed: Any
+    flat: Any
+    n_bins: int
+    counts_g: np.ndarray
+
+    @classmethod
+    def gather(cls, st: TraceState, pending: list[tuple[Any, ...]]) -> _Group | None:
+        """Concatenate the queued batches; ``None`` when they hold no real token."""
+        import torch
+
+        n_l, n_e, k = len(st.layers), st.num_experts, st.top_k
+        n_g = len(pending)
+        ids4 = torch.cat([p[0] for p in pending], dim=1).long()  # [L, B, S, k] over the group
+        wts4 = torch.cat([p[1] for p in pending], dim=1).double()
+        mask = torch.cat([p[4] for p in pending])
+        dev = ids4.device
+        n_b, seq = mask.shape
+        batch_of_row = torch.cat([torch.full((p[4].shape[0],), g, device=dev) for g, p in enumerate(pending)])
+        vidx = mask.reshape(-1).nonzero().squeeze(1)
+        if vidx.numel() == 0:
+            return None
+        bt = batch_of_row[:, None].expand(n_b, seq).reshape(-1)[vidx]  # [N] batch of each token
+        ids_v = ids4.reshape(n_l, n_b * seq, k)[:, vidx]  # [L, N, k]
+        w_v = wts4.reshape(n_l, n_b * seq, k)[:, vidx]
+        routed = ids_v >= 0
+        w_v = torch.where(routed, w_v, torch.zeros_like(w_v))
+        sentinel = n_l * n_e
+        off = (torch.arange(n_l, device=dev) * n_e)[:, None, None] + (bt * sentinel)[None, :, None]
+        n_bins = n_g * sentinel
+        flat = torch.where(routed, ids_v + off, torch.full_like(ids_v, n_bins)).reshape(-1)
+        group = cls(
+            n_l, n_e, k, n_g, ids4, mask, torch.cat([p[5] for p in pending]), torch.cat([p[6] for p in pending]),
+            vidx, bt, torch.bincount(bt, minlength=n_g).cpu().numpy(), ids_v, w_v, routed, flat, n_bins,
+            np.zeros(0, dtype=np.int64),
+        )  # fmt: skip
+        group.counts_g = group.per_batch(None).cpu().numpy().astype(np.int64)  # [G, L, E]
+        return group
+
+    def per_batch(self, weights: Any | None) -> Any:
+        """``[G, L, E]`` sums of ``weights`` (``None``: counts), one row per batch."""
+        import torch
+
+        sums = torch.bincount(self.flat, weights=weights, minlength=self.n_bins + 1)[: self.n_bins]
+        return sums.reshape(self.n_g, self.n_l, self.n_e)
+
+    def valid(self, tensors: list[Any]) -> Any:
+        """``[L, N, k]`` float64 of a per-batch ``[L, B, S, k]`` record, real tokens only."""
+        import torch
+
+        cat = torch.cat(tensors, dim=1).double()
+        return cat.reshape(self.n_l, -1, self.k)[:, self.vidx]
+
+
+def _reduce(st: TraceState, g: _Group, pending: list[tuple[Any, ...]]) -> None:
+    st.counts += g.counts_g.sum(axis=0)
+    st.weight_fx += _fx(g.per_batch(g.w_v.reshape(-1)))
+    if all(p[2] is not None for p in pending):
+        st.out_norm_fx += _fx(g.per_batch(g.valid([p[2] for p in pending]).reshape(-1)))
+        st.wout_norm_fx += _fx(g.per_batch(g.valid([p[3] for p in pending]).reshape(-1)))
+    st.router_dropped += (~g.routed).sum(dim=(1, 2)).cpu().numpy()
+    _add_coactivation(st, g)
+    _add_confidence(st, g)
+    _add_reuse(st, g)
+    _add_capacity(st, g)
+    _add_expert_parallel(st, g)
+    _add_domains(st, g)
+    st.tokens += int(g.vidx.numel())
+    st.windows += int(g.mask.any(dim=1).sum())
+    st.batches += g.n_g
+
+
+def _add_coactivation(st: TraceState, g: _Group) -> None:
+    """Every unordered pair within a token's top-k."""
+    import torch
+
+    if g.k < 2:
+        return
+    n_l, n_e = g.n_l, g.n_e
+    dev = g.ids_v.device
+    ia, ib = torch.triu_indices(g.k, g.k, 1, device=dev)
+    a, b = g.ids_v[:, :, ia], g.ids_v[:, :, ib]
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
+    ok = (lo >= 0) & (lo != hi)
+    loff = (torch.arange(n_l, device=dev) * n_e * n_e)[:, None, None]
+    code = torch.where(ok, loff + lo * n_e + hi, torch.full_like(lo, n_l * n_e * n_e))
+    pairs = torch.bincount(code.reshape(-1), minlength=n_l * n_e * n_e + 1)[:-1]
+    st.coact += pairs.reshape(n_l, n_e, n_e).cpu().numpy()
+
+
+def _add_confidence(st: TraceState, g: _Group) -> None:
+    """Top-1 weight and its share of the token's total weight (histogram)."""
+    import torch
+
+    dev = g.ids_v.device
+    n_l = g.n_l
+    top1 = g.w_v.max(dim=-1).values  # [L, N]
+    total = g.w_v.sum(dim=-1)
+    share = torch.where(total > 0, top1 / total.clamp(min=1e-30), torch.ones_like(total))
+    bins = (share * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+    boff = (torch.arange(n_l, device=dev) * HIST_BINS)[:, None]
+    hist = torch.bincount((bins + boff).reshape(-1), minlength=n_l * HIST_BINS)
+    st.top1_hist += hist.reshape(n_l, HIST_BINS).cpu().numpy()
+    t1code = (g.bt[None, :] * n_l + torch.arange(n_l, device=dev)[:, None]).reshape(-1)
+    top1_g = torch.bincount(t1code, weights=top1.reshape(-1), minlength=g.n_g * n_l).reshape(g.n_g, n_l)
+    st.top1_fx += _fx(top1_g)
+
+
+def _add_reuse(st: TraceState, g: _Group) -> None:
+    """Experts shared by adjacent tokens of one window and one document."""
+    mask, doc, ids4 = g.mask, g.doc, g.ids4
+    if mask.shape[1] < 2:
+        return
+    adj = mask[:, 1:] & mask[:, :-1] & (doc[:, 1:] == doc[:, :-1])
+    same = (ids4[:, :, 1:, :, None] == ids4[:, :, :-1, None, :]) & (ids4[:, :, 1:, :, None] >= 0)
+    overlap = same.sum(dim=(-1, -2))  # [L, B, S-1]
+    st.reuse += (overlap * adj).sum(dim=(1, 2)).cpu().numpy()
+    st.reuse_pairs += int(adj.sum())
+
+
+def _add_capacity(st: TraceState, g: _Group) -> None:
+    """Per batch, capacity = ``ceil(C * tokens * k / E)`` per expert; count what overflows."""
+    for j, cf in enumerate(CAPACITY_FACTORS):
+        cap = np.array([math.ceil(cf * int(n) * g.k / g.n_e) for n in g.tok_per_batch])[:, None, None]
+        st.cap_dropped[:, j] += np.clip(g.counts_g - cap, 0, None).sum(axis=(0, 2))
+
+
+def _add_expert_parallel(st: TraceState, g: _Group) -> None:
+    """Contiguous placement: distinct devices per token, and each batch's busiest device."""
+    import torch
+
+    for j, deg in enumerate(EP_DEGREES):
+        if g.n_e % deg:
+            continue
+        per = g.n_e // deg
+        devs = torch.where(g.routed, g.ids_v // per, torch.full_like(g.ids_v, -1)).sort(dim=-1).values
+        distinct = (devs[..., 0] >= 0).long() + (
+            (devs[..., 1:] != devs[..., :-1]) & (devs[..., 1:] >= 0)
+        ).sum(dim=-1)
+        st.ep_distinct[:, j] += distinct.sum(dim=-1).cpu().numpy()
+        st.ep_batch_max[:, j] += (
+            g.counts_g.reshape(g.n_g, g.n_l, deg, per).sum(axis=3).max(axis=2).sum(axis=0)
+        )
+
+
+def _add_domains(st: TraceState, g: _Group) -> None:
+    """Per-domain counts and weight sums."""
+    import torch
+
+    dom_v = g.dom.reshape(-1)[g.vidx]  # [N]
+    if not bool((dom_v >= 0).any()):
+        return
+    dev = g.ids_v.device
+    sentinel = g.n_l * g.n_e
+    n_d = int(dom_v.max()) + 1
+    dbins = g.n_g * n_d * sentinel
+    base = (g.bt * n_d + dom_v) * sentinel  # batch-major, then domain
+    lidx = (torch.arange(g.n_l, device=dev) * g.n_e)[:, None, None]
+    dcode = torch.where(
+        g.routed & (dom_v >= 0)[None, :, None],
+        base[None, :, None] + lidx + g.ids_v,
+        torch.full_like(g.ids_v, dbins),
+    ).reshape(-1)
+    shape = (g.n_g, n_d, g.n_l, g.n_e)
+    dc = torch.bincount(dcode, minlength=dbins + 1)[:-1].reshape(shape)
+    dw = torch.bincount(dcode, weights=g.w_v.reshape(-1), minlength=dbins + 1)[:-1].reshape(shape)
+    st.dom_counts[:n_d] += dc.sum(dim=0).cpu().numpy()
+    st.dom_weight_fx[:n_d] += _fx(dw)
