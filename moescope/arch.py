@@ -9,8 +9,9 @@ experts, expert width, scoring rule and the config field that holds the expert c
 parameters (quantisation scales, buffers such as ``e_score_correction_bias``) and how many
 logical parameters a packed tensor encodes (MXFP4 ``*_blocks``: two per byte).
 
-The families table is the single place that knows a family's field names; later commands
-(trace, prune) read the same :class:`MoESpec`.
+Per-family facts (field names, layer placement, routing defaults, tensor names such as
+granite's ``block_sparse_moe.input_linear``) come from the family registry
+(:mod:`moescope.families`); this module applies them the same way for every family.
 """
 
 from __future__ import annotations
@@ -20,7 +21,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from moescope import families
 from moescope.errors import ConfigError
+from moescope.families import (
+    DENSE_FAMILIES,
+    EXPERT_COUNT_KEYS,
+    LAYER_RE,
+    PER_EXPERT_RE,
+    Family,
+    Reader,
+    family_of,
+    text_config,
+)
+from moescope.families import get as _get  # noqa: F401  (imported from here by closedform, params, validate)
 
 COMPONENTS = (
     "embedding",
@@ -36,39 +49,25 @@ COMPONENTS = (
     "other",
 )
 
-#: families whose MoE layout moescope knows (kimi_k2 reads as deepseek_v3)
-MOE_FAMILIES = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "deepseek_v2",
-    "deepseek_v3",
-    "glm4_moe",
-    "olmoe",
-    "gpt_oss",
-    "phimoe",
-    "granitemoe",
-    "granitemoeshared",
-    "dbrx",
-    "llama4",
-    "jamba",
-    "switch_transformers",
-)
+#: the transformers MoE families of the registry (kimi_k2 reads as deepseek_v3)
+MOE_FAMILIES = families.moe_family_names()
 
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-
-_ALIASES = {"kimi_k2": "deepseek_v3", "llama4_text": "llama4", "glm4v_moe_text": "glm4_moe"}
-
-# Families whose config classes default tie_word_embeddings to True when the field is absent.
-_TIED_BY_DEFAULT = {
-    "gpt2",
-    "granitemoe",
-    "granitemoeshared",
-    "jamba",
-    "switch_transformers",
-    "gemma",
-    "gemma2",
-}
+# Names kept for the modules that import them (validate, closedform, params).
+_EXPERT_KEYS = EXPERT_COUNT_KEYS
+_DENSE_FAMILIES = DENSE_FAMILIES
+__all__ = [
+    "COMPONENTS",
+    "MOE_FAMILIES",
+    "MoESpec",
+    "TensorClass",
+    "classify",
+    "family_of",
+    "layer_index",
+    "moe_spec",
+    "routing_groups",
+    "rows_per_expert",
+    "text_config",
+]
 
 
 @dataclass
@@ -134,44 +133,8 @@ class MoESpec:
         return self.top_k / self.num_experts if self.is_moe and self.num_experts else None
 
 
-def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        cur: Any = cfg
-        for part in key.split("."):
-            if not isinstance(cur, dict) or part not in cur:
-                cur = None
-                break
-            cur = cur[part]
-        if cur is not None:
-            return cur
-    return default
-
-
-def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The language-model part of a (possibly multimodal) config."""
-    tc = cfg.get("text_config")
-    if isinstance(tc, dict):
-        merged = dict(tc)
-        merged.setdefault("model_type", cfg.get("model_type"))
-        if "tie_word_embeddings" not in merged and "tie_word_embeddings" in cfg:
-            merged["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-        return merged
-    return cfg
-
-
-def family_of(cfg: dict[str, Any]) -> str:
-    """Normalised family key of a config (``kimi_k2`` -> ``deepseek_v3``)."""
-    mt = cfg.get("model_type")
-    mt = mt.lower() if isinstance(mt, str) else ""
-    if not mt:
-        archs = cfg.get("architectures")
-        if isinstance(archs, list) and archs and isinstance(archs[0], str) and "Deepseek" in archs[0]:
-            mt = "deepseek_v3"
-    return _ALIASES.get(mt, mt)
-
-
 def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
-    """Read a config dict into a :class:`MoESpec`.
+    """Read a config dict into a :class:`MoESpec`, by the family's registry record.
 
     Run :func:`moescope.validate.validate_config` first: it checks every field read here
     (types, ranges, top-k against the expert count) with precise messages; the checks here
@@ -182,206 +145,32 @@ def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
         where: the file the config came from, for error messages.
 
     Returns:
-        The normalised description; dense families get ``is_moe=False``.
+        The normalised description; dense and unknown families get ``is_moe=False``
+        (unknown ones ``known=False``).
 
     Raises:
         ConfigError: when MoE fields are malformed or contradict each other (top_k > experts).
     """
-
-    def _int(_cfg: dict[str, Any], key: str, value: Any) -> int:
-        if type(value) is not int:  # floats (1e12), strings and booleans are typos, not counts
-            raise ConfigError(f"{where}: {key} is {value!r}; it must be a whole number (fix the config).")
-        if value < 0:
-            raise ConfigError(f"{where}: {key} is {value}; it must not be negative (fix the config).")
-        return value
-
     fam = family_of(cfg)
-    tcfg = text_config(cfg) if fam == "llama4" else cfg
-    tie_default = fam in _TIED_BY_DEFAULT
+    record = families.lookup(fam)
+    tcfg = text_config(cfg) if record is not None and record.fields.text_config else cfg
+    r = Reader(tcfg, where)
+    if record is not None:
+        tie_default = record.tie_default
+    else:
+        tie_default = fam in families.DENSE_TIED_BY_DEFAULT
     spec = MoESpec(
         model_type=str(cfg.get("model_type") or ""),
         family=fam,
-        tie_word_embeddings=bool(_get(tcfg, "tie_word_embeddings", default=tie_default)),
+        tie_word_embeddings=bool(r.get("tie_word_embeddings", default=tie_default)),
     )
-    if fam == "gpt2":
+    if fam == "gpt2":  # GPT-2's head is always the embedding, whatever the config says
         spec.tie_word_embeddings = True
-    if fam == "moescope_spec":
-        spec.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", True))
-    n_layers = _get(tcfg, "num_hidden_layers", "n_layer", "n_layers", "num_layers", default=0)
-    spec.num_layers = _int(cfg, "num_hidden_layers", n_layers)
-
-    def setk(exp_key: str, k_key: str) -> None:
-        # transformers' attribute_map aliases mean a saved config may hold either name
-        # (Qwen3-MoE configs from transformers 5 say num_local_experts, published ones num_experts).
-        for key in (exp_key, *_EXPERT_KEYS):
-            if _get(tcfg, key) is not None:
-                exp_key = key
-                break
-        spec.num_experts = _int(cfg, exp_key, _get(tcfg, exp_key, default=0))
-        spec.top_k = _int(cfg, k_key, _get(tcfg, k_key, default=0))
-        spec.num_experts_field, spec.top_k_field = exp_key, k_key
-
-    def layer_list(key: str, value: Any) -> list[int]:
-        if not isinstance(value, list) or any(type(i) is not int for i in value):
-            raise ConfigError(
-                f"{where}: {key} is {value!r}; it must be a list of layer indices (fix the config)."
-            )
-        return value
-
-    L = spec.num_layers
-    if fam in ("mixtral", "gpt_oss", "phimoe", "granitemoe", "granitemoeshared"):
-        setk("num_local_experts", "num_experts_per_tok")
-        if fam == "phimoe":
-            spec.top_k = spec.top_k or 2
-        spec.moe_layers = list(range(L))
-        spec.expert_intermediate_size = _int(
-            cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
-        )
-        spec.expert_width_field = "intermediate_size"
-        spec.scoring = {
-            "mixtral": "softmax",
-            "phimoe": "sparsemixer",
-        }.get(fam, "softmax_after_topk")
-        spec.norm_topk_prob = True
-        if fam == "granitemoeshared":
-            spec.shared_intermediate_size = _int(
-                cfg, "shared_intermediate_size", _get(cfg, "shared_intermediate_size", default=0)
-            )
-            spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
-    elif fam in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        setk("num_experts", "num_experts_per_tok")
-        if fam == "olmoe":
-            spec.moe_layers = list(range(L))
-            spec.expert_intermediate_size = _int(
-                cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
-            )
-            spec.expert_width_field = "intermediate_size"
-        else:
-            step = _int(cfg, "decoder_sparse_step", _get(cfg, "decoder_sparse_step", default=1)) or 1
-            only = set(layer_list("mlp_only_layers", _get(cfg, "mlp_only_layers", default=[]) or []))
-            spec.moe_layers = [
-                i for i in range(L) if i not in only and spec.num_experts > 0 and (i + 1) % step == 0
-            ]
-            spec.expert_intermediate_size = _int(
-                cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
-            )
-            spec.expert_width_field = "moe_intermediate_size"
-        if fam == "qwen2_moe":
-            spec.shared_intermediate_size = _int(
-                cfg,
-                "shared_expert_intermediate_size",
-                _get(cfg, "shared_expert_intermediate_size", default=0),
-            )
-            spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
-        spec.scoring = "softmax"
-        spec.norm_topk_prob = bool(_get(cfg, "norm_topk_prob", default=fam != "qwen2_moe"))
-    elif fam in ("deepseek_v2", "deepseek_v3", "glm4_moe"):
-        setk("n_routed_experts", "num_experts_per_tok")
-        first = _int(cfg, "first_k_dense_replace", _get(cfg, "first_k_dense_replace", default=0))
-        freq = _int(cfg, "moe_layer_freq", _get(cfg, "moe_layer_freq", default=1)) or 1
-        spec.moe_layers = [i for i in range(L) if i >= first and i % freq == 0 and spec.num_experts > 0]
-        spec.expert_intermediate_size = _int(
-            cfg, "moe_intermediate_size", _get(cfg, "moe_intermediate_size", default=0)
-        )
-        spec.expert_width_field = "moe_intermediate_size"
-        spec.num_shared_experts = _int(cfg, "n_shared_experts", _get(cfg, "n_shared_experts", default=0))
-        spec.shared_intermediate_size = spec.expert_intermediate_size * spec.num_shared_experts
-        spec.n_group = _int(cfg, "n_group", _get(cfg, "n_group", default=1)) or 1
-        spec.topk_group = _int(cfg, "topk_group", _get(cfg, "topk_group", default=1)) or 1
-        if fam == "deepseek_v2":
-            spec.scoring = "softmax"
-            spec.norm_topk_prob = False
-            if _get(cfg, "topk_method", default="greedy") == "greedy":
-                spec.n_group = spec.topk_group = 1
-        else:
-            spec.scoring = "sigmoid"
-            spec.norm_topk_prob = bool(_get(cfg, "norm_topk_prob", default=True))
-        spec.mtp_layers = _int(
-            cfg, "num_nextn_predict_layers", _get(cfg, "num_nextn_predict_layers", default=0)
-        )
-    elif fam == "dbrx":
-        spec.num_experts = _int(
-            cfg, "ffn_config.moe_num_experts", _get(cfg, "ffn_config.moe_num_experts", default=4)
-        )
-        spec.top_k = _int(cfg, "ffn_config.moe_top_k", _get(cfg, "ffn_config.moe_top_k", default=1))
-        spec.num_experts_field, spec.top_k_field = "ffn_config.moe_num_experts", "ffn_config.moe_top_k"
-        spec.expert_intermediate_size = _int(
-            cfg, "ffn_config.ffn_hidden_size", _get(cfg, "ffn_config.ffn_hidden_size", default=0)
-        )
-        spec.expert_width_field = "ffn_config.ffn_hidden_size"
-        spec.moe_layers = list(range(L))
-        spec.scoring = "softmax"
-        spec.norm_topk_prob = True
-    elif fam == "llama4":
-        setk("num_local_experts", "num_experts_per_tok")
-        layers = _get(tcfg, "moe_layers")
-        if layers is None:
-            step = (
-                _int(cfg, "interleave_moe_layer_step", _get(tcfg, "interleave_moe_layer_step", default=1))
-                or 1
-            )
-            layers = list(range(step - 1, L, step))
-        spec.moe_layers = layer_list("moe_layers", layers)
-        spec.expert_intermediate_size = _int(
-            cfg, "intermediate_size", _get(tcfg, "intermediate_size", default=0)
-        )
-        spec.expert_width_field = "intermediate_size"
-        spec.shared_intermediate_size = spec.expert_intermediate_size
-        spec.num_shared_experts = 1
-        spec.scoring = "sigmoid"
-        spec.norm_topk_prob = False
-    elif fam == "jamba":
-        setk("num_experts", "num_experts_per_tok")
-        period = _int(cfg, "expert_layer_period", _get(cfg, "expert_layer_period", default=2)) or 1
-        offset = _int(cfg, "expert_layer_offset", _get(cfg, "expert_layer_offset", default=1))
-        spec.moe_layers = [i for i in range(L) if i % period == offset] if spec.num_experts > 1 else []
-        spec.expert_intermediate_size = _int(
-            cfg, "intermediate_size", _get(cfg, "intermediate_size", default=0)
-        )
-        spec.expert_width_field = "intermediate_size"
-        spec.scoring = "softmax"
-        spec.norm_topk_prob = False
-    elif fam == "switch_transformers":
-        spec.num_experts = _int(cfg, "num_experts", _get(cfg, "num_experts", default=8))
-        spec.top_k = 1
-        spec.num_experts_field, spec.top_k_field = "num_experts", None
-        enc = _int(cfg, "num_layers", _get(cfg, "num_layers", default=12))
-        dec = _int(cfg, "num_decoder_layers", _get(cfg, "num_decoder_layers", default=enc))
-        spec.num_layers = enc + dec
-        spec.encoder_layers = enc
-
-        def sparse(n: int, stack: str) -> list[int]:
-            # As transformers does: a saved *_sparse_step wins, else the step comes from
-            # num_sparse_*_layers (default 3); block i is sparse when i % step == 1, every
-            # block when step == 1, none when step == 0.
-            if _get(cfg, f"{stack}_sparse_step") is not None:
-                step = _int(cfg, f"{stack}_sparse_step", _get(cfg, f"{stack}_sparse_step"))
-            else:
-                n_sparse = _int(
-                    cfg, f"num_sparse_{stack}_layers", _get(cfg, f"num_sparse_{stack}_layers", default=3)
-                )
-                step = n // n_sparse if n_sparse > 0 else n
-            return [i for i in range(n) if step > 0 and (i % step == 1 or step == 1)]
-
-        # encoder blocks are numbered 0..enc-1, decoder blocks enc..enc+dec-1 in moescope's layer index
-        spec.moe_layers = sparse(enc, "encoder") + [enc + i for i in sparse(dec, "decoder")]
-        spec.expert_intermediate_size = _int(cfg, "d_ff", _get(cfg, "d_ff", default=0))
-        spec.expert_width_field = "d_ff"
-        spec.scoring = "softmax"
-        spec.norm_topk_prob = False
-    elif fam == "moescope_spec":
-        setk("num_experts", "num_experts_per_tok")
-        spec.moe_layers = layer_list("moe_layers", cfg.get("moe_layers", []))
-        spec.expert_intermediate_size = _int(
-            cfg, "moe_intermediate_size", cfg.get("moe_intermediate_size", 0)
-        )
-        spec.expert_width_field = "moe_intermediate_size"
-        spec.num_shared_experts = _int(cfg, "n_shared_experts", cfg.get("n_shared_experts", 0))
-        spec.shared_intermediate_size = spec.num_shared_experts * spec.expert_intermediate_size
-        spec.encoder_layers = _int(cfg, "encoder_layers", cfg.get("encoder_layers", 0))
-        spec.scoring = "softmax"
+    spec.num_layers = r.num_layers()
+    if record is None:
+        spec.known = fam in DENSE_FAMILIES
     else:
-        spec.known = fam in _DENSE_FAMILIES
+        _read_family(spec, record, r)
     spec.is_moe = bool(spec.num_experts > 1 and spec.moe_layers)
     if spec.is_moe:
         if spec.top_k < 1:
@@ -401,31 +190,86 @@ def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
     return spec
 
 
-_DENSE_FAMILIES = {
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gpt2",
-    "gemma",
-    "gemma2",
-    "phi3",
-    "olmo",
-    "olmo2",
-    "granite",
-    "gpt_neox",
-    "falcon",
-    "starcoder2",
-}
+def _read_family(spec: MoESpec, record: Family, r: Reader) -> None:
+    """Fill ``spec`` from the config fields the family record names."""
+    f = record.fields
+    # transformers' attribute_map aliases mean a saved config may hold any of the names
+    exp_key = next((k for k in f.experts if r.has(k)), f.experts[0])
+    spec.num_experts = r.count(exp_key, f.experts_default if f.experts_default is not None else 0)
+    spec.num_experts_field = exp_key
+    if f.fixed_top_k is not None:
+        spec.top_k, spec.top_k_field = f.fixed_top_k, f.top_k
+    else:
+        assert f.top_k is not None  # a record without fixed_top_k names the field (tested)
+        spec.top_k = r.count(f.top_k, f.top_k_default if f.top_k_default is not None else 0)
+        spec.top_k_field = f.top_k
+    spec.expert_intermediate_size = r.count(f.width, 0)
+    spec.expert_width_field = f.width
+    if f.shared_count:
+        spec.num_shared_experts = r.count(f.shared_count, 0)
+        spec.shared_intermediate_size = spec.num_shared_experts * spec.expert_intermediate_size
+    elif f.shared_width:
+        spec.shared_intermediate_size = r.count(f.shared_width, 0)
+        spec.num_shared_experts = 1 if spec.shared_intermediate_size else 0
+    elif f.shared_always:
+        spec.num_shared_experts = 1
+        spec.shared_intermediate_size = spec.expert_intermediate_size
+    layers = record.placement(r, spec.num_experts)
+    spec.num_layers, spec.moe_layers, spec.encoder_layers = layers
+    spec.scoring = record.routing.scoring
+    norm = record.routing.renormalise
+    spec.norm_topk_prob = bool(r.get(f.norm_topk, default=norm)) if f.norm_topk else norm
+    spec.n_group, spec.topk_group = groups(record, r)
+    if f.mtp:
+        spec.mtp_layers = r.count(f.mtp, 0)
+
+
+def groups(record: Family, r: Reader) -> tuple[int, int]:
+    """``(n_group, topk_group)`` of group-limited routing, ``(1, 1)`` when routing is not limited.
+
+    deepseek_v2 limits groups only with ``topk_method == "group_limited_greedy"`` (its
+    default is ``greedy``); deepseek_v3-style routing always does when ``n_group > 1``.
+    """
+    mode = record.routing.groups
+    if mode is None or (mode == "topk_method" and r.get("topk_method") != "group_limited_greedy"):
+        return 1, 1
+    return r.count("n_group", 1) or 1, r.count("topk_group", 1) or 1
+
+
+def rows_per_expert(spec: MoESpec) -> int:
+    """Rows of dimension 0 that one expert owns in a fused experts tensor.
+
+    1 for ``[E, ...]`` tensors; the expert width for families whose registry record says
+    experts are packed as rows (DBRX's ``[E*I, H]``). 0 when the width is unknown.
+    """
+    record = families.lookup(spec.family)
+    if record is not None and record.tensors.packed:
+        return spec.expert_intermediate_size
+    return 1
+
+
+def routing_groups(cfg: dict[str, Any], where: str = "config.json") -> tuple[int, int, bool]:
+    """``(n_group, topk_group, needs_two_per_group)`` of a config; ``(1, 1, False)`` when not limited.
+
+    deepseek_v3-style routing scores a group by the sum of its top two experts, so a group
+    must keep at least two.
+    """
+    record = families.lookup(family_of(cfg))
+    if record is None:
+        return 1, 1, False
+    tcfg = text_config(cfg) if record.fields.text_config else cfg
+    n_group, topk_group = groups(record, Reader(tcfg, where))
+    if n_group <= 1:
+        return 1, 1, False
+    return n_group, topk_group, record.routing.group_needs_two
+
 
 # ---------------------------------------------------------------------------------------
 # Tensor classification
 # ---------------------------------------------------------------------------------------
 
-# At most 18 digits: a layer or expert number is an int64, and int() of a longer run of digits
-# (a crafted header) would be slow or refused by Python's int-string limit.
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d{1,18})\.")
-_EXPERT_RE = re.compile(r"\.experts\.(?:expert_)?(\d{1,18})\.")
+_LAYER_RE = LAYER_RE  # one layer regex for every stage (moescope.families)
+_EXPERT_RE = PER_EXPERT_RE
 _VISION_RE = re.compile(
     r"(vision_model|vision_tower|visual\.|multi_modal_projector|vision_encoder|image_newline|mm_projector)"
 )
@@ -487,7 +331,7 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
             layer += spec.encoder_layers
         em = _EXPERT_RE.search(name, le - 1)
         if em is not None:
-            es, ee = em.span(1)
+            es, ee = em.span(2)
             expert = int(name[es:ee])
             key = f"{name[:ls]}#{name[le:es]}#{name[ee:]}"
         else:
@@ -497,15 +341,32 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     moe = spec.moe_set
     mtp_layer = layer is not None and layer >= spec.num_layers > 0 and spec.family != "switch_transformers"
     in_moe = layer is None or not moe or layer in moe
-    component, is_param, factor, matmul = _classify_shape(key, ndim >= 2, layer is None, in_moe, mtp_layer)
+    component, is_param, factor, matmul = _classify_shape(
+        key, ndim >= 2, layer is None, in_moe, mtp_layer, spec.family
+    )
     return TensorClass(
         component, layer, expert if component == "routed_experts" else None, is_param, factor, matmul
     )
 
 
+@functools.cache
+def _family_markers(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Name parts that mark a family's routed and shared experts beyond the generic ``.experts.``.
+
+    Granite stores its routed experts as ``block_sparse_moe.input_linear`` / ``output_linear``
+    and its shared expert as ``shared_mlp``; the registry says so.
+    """
+    record = families.lookup(family)
+    if record is None:
+        return (), ()
+    t = record.tensors
+    routed = tuple(f".{b}.{p}".lower() for b in t.blocks for p in t.experts if p != "experts.")
+    return routed, tuple(f".{p}".lower() for p in t.shared)
+
+
 @functools.lru_cache(maxsize=65536)
 def _classify_shape(
-    name: str, multi_dim: bool, outside_layers: bool, router_ok: bool, mtp_layer: bool
+    name: str, multi_dim: bool, outside_layers: bool, router_ok: bool, mtp_layer: bool, family: str = ""
 ) -> tuple[str, bool, int, bool]:
     """(component, is_param, param_factor, is_matmul) of a name with numbers blanked."""
     is_param = not _NOT_PARAM_RE.search(name)
@@ -522,9 +383,10 @@ def _classify_shape(
         return tc("vision")
     if lname.startswith("mtp.") or ".mtp." in lname or mtp_layer:
         return tc("mtp")
-    if "shared_expert" in lname or ".shared_mlp." in lname:
+    routed, shared = _family_markers(family)
+    if "shared_expert" in lname or any(m in lname for m in shared):
         return tc("shared_experts")
-    if ".experts." in lname or lname.endswith(".experts"):
+    if ".experts." in lname or lname.endswith(".experts") or any(m in lname for m in routed):
         return tc("routed_experts")
     if (_ROUTER_RE.search(lname) or _ROUTER2_RE.search(lname)) and router_ok:
         return tc("router")

@@ -6,7 +6,9 @@ routed-expert block, with the decoder layer index as in the checkpoint;
 the selected expert ids, the gate weights the experts actually apply and, optionally,
 the norm of each routed expert's output.
 
-How (see ``TRANSFORMERS_MOE.md``): there are four adapters.
+How (see ``TRANSFORMERS_MOE.md``): there are four adapters; each family's registry record
+(:mod:`moescope.families`) names the one it uses (``Family.hooks``), and the experts class
+it applies to.
 
 - ``fused``: families whose experts class is decorated with ``use_experts_implementation``
   (mixtral, qwen2/3_moe, deepseek_v2/v3, glm4_moe, olmoe, gpt_oss, phimoe, granitemoe,
@@ -27,25 +29,31 @@ How (see ``TRANSFORMERS_MOE.md``): there are four adapters.
   capacity limit); ids are decoded from it (``-1`` = dropped), and a forward hook on each
   ``expert_{i}`` module reads its output rows.
 
+:func:`expert_weight_vectors` and :func:`router_rows` read a site's experts and router
+the way its family holds them (fused, DBRX-packed rows, one module per expert), for
+:mod:`moescope.similarity`.
+
 Recorded tensors are flat over tokens, ``[B*S, k]`` in row-major batch order, as the
 routers see them; masking padded tokens is the caller's job (see :mod:`moescope.trace`).
 """
 
 from __future__ import annotations
 
-import re
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from moescope import families
 from moescope.errors import NotMoEError
+from moescope.families import ADAPTERS
+from moescope.families import layer_of as _layer_of
 
-# Decoder blocks are ``...layers.{i}...`` in almost every family, ``blocks.{i}`` in dbrx,
-# ``block.{i}`` in switch_transformers; the first such index is the layer.
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?:\.|$)")
+if TYPE_CHECKING:
+    import numpy as np
 
-KINDS = ("fused", "dbrx", "llama4", "switch")
+KINDS = ADAPTERS  # the hook adapters (the registry's Hooks.adapter values)
 
 
 @dataclass
@@ -61,6 +69,8 @@ class MoESite:
         block: the MoE block module.
         experts: the experts module.
         router: the router module where the adapter hooks it (llama4), else ``None``.
+        family: the registry family whose experts class this is (None: an unregistered
+            family whose experts module is decorated like the fused ones).
     """
 
     name: str
@@ -71,6 +81,7 @@ class MoESite:
     block: Any = field(repr=False)
     experts: Any = field(repr=False)
     router: Any = field(default=None, repr=False)
+    family: str | None = None
 
 
 @dataclass
@@ -90,11 +101,6 @@ class LayerRecord:
     weighted_norms: Any = None
 
 
-def _layer_of(name: str) -> int | None:
-    m = _LAYER_RE.search(name)
-    return int(m.group(1)) if m else None
-
-
 def _stack_of(name: str) -> str:
     head = name.split(".")
     for part in head:
@@ -108,6 +114,24 @@ def _is_fused_experts(module: Any) -> bool:
     return hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate")
 
 
+@functools.cache
+def _experts_classes() -> dict[str, families.Family]:
+    """Experts class name -> family record, from the registry."""
+    return {f.hooks.experts_class: f for f in families.all_families() if f.hooks is not None}
+
+
+def _adapter(block: Any, experts: Any) -> tuple[str, str | None] | None:
+    """(adapter, family name) for one MoE block, or None when it is not one."""
+    record = _experts_classes().get(type(experts).__name__)
+    if record is not None and record.hooks is not None:
+        adapter = record.hooks.adapter
+        if adapter == "llama4" and not hasattr(block, record.hooks.router_module):
+            return None
+        return adapter, record.name
+    # an unregistered family built like the decorated ones: its experts take ids and weights
+    return ("fused", None) if _is_fused_experts(experts) else None
+
+
 def find_moe_sites(model: Any) -> list[MoESite]:
     """Every routed-expert block of ``model``, in module order.
 
@@ -119,28 +143,25 @@ def find_moe_sites(model: Any) -> list[MoESite]:
     """
     sites: list[MoESite] = []
     for name, module in model.named_modules():
-        cls = type(module).__name__
         experts = getattr(module, "experts", None)
         if experts is None:
             continue
         layer = _layer_of(name)
         if layer is None:
             continue
-        ecls = type(experts).__name__
-        if cls == "Llama4TextMoe" or (ecls == "Llama4TextExperts" and hasattr(module, "router")):
-            kind, router = "llama4", module.router
-        elif ecls == "SwitchTransformersExperts":
-            kind, router = "switch", None
-        elif ecls == "DbrxExperts":
-            kind, router = "dbrx", None
-        elif _is_fused_experts(experts):
-            kind, router = "fused", None
-        else:
+        found = _adapter(module, experts)
+        if found is None:
             continue
+        kind, fam = found
+        router = None
+        if kind == "llama4":
+            record = families.lookup(fam)
+            assert record is not None and record.hooks is not None
+            router = getattr(module, record.hooks.router_module)
         num = getattr(experts, "num_experts", None)
         if num is None:
             num = len(experts) if kind == "switch" else int(module.num_experts)
-        sites.append(MoESite(name, layer, _stack_of(name), kind, int(num), module, experts, router))
+        sites.append(MoESite(name, layer, _stack_of(name), kind, int(num), module, experts, router, fam))
     return sites
 
 
@@ -160,19 +181,85 @@ def require_moe_sites(model: Any, ref: str = "the model") -> list[MoESite]:
 
 
 def config_top_k(config: Any) -> int | None:
-    """Experts per token from a transformers config (``None`` when no field names it)."""
-    if getattr(config, "model_type", "") == "switch_transformers":
-        return 1
-    if getattr(config, "model_type", "") == "phimoe":
-        return 2
-    text = getattr(config, "text_config", None) or config
-    for key in ("num_experts_per_tok", "moe_top_k", "top_k", "num_selected_experts"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    ffn = getattr(text, "ffn_config", None)
-    value = getattr(ffn, "moe_top_k", None) if ffn is not None else None
-    return int(value) if isinstance(value, int) else None
+    """Experts per token from a transformers config object, by the family's registry record.
+
+    A family whose routing rule fixes k (phimoe's sparsemixer: 2, switch: 1) gets that k
+    whatever the config says. For a family moescope does not know, only the transformers
+    convention ``num_experts_per_tok`` is read; ``None`` when it is absent (callers refuse).
+    """
+    record = families.lookup(getattr(config, "model_type", None))
+    if record is None:
+        k = getattr(config, "num_experts_per_tok", None)
+        return k if isinstance(k, int) and k > 0 else None
+    f = record.fields
+    if f.fixed_top_k is not None:
+        return f.fixed_top_k
+    scope = config
+    if f.text_config and getattr(config, "text_config", None) is not None:
+        scope = config.text_config
+    value: Any = scope
+    for part in (f.top_k or "").split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+    if value is None:
+        value = f.top_k_default
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+# --------------------------------------------------------------------------- expert weights
+
+
+def expert_weight_vectors(experts: Any, num_experts: int, family: str | None = None) -> np.ndarray:
+    """``[E, D]`` flattened parameters per expert of an experts module.
+
+    The family's registry record (:mod:`moescope.families`) says how its experts module
+    holds them: fused ``[E, ...]`` parameters, DBRX's packed ``[E*I, H]`` rows (expert j's
+    rows are contiguous, so ``[E, -1]`` is exact), or one child module per expert (switch's
+    ``ModuleDict``). For an unregistered family the module's shape decides.
+    """
+    import torch
+
+    record = families.lookup(family) if family else None
+    adapter = record.hooks.adapter if record is not None and record.hooks is not None else None
+    own = list(experts.parameters(recurse=False))
+    children = list(experts.children()) if not own else []
+    per_module = adapter == "switch" or (
+        adapter is None and len(children) == num_experts and all(list(c.parameters()) for c in children)
+    )
+    if per_module:
+        parts = [torch.cat([p.detach().float().reshape(-1) for p in c.parameters()]) for c in children]
+        return torch.stack(parts).numpy()
+    rows = []
+    for p in experts.parameters():
+        packed = adapter in ("dbrx", None) and p.ndim >= 1 and p.shape[0] % num_experts == 0
+        if packed or (p.ndim >= 1 and p.shape[0] == num_experts):
+            rows.append(p.detach().float().reshape(num_experts, -1))
+    if not rows:
+        raise ValueError("no expert parameters found")
+    return torch.cat(rows, dim=1).numpy()
+
+
+def router_rows(block: Any, num_experts: int, family: str | None = None) -> np.ndarray | None:
+    """The router weight ``[E, H]`` of a MoE block, or None when not found.
+
+    A registered family's record names the router weight under the block
+    (``gate.weight``, ``router.layer.weight``, ...); otherwise the first 2-D ``gate``/``router``
+    weight with E rows outside the experts is taken.
+    """
+    record = families.lookup(family) if family else None
+    if record is not None and record.hooks is not None:
+        try:
+            p = block.get_parameter(record.hooks.router)
+        except AttributeError:
+            return None
+        return p.detach().float().numpy() if p.ndim == 2 and p.shape[0] == num_experts else None
+    for name, p in block.named_parameters():
+        if name.startswith("experts.") or "shared" in name:
+            continue
+        leaf = name.split(".")
+        if any(part in ("gate", "router") for part in leaf) and leaf[-1] == "weight" and p.ndim == 2:
+            if p.shape[0] == num_experts:
+                return p.detach().float().numpy()
+    return None
 
 
 # --------------------------------------------------------------------------- norm capture

@@ -35,6 +35,7 @@ import pandas as pd
 from moescope import __version__
 from moescope.errors import TraceError
 from moescope.outdir import atomic_output, check_destination, resolve_output, write_json_atomic
+from moescope.routing import expert_weight_vectors, router_rows
 
 MEASURES = ("weights", "router", "outputs", "coactivation")
 REDUNDANCY_MEASURES = ("weights", "router", "outputs")
@@ -136,40 +137,6 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     sim = unit @ unit.T
     np.fill_diagonal(sim, 1.0)
     return np.clip(sim, -1.0, 1.0)
-
-
-def expert_weight_vectors(experts: Any, num_experts: int) -> np.ndarray:
-    """``[E, D]`` flattened parameters per expert of an experts module.
-
-    Handles fused ``[E, ...]`` parameters, DBRX's ``[E*I, H]`` packing and per-expert
-    child modules (``ModuleList`` / ``ModuleDict``).
-    """
-    import torch
-
-    parts: list[torch.Tensor] = []
-    children = list(experts.children()) if not list(experts.parameters(recurse=False)) else []
-    if len(children) == num_experts and all(list(c.parameters()) for c in children):
-        for c in children:
-            parts.append(torch.cat([p.detach().float().reshape(-1) for p in c.parameters()]))
-        return torch.stack(parts).numpy()
-    for p in experts.parameters():
-        if p.ndim >= 1 and p.shape[0] % num_experts == 0:
-            parts.append(p.detach().float().reshape(num_experts, -1))
-    if not parts:
-        raise ValueError("no expert parameters found")
-    return torch.cat(parts, dim=1).numpy()
-
-
-def router_rows(block: Any, num_experts: int) -> np.ndarray | None:
-    """The router weight ``[E, H]`` of a MoE block, or None when not found."""
-    for name, p in block.named_parameters():
-        if name.startswith("experts.") or "shared" in name:
-            continue
-        leaf = name.split(".")
-        if any(part in ("gate", "router") for part in leaf) and leaf[-1] == "weight" and p.ndim == 2:
-            if p.shape[0] == num_experts:
-                return p.detach().float().numpy()
-    return None
 
 
 def capture_inputs(
@@ -327,8 +294,11 @@ def similarity_report(
     for i, site in enumerate(sites):
         num = site.num_experts
         ls = LayerSimilarity(site.layer, num)
-        ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num))
-        rows = router_rows(site.router if site.router is not None else site.block, num)
+        ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
+        if site.family is not None:
+            rows = router_rows(site.block, num, site.family)
+        else:
+            rows = router_rows(site.router if site.router is not None else site.block, num)
         if rows is not None:
             ls.matrices["router"] = cosine_matrix(rows)
         x = inputs.get(site.layer)

@@ -1,5 +1,8 @@
 """Tests for moescope.prune and `moescope prune`: tiny random models of six families.
 
+(Every registry family is pruned end to end in tests/test_families.py; here the stages
+are checked in detail: scores, plans, byte ranges, sharding, logits, refusals, the CLI.)
+
 Each family is built from its transformers config class (hidden 32, 2 layers, 4 experts,
 vocab 99), saved once per session; traces are hand-written by the trace-dir contract.
 """
@@ -18,7 +21,8 @@ from typer.testing import CliRunner
 
 from moescope import prune as P
 from moescope.cli.app import app
-from moescope.errors import CheckpointError, PruneError, TraceError
+from moescope.errors import CheckpointError, MoescopeError, PruneError, TraceError
+from tests.tiny import char_tokenizer, tiny_model
 
 _HIDDEN = 32
 _LAYERS = 2
@@ -432,6 +436,43 @@ def test_dbrx_packed_rows(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, np.concatenate([w1[3:6], w1[9:12]]))
 
 
+@pytest.mark.parametrize(
+    ("family", "edit", "error", "needle"),
+    [
+        ("llama", {}, "NotMoEError", "dense family"),
+        ("mixtral", {"model_type": "brand_new_moe"}, "NotMoEError", "would have to guess"),
+        ("switch_transformers", {}, "PruneError", "cannot be pruned: an encoder-decoder"),
+    ],
+)
+def test_prune_refuses_what_the_registry_cannot_vouch_for(
+    family: str, edit: dict[str, Any], error: str, needle: str, tmp_path: Path
+) -> None:
+    """Dense, unknown and unsupported families are refused before anything is written."""
+    src = tmp_path / "src"
+    tiny_model(family).save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, **edit}))
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    with pytest.raises(MoescopeError, match=needle) as info:
+        P.prune(str(src), trace, tmp_path / "o", drop=1, criterion="frequency")
+    assert type(info.value).__name__ == error
+    res = runner.invoke(
+        app, ["prune", str(src), "--trace", str(trace), "--drop", "1", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and len(_error_lines(res.stderr)) == 1 and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_top_k_is_never_guessed(tiny_models: dict[str, Path]) -> None:
+    """A config without the experts-per-token field is refused, not read as top-2."""
+    cfg = json.loads((tiny_models["mixtral"] / "config.json").read_text())
+    del cfg["num_experts_per_tok"]
+    cfg["num_hidden_layers"] = 0  # past moe_spec's own check: pruning's must still refuse
+    with pytest.raises(PruneError, match="num_experts_per_tok"):
+        P.config_top_k(cfg)
+    assert P.config_top_k({"model_type": "phimoe", "num_local_experts": 4}) == 2  # sparsemixer: always 2
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -524,23 +565,6 @@ def test_cli_errors(
 # ------------------------------------------------------------------ end to end with the trace writer
 
 
-def _char_tokenizer() -> Any:
-    import string
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {
-        t: i for i, t in enumerate([*specials, *(string.ascii_lowercase + string.digits + " .,:()=+\n")])
-    }
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_end_to_end_trace_prune_eval(family: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     trace_mod = pytest.importorskip("moescope.trace")
@@ -550,7 +574,7 @@ def test_end_to_end_trace_prune_eval(family: str, tiny_models: dict[str, Path], 
 
     src = tiny_models[family]
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    tok = _char_tokenizer()
+    tok = char_tokenizer()
 
     class Doc:
         def __init__(self, text: str, domain: str) -> None:

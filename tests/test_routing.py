@@ -1,9 +1,9 @@
 """Recorded routing equals each family's routing rule recomputed from ``output_router_logits``.
 
-For every MoE family transformers ships, a tiny random model (hidden 32, 2 layers, 4
-experts, vocab 99, fixed seed) runs once with ``output_router_logits=True`` (baseline)
-and once under :class:`moescope.routing.RoutingRecorder`. The test writes each family's
-routing rule out by hand (softmax-then-top-k, top-k-then-softmax, sigmoid, group-limited
+For every MoE family of the registry (``moescope.families``), a tiny random model from
+``tests/tiny.py`` (hidden 32, 2 layers, 4 experts, vocab 99, fixed seed) runs once with ``output_router_logits=True`` (baseline)
+and once under :class:`moescope.routing.RoutingRecorder`. The test writes each routing rule
+the registry names (``Family.routing.rule``) out by hand (softmax-then-top-k, top-k-then-softmax, sigmoid, group-limited
 with correction bias, sparsemixer, capacity-limited top-1) and checks the recorded ids and
 weights against it; it also checks the norm-capturing experts forward leaves the model's
 output unchanged and that the recorded norms equal each routed expert run on its own.
@@ -17,181 +17,23 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers as tf
 
+from moescope import families
 from moescope.errors import NotMoEError
 from moescope.routing import RoutingRecorder, config_top_k, find_moe_sites, require_moe_sites
+from tests.tiny import tiny_model
 
-_H, _LAYERS, _E, _VOCAB, _K = 32, 2, 4, 99, 2
-_COMMON = dict(
-    vocab_size=_VOCAB,
-    hidden_size=_H,
-    num_hidden_layers=_LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-_DS = dict(kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+_E, _VOCAB = 4, 99
 
-
-def _config(family: str) -> tuple[Any, type]:
-    """A tiny config and model class for ``family``."""
-    c = _COMMON
-    if family == "mixtral":
-        return tf.MixtralConfig(**c, intermediate_size=37, num_local_experts=_E, num_experts_per_tok=_K), (
-            tf.MixtralForCausalLM
-        )
-    if family == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(
-            **c,
-            intermediate_size=37,
-            moe_intermediate_size=16,
-            shared_expert_intermediate_size=16,
-            num_experts=_E,
-            num_experts_per_tok=_K,
-            norm_topk_prob=False,
-        )
-        return cfg, tf.Qwen2MoeForCausalLM
-    if family == "qwen3_moe":
-        cfg = tf.Qwen3MoeConfig(
-            **c,
-            intermediate_size=37,
-            moe_intermediate_size=16,
-            num_experts=_E,
-            num_experts_per_tok=_K,
-            norm_topk_prob=True,
-            head_dim=8,
-        )
-        return cfg, tf.Qwen3MoeForCausalLM
-    if family == "olmoe":
-        cfg = tf.OlmoeConfig(
-            **c, intermediate_size=16, num_experts=_E, num_experts_per_tok=_K, eos_token_id=1
-        )
-        return cfg, tf.OlmoeForCausalLM
-    if family == "deepseek_v2":
-        cfg = tf.DeepseekV2Config(
-            **c,
-            **_DS,
-            intermediate_size=37,
-            moe_intermediate_size=16,
-            n_routed_experts=_E,
-            n_shared_experts=1,
-            num_experts_per_tok=_K,
-            first_k_dense_replace=1,
-            topk_method="group_limited_greedy",
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.0,
-            q_lora_rank=None,
-        )
-        return cfg, tf.DeepseekV2ForCausalLM
-    if family == "deepseek_v3":
-        cfg = tf.DeepseekV3Config(
-            **c,
-            **_DS,
-            intermediate_size=37,
-            moe_intermediate_size=16,
-            n_routed_experts=_E,
-            n_shared_experts=1,
-            num_experts_per_tok=_K,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=2.5,
-            norm_topk_prob=True,
-            q_lora_rank=8,
-        )
-        return cfg, tf.DeepseekV3ForCausalLM
-    if family == "glm4_moe":
-        cfg = tf.Glm4MoeConfig(
-            **c,
-            intermediate_size=37,
-            moe_intermediate_size=16,
-            n_routed_experts=_E,
-            n_shared_experts=1,
-            num_experts_per_tok=_K,
-            first_k_dense_replace=1,
-            n_group=2,
-            topk_group=1,
-            routed_scaling_factor=1.5,
-            norm_topk_prob=True,
-            head_dim=8,
-        )
-        return cfg, tf.Glm4MoeForCausalLM
-    if family == "gpt_oss":
-        cfg = tf.GptOssConfig(
-            **c,
-            intermediate_size=16,
-            num_local_experts=_E,
-            num_experts_per_tok=_K,
-            head_dim=8,
-            sliding_window=8,
-        )
-        return cfg, tf.GptOssForCausalLM
-    if family == "phimoe":
-        return tf.PhimoeConfig(**c, intermediate_size=16, num_local_experts=_E, num_experts_per_tok=_K), (
-            tf.PhimoeForCausalLM
-        )
-    if family == "granitemoe":
-        return tf.GraniteMoeConfig(**c, intermediate_size=16, num_local_experts=_E, num_experts_per_tok=_K), (
-            tf.GraniteMoeForCausalLM
-        )
-    if family == "dbrx":
-        cfg = tf.DbrxConfig(
-            vocab_size=_VOCAB,
-            d_model=_H,
-            n_heads=4,
-            n_layers=_LAYERS,
-            max_seq_len=64,
-            ffn_config=dict(
-                moe_num_experts=_E, moe_top_k=_K, ffn_hidden_size=16, moe_normalize_expert_weights=1.0
-            ),
-            attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
-        )
-        return cfg, tf.DbrxForCausalLM
-    if family == "llama4":
-        cfg = tf.Llama4TextConfig(
-            **c,
-            intermediate_size=16,
-            intermediate_size_mlp=37,
-            num_local_experts=_E,
-            num_experts_per_tok=_K,
-            head_dim=8,
-            interleave_moe_layer_step=1,
-        )
-        return cfg, tf.Llama4ForCausalLM
-    if family == "jamba":
-        cfg = tf.JambaConfig(
-            **c,
-            intermediate_size=16,
-            num_experts=_E,
-            num_experts_per_tok=_K,
-            expert_layer_period=1,
-            expert_layer_offset=0,
-            attn_layer_period=2,
-            attn_layer_offset=1,
-            mamba_d_state=4,
-            mamba_d_conv=4,
-            mamba_expand=2,
-            mamba_dt_rank=4,
-        )
-        return cfg, tf.JambaForCausalLM
-    if family == "switch_transformers":
-        cfg = tf.SwitchTransformersConfig(
-            vocab_size=_VOCAB,
-            d_model=_H,
-            d_kv=8,
-            d_ff=37,
-            num_layers=_LAYERS,
-            num_decoder_layers=_LAYERS,
-            num_heads=4,
-            num_experts=_E,
-            expert_capacity=5,
-            encoder_sparse_step=1,
-            decoder_sparse_step=1,
-        )
-        return cfg, tf.SwitchTransformersForConditionalGeneration
-    raise KeyError(family)
+# Variants of tests/tiny.py's configs that reach the routing paths worth checking: the
+# tiny deepseek_v3 has 3 layers (layer 1 must be the only MoE one here) and a capacity of
+# 5 makes switch drop tokens in test_switch_capacity_drops_are_recorded_as_minus_one.
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "qwen2_moe": dict(norm_topk_prob=False),
+    "qwen3_moe": dict(norm_topk_prob=True),
+    "deepseek_v3": dict(num_hidden_layers=2, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=8),
+    "switch_transformers": dict(expert_capacity=5),
+}
 
 
 # ----------------------------------------------------------------- routing rules, written out
@@ -236,74 +78,82 @@ def _sparsemixer(logits: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.
     return torch.cat(ids, 1), torch.cat(ws, 1)
 
 
-def _expected(family: str, model: Any, site: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The family's routing rule applied to one layer's router logits ``[T, E]``."""
+def expected_routing(
+    family: str, model: Any, site: Any, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing rule the registry names for ``family``, applied to one layer's logits ``[T, E]``.
+
+    The rules are written out here, independently of the models' code; the registry only
+    says which one a family uses (so a wrong ``Routing.rule`` fails this test).
+    """
     cfg = model.config
+    record = families.lookup(family)
+    assert record is not None, family
     k = config_top_k(cfg)
-    if family in ("mixtral",):
-        return _softmax_topk(logits, k, True)
-    if family in ("qwen2_moe", "qwen3_moe", "olmoe"):
-        return _softmax_topk(logits, k, bool(cfg.norm_topk_prob))
-    if family == "jamba":
-        return _softmax_topk(logits, k, False)
-    if family == "dbrx":
+    assert k is not None
+    renorm = record.routing.renormalise
+    if record.fields.norm_topk:
+        renorm = getattr(cfg, record.fields.norm_topk, renorm)
+    rule = record.routing.rule
+    if rule == "softmax_topk":
+        return _softmax_topk(logits, k, bool(renorm))
+    if rule == "softmax_topk_pnorm":
         i, _ = _softmax_topk(logits, k, False)
         w = logits.float().softmax(-1).gather(1, i)
         p = cfg.ffn_config.moe_normalize_expert_weights
         return i, w / w.abs().pow(p).sum(-1, keepdim=True).pow(1 / p)
-    if family in ("gpt_oss", "granitemoe"):
+    if rule == "topk_softmax":
         return _topk_softmax(logits, k)
-    if family == "llama4":
+    if rule == "topk_sigmoid":
         v, i = logits.float().topk(k, dim=-1)
         return i, torch.sigmoid(v)
-    if family == "phimoe":
+    if rule == "sparsemixer":
         return _sparsemixer(logits, cfg.router_jitter_noise)
-    if family == "deepseek_v2":
+    if rule == "softmax_group_limited":
         s = logits.float().softmax(-1)
-        i = _group_limited(s, s, k, cfg.n_group, cfg.topk_group, "max")
+        groups = cfg.topk_method == "group_limited_greedy"
+        n_group, topk_group = (cfg.n_group, cfg.topk_group) if groups else (1, 1)
+        i = _group_limited(s, s, k, n_group, topk_group, "max")
         return i, s.gather(1, i) * cfg.routed_scaling_factor
-    if family in ("deepseek_v3", "glm4_moe"):
+    if rule == "sigmoid_group_limited":
         s = logits.float().sigmoid()
         bias = site.block.gate.e_score_correction_bias
         i = _group_limited(s, s + bias, k, cfg.n_group, cfg.topk_group, "sum2")
         w = s.gather(1, i)
-        if cfg.norm_topk_prob:
+        if renorm:
             w = w / w.sum(-1, keepdim=True)
         return i, w * cfg.routed_scaling_factor
-    if family == "switch_transformers":
-        # logits [B, S, E]; top-1 of the softmax; per sequence, an expert takes at most
-        # expert_capacity tokens in order, the rest are dropped (id -1, weight 0).
-        p = logits.float().softmax(-1)
-        w, i = p.max(-1)
-        ids = i.clone()
-        for b in range(ids.shape[0]):
-            seen = [0] * cfg.num_experts
-            for s in range(ids.shape[1]):
-                seen[int(i[b, s])] += 1
-                if seen[int(i[b, s])] > cfg.expert_capacity:
-                    ids[b, s] = -1
-        ids = ids.reshape(-1, 1)
-        w = torch.where(ids >= 0, w.reshape(-1, 1), torch.zeros_like(w.reshape(-1, 1)))
-        return ids, w
-    raise KeyError(family)
+    if rule == "capacity_top1":
+        return _capacity_top1(logits, cfg.num_experts, cfg.expert_capacity)
+    raise KeyError(rule)
 
 
-FAMILIES = [
-    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "olmoe", "gpt_oss",
-    "phimoe", "granitemoe", "dbrx", "llama4", "jamba", "switch_transformers",
-]  # fmt: skip
+def _capacity_top1(
+    logits: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch: logits ``[B, S, E]``; top-1 of the softmax; per sequence, an expert takes at
+    most ``capacity`` tokens in order, the rest are dropped (id -1, weight 0)."""
+    p = logits.float().softmax(-1)
+    w, i = p.max(-1)
+    ids = i.clone()
+    for b in range(ids.shape[0]):
+        seen = [0] * num_experts
+        for s in range(ids.shape[1]):
+            seen[int(i[b, s])] += 1
+            if seen[int(i[b, s])] > capacity:
+                ids[b, s] = -1
+    ids = ids.reshape(-1, 1)
+    return ids, torch.where(ids >= 0, w.reshape(-1, 1), torch.zeros_like(w.reshape(-1, 1)))
 
 
-def _build(family: str) -> Any:
-    torch.manual_seed(0)
-    cfg, cls = _config(family)
-    model = cls(cfg).eval()
-    if hasattr(model, "set_experts_implementation") and family not in (
-        "llama4",
-        "dbrx",
-        "switch_transformers",
-    ):
-        model.set_experts_implementation("eager")
+_expected = expected_routing
+
+#: every transformers family of the registry
+FAMILIES = list(families.moe_family_names())
+
+
+def randomise_router_biases(model: Any) -> None:
+    """Non-zero correction biases and router biases, so a plain top-k of the scores is wrong."""
     with torch.no_grad():
         for site in find_moe_sites(model):
             gate = getattr(site.block, "gate", None)
@@ -313,6 +163,15 @@ def _build(family: str) -> Any:
             router = getattr(site.block, "router", None)
             if router is not None and getattr(router, "bias", None) is not None:
                 router.bias.copy_(torch.randn_like(router.bias))
+
+
+def _build(family: str) -> Any:
+    torch.manual_seed(0)
+    model = tiny_model(family, **_VARIANTS.get(family, {}))
+    record = families.lookup(family)
+    if record is not None and record.experts_implementation:
+        model.set_experts_implementation("eager")
+    randomise_router_biases(model)
     return model
 
 
@@ -442,7 +301,9 @@ def test_switch_capacity_drops_are_recorded_as_minus_one() -> None:
     input_ids = torch.randint(0, _VOCAB, (1, 40))  # 40 tokens, 4 experts of capacity 5: drops certain
     with torch.no_grad(), RoutingRecorder(sites) as rec:
         model(input_ids=input_ids, decoder_input_ids=input_ids[:, :2])
-        ids = rec.records[0].ids
+        record = rec.records[0]
+    assert record is not None
+    ids = record.ids
     assert int((ids < 0).sum()) >= 40 - 4 * 5
     assert all(int((ids == e).sum()) <= 5 for e in range(_E))
 
@@ -455,8 +316,7 @@ def test_layer_index_is_the_checkpoints() -> None:
 
 def test_dense_model_is_not_moe() -> None:
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(**_COMMON, intermediate_size=37)
-    model = tf.LlamaForCausalLM(cfg)
+    model = tiny_model("llama")
     assert find_moe_sites(model) == []
     with pytest.raises(NotMoEError, match="no routed experts.*demo"):
         require_moe_sites(model, "tiny-llama")

@@ -2,7 +2,8 @@
 
 Validates flags, calls :func:`moescope.prune.prune`, prints the plan (table, ``--json``
 or ``--csv``). The checkpoint is streamed shard by shard and reloaded with transformers
-to prove it runs (``--no-verify`` skips the reload for models too large for memory).
+to prove it runs, in the checkpoint's own dtype unless ``--dtype`` says otherwise, on
+``--device`` (``--no-verify`` skips the reload for models too large for memory).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._options import CriterionOpt, QuietOpt, RevisionOpt
+from moescope.cli._options import (
+    CriterionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    QuietOpt,
+    RevisionOpt,
+    TrustRemoteCodeOpt,
+)
 from moescope.cli._output import (
     check_format,
     note,
@@ -31,6 +39,7 @@ Examples:
   moescope prune demo --trace trace/ --ratio 0.25 --dry-run
   moescope prune demo --trace trace/ --drop 2 --criterion reap --out demo-6e/
   moescope prune demo --trace trace/ --keep 4 --criterion frequency --balance-domains --out demo-4e/
+  moescope prune demo --trace trace/ --ratio 0.5 --device cpu --dtype float32 --out demo-4e-fp32/
   moescope eval demo-6e/ demo
 """
 
@@ -63,11 +72,17 @@ def prune_cmd(
     ] = False,
     verify: Annotated[
         bool,
-        typer.Option("--verify/--no-verify", help="Reload the result with transformers and run a forward."),
+        typer.Option(
+            "--verify/--no-verify",
+            help="Reload the result with transformers (on --device, in --dtype) and run a forward.",
+        ),
     ] = True,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --out directory.")
     ] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (per-expert rows).")] = False,
@@ -104,29 +119,42 @@ def prune_cmd(
             verify=verify,
             overwrite=overwrite,
             revision=revision,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
             progress=on_shard,
         )
     if dry_run:
-        records = plan.records()
-        if fmt == "json":
-            print_json(records)
-        elif fmt == "csv":
-            print_csv(records)
-        else:
-            rows = []
-            for layer in plan.kept:
-                recs = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["rank"])
-                drops = [f"{r['expert']} ({r['score']:.4g})" for r in recs if r["action"] == "drop"]
-                rows.append([layer, " ".join(str(e) for e in plan.kept[layer]), ", ".join(drops)])
-            print_table(
-                rows,
-                ["layer", "keep", "drop (score)"],
-                title=f"Pruning plan: {criterion}, "
-                f"{plan.num_experts} -> {plan.keep} experts per layer (dry run)",
-                justify_right=[True, False, False],
-            )
+        _print_plan(plan, fmt, criterion)
+    else:
+        assert result is not None
+        _print_result(plan, result, fmt, criterion)
+
+
+def _print_plan(plan: Any, fmt: str, criterion: str) -> None:
+    """The dry run's candidates: per-expert records (--json/--csv) or one row per layer."""
+    records = plan.records()
+    if fmt == "json":
+        print_json(records)
         return
-    assert result is not None
+    if fmt == "csv":
+        print_csv(records)
+        return
+    rows = []
+    for layer in plan.kept:
+        recs = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["rank"])
+        drops = [f"{r['expert']} ({r['score']:.4g})" for r in recs if r["action"] == "drop"]
+        rows.append([layer, " ".join(str(e) for e in plan.kept[layer]), ", ".join(drops)])
+    print_table(
+        rows,
+        ["layer", "keep", "drop (score)"],
+        title=f"Pruning plan: {criterion}, {plan.num_experts} -> {plan.keep} experts per layer (dry run)",
+        justify_right=[True, False, False],
+    )
+
+
+def _print_result(plan: Any, result: Any, fmt: str, criterion: str) -> None:
+    """What was written: a summary object (--json), per-expert records (--csv) or a table."""
     summary: dict[str, Any] = {
         "out": str(result.out),
         "criterion": criterion,
@@ -140,22 +168,24 @@ def prune_cmd(
     }
     if fmt == "json":
         print_json(summary)
-    elif fmt == "csv":
+        return
+    if fmt == "csv":
         print_csv(plan.records())
-    else:
-        from moescope.cli._output import human
+        return
+    from moescope.cli._output import human
 
-        rows = [[layer, " ".join(map(str, kept))] for layer, kept in plan.kept.items()]
-        print_table(
-            rows,
-            ["layer", "kept experts (old ids; new ids count from 0)"],
-            title=f"{criterion}: {plan.num_experts} -> {plan.keep} experts per layer",
-            justify_right=[True, False],
-        )
-        note(
-            f"wrote {result.out} ({human(result.bytes_out, 'B')} of weights, was "
-            f"{human(result.bytes_in, 'B')}); {'reloaded and ran a forward pass' if result.verified else 'not verified'}"
-        )
+    rows = [[layer, " ".join(map(str, kept))] for layer, kept in plan.kept.items()]
+    print_table(
+        rows,
+        ["layer", "kept experts (old ids; new ids count from 0)"],
+        title=f"{criterion}: {plan.num_experts} -> {plan.keep} experts per layer",
+        justify_right=[True, False],
+    )
+    verified = "reloaded and ran a forward pass" if result.verified else "not verified"
+    note(
+        f"wrote {result.out} ({human(result.bytes_out, 'B')} of weights, was "
+        f"{human(result.bytes_in, 'B')}); {verified}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,101 @@
+"""``prune``: score, plan, rewrite and verify in one call (what ``moescope prune`` runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from moescope.errors import PruneError
+from moescope.outdir import check_destination
+from moescope.prune.layout import detect_layout
+from moescope.prune.plan import PrunePlan, check_trace_matches, plan_prune, resolve_keep
+from moescope.prune.score import CRITERIA, expert_scores
+from moescope.prune.source import open_checkpoint, resolve_checkpoint_dir
+from moescope.prune.tracedata import read_trace
+from moescope.prune.write import PruneResult, prune_checkpoint
+
+
+def prune(
+    model: str,
+    trace: str | Path,
+    out: str | Path,
+    *,
+    drop: int | None = None,
+    keep: int | None = None,
+    ratio: float | None = None,
+    criterion: str = "reap",
+    seed: int = 0,
+    balance_domains: bool = False,
+    dry_run: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[PrunePlan, PruneResult | None]:
+    """Score, plan and (unless ``dry_run``) write and verify a pruned checkpoint.
+
+    Args:
+        model: model reference (``demo``, a directory, a hub id).
+        trace: trace directory recorded on the same model.
+        out: output directory.
+        drop: experts to drop per layer.
+        keep: experts to keep per layer.
+        ratio: fraction of experts to drop per layer.
+        criterion: one of :data:`CRITERIA`.
+        seed: seed for ``random``.
+        balance_domains: average per-domain normalised loads.
+        dry_run: plan only; write nothing.
+        verify: reload the result with transformers and run a forward pass.
+        overwrite: replace an existing ``out``.
+        revision: hub revision.
+        device: torch device of the verification reload.
+        dtype: dtype of the verification reload (``auto``: the checkpoint's own).
+        trust_remote_code: allow the checkpoint's own modelling code in the reload.
+        progress: per-shard callback.
+
+    Returns:
+        ``(plan, result)``; ``result`` is None for a dry run.
+
+    Raises:
+        PruneError, TraceError, CheckpointError, NotMoEError: see the message.
+    """
+    if criterion not in CRITERIA:
+        raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
+    if not dry_run:
+        check_destination(out, "prune", inputs=[trace, model], replace=overwrite)
+    tr = read_trace(trace)
+    ckpt = open_checkpoint(resolve_checkpoint_dir(model, revision))
+    layout = detect_layout(ckpt)
+    check_trace_matches(tr, ckpt, layout, model)
+    n_keep = resolve_keep(layout.num_experts, drop=drop, keep=keep, ratio=ratio)
+    scores = expert_scores(tr, criterion, seed=seed, balance_domains=balance_domains)
+    plan = plan_prune(
+        scores,
+        num_experts=layout.num_experts,
+        top_k=layout.top_k,
+        keep=n_keep,
+        criterion=criterion,
+        config=ckpt.config,
+        seed=seed,
+        balance_domains=balance_domains,
+    )
+    if dry_run:
+        return plan, None
+    result = prune_checkpoint(
+        ckpt,
+        layout,
+        plan,
+        out,
+        model_ref=model,
+        trace_path=tr.path,
+        trace_summary=tr.summary,
+        trace_load=tr.expert_load,
+        overwrite=overwrite,
+        verify=verify,
+        verify_options={"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code},
+        progress=progress,
+    )
+    return plan, result

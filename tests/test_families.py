@@ -1,0 +1,276 @@
+"""The family registry: every record is complete, and every family works end to end.
+
+For each MoE family of :mod:`moescope.families`, with its tiny config from ``tests/tiny.py``:
+
+- fast: ``save_pretrained`` -> ``moescope params DIR --json`` equals the model built on the
+  meta device: total = ``sum(p.numel())``; active = total - routed-expert parameters x
+  (1 - k/E) per MoE layer, with the routed parameters counted from the meta model's
+  ``experts`` modules (not from tensor names, as ``params`` does);
+- slow: ``moescope trace`` counts equal the family's routing rule recomputed from
+  ``output_router_logits`` (the rules of tests/test_routing.py); ``moescope prune`` writes a
+  checkpoint that reloads and runs, and ``params`` on it equals its own meta-device count;
+  a family ``prune`` does not support is refused with one ``Error:`` line.
+
+Adding a family: one module in ``moescope/families/`` and one tiny config in ``tests/tiny.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields as dc_fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from moescope import families
+from moescope.arch import moe_spec, routing_groups
+from moescope.cli.app import app
+from moescope.closedform import has_closed_form
+from moescope.errors import NotMoEError
+from moescope.families import _base
+from moescope.routing import find_moe_sites
+from tests.test_routing import expected_routing, randomise_router_biases
+from tests.tiny import FAMILIES as TINY
+from tests.tiny import auto_class, char_tokenizer, meta_model, tiny_model
+
+runner = CliRunner()
+FAMILIES = list(families.moe_family_names())
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # the char tokenizer's
+# deepseek_v3's tiny config has 4 experts in 2 groups: no count keeps 2 per group below 4
+_E2E = {"deepseek_v3": dict(n_routed_experts=8)}
+_SEQ, _WINDOWS = 16, 4
+
+
+# ----------------------------------------------------------------------------- the records
+
+
+@pytest.mark.parametrize("record", families.all_families(), ids=lambda r: r.name)
+def test_record_is_complete(record: families.Family) -> None:
+    assert record.summary and families.lookup(record.name) is record
+    for alias in record.aliases:
+        assert families.lookup(alias) is record and families.family_of({"model_type": alias}) == record.name
+    f = record.fields
+    assert f.experts and all(f.experts) and f.width
+    # the experts-per-token count is always known: a field, or the k the routing rule fixes
+    assert (f.top_k is None) != (f.fixed_top_k is None), "name top_k or fixed_top_k, not both"
+    assert record.placement.rule in _base.PLACEMENTS
+    assert len(record.placement.fields) == {"all": 0, "switch": 0}.get(record.placement.rule, 2)
+    assert record.routing.rule in _base.RULES
+    assert record.routing.groups in (None, "always", "topk_method")
+    t = record.tensors
+    assert t.blocks and t.routers and t.experts and t.stored in _base.STORED
+    assert all(p.endswith(".") for p in (*t.experts, *t.shared))
+    assert record.attention.kind in ("gqa", "mla", "hybrid")
+    assert record.attention.sliding in (None, "all_layers", "layer_types", "max_window_layers")
+    assert (record.closed_form is not None) == has_closed_form({"model_type": record.name})
+    assert record.prune is None or record.prune.strip()
+    if record.config_class is None:  # moescope's own spec format: nothing to build or run
+        assert record.hooks is None and record.prune
+        return
+    assert hasattr(transformers, record.config_class)
+    assert record.hooks is not None and record.hooks.adapter in _base.ADAPTERS
+    assert record.hooks.experts_class and record.hooks.router
+    assert record.name in TINY, "add a tiny config for the family to tests/tiny.py"
+
+
+def test_registry_lookup_and_refusals() -> None:
+    assert families.lookup("KIMI_K2") is families.lookup("deepseek_v3")
+    assert families.lookup("llama") is None and families.lookup(None) is None
+    with pytest.raises(NotMoEError, match="dense"):
+        families.require({"model_type": "llama"}, "pruning")
+    with pytest.raises(NotMoEError, match="not a MoE family moescope knows.*guess"):
+        families.require({"model_type": "brand_new_moe"}, "pruning")
+    assert {f.name for f in families.all_families()} >= set(FAMILIES) | {"moescope_spec"}
+
+
+def test_every_record_field_is_documented() -> None:
+    for cls in (_base.Family, _base.Fields, _base.Routing, _base.Tensors, _base.Hooks, _base.Attention):
+        doc = cls.__doc__ or ""
+        for field in dc_fields(cls):
+            assert f"{field.name}:" in doc, f"{cls.__name__}.{field.name} is not documented"
+
+
+def test_group_limited_predicate_is_one() -> None:
+    v2 = {"model_type": "deepseek_v2", "n_group": 2, "topk_group": 1, "n_routed_experts": 8}
+    assert routing_groups(v2) == (1, 1, False)  # topk_method defaults to greedy
+    assert routing_groups({**v2, "topk_method": "group_limited_greedy"}) == (2, 1, False)
+    v3 = {**v2, "model_type": "deepseek_v3"}
+    assert routing_groups(v3) == (2, 1, True)
+    spec = moe_spec({**v2, "num_hidden_layers": 2, "num_experts_per_tok": 2})
+    assert (spec.n_group, spec.topk_group) == (1, 1)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _true_top_k(cfg: Any, family: str) -> int:
+    """Experts per token, from the transformers config object (not moescope's registry)."""
+    if family == "switch_transformers":
+        return 1
+    if family == "phimoe":  # sparsemixer always picks two
+        return 2
+    if family == "dbrx":
+        return int(cfg.ffn_config.moe_top_k)
+    return int(cfg.num_experts_per_tok)
+
+
+def _meta_counts(cfg: Any, family: str) -> tuple[int, int, list[int], int]:
+    """(total, active, MoE layer indices, experts) of the model built on the meta device."""
+    model = meta_model(cfg, family)
+    total = sum(p.numel() for p in model.parameters())
+    k = _true_top_k(cfg, family)
+    inactive, layers, counts = 0, [], set()
+    enc = getattr(cfg, "num_layers", 0) if family == "switch_transformers" else 0
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        layer = families.layer_of(name)
+        if experts is None or layer is None or not list(experts.parameters()):
+            continue
+        n = len(experts) if isinstance(experts, torch.nn.ModuleDict) else int(experts.num_experts)
+        routed = sum(p.numel() for p in experts.parameters())
+        inactive += int(round(routed * (1 - k / n)))
+        layers.append(layer + enc if name.startswith("decoder.") else layer)
+        counts.add(n)
+    assert len(counts) == 1
+    return total, total - inactive, layers, counts.pop()
+
+
+def _params(path: Path) -> dict[str, Any]:
+    res = runner.invoke(app, ["params", str(path), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) == 1
+    return dict(rows[0])
+
+
+def _check_params(path: Path, family: str) -> dict[str, Any]:
+    """``moescope params`` on a saved checkpoint against the meta-device count of its config."""
+    row = _params(path)
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    total, active, layers, num = _meta_counts(cfg, family)
+    assert row["model_type"] == cfg.model_type and row["is_moe"]
+    assert row["total_params"] == total
+    assert row["active_params"] == active
+    assert row["moe_layers"] == layers and row["num_experts"] == num
+    assert row["top_k"] == _true_top_k(cfg, family)
+    return row
+
+
+def _save(family: str, root: Path, **overrides: Any) -> tuple[Any, Path]:
+    torch.manual_seed(0)
+    model = tiny_model(family, **_IDS, **overrides)
+    record = families.lookup(family)
+    assert record is not None and record.hooks is not None
+    with torch.no_grad():  # router logits large enough to beat the random biases: varied routes
+        for site in find_moe_sites(model):
+            site.block.get_parameter(record.hooks.router).mul_(20.0)
+    randomise_router_biases(model)
+    path = root / family
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return model, path
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_params_of_saved_checkpoint_equals_meta_count(family: str, tmp_path: Path) -> None:
+    """save_pretrained's layout (granite: block_sparse_moe.input_linear) is accounted exactly."""
+    _, path = _save(family, tmp_path)
+    _check_params(path, family)
+
+
+def _corpus(path: Path) -> Path:
+    """One document of _WINDOWS * _SEQ - 1 characters: with EOS it fills the windows exactly."""
+    text = ("the quick brown fox 0123456789 jumps over (lazy) dogs, again: x=y+1. " * 8)[
+        : _WINDOWS * _SEQ - 1
+    ]
+    path.write_text(text)
+    return path
+
+
+def _recomputed_counts(path: Path, family: str, text: str) -> dict[tuple[int, int], int]:
+    """Counts per (layer, expert) of the family's routing rule on the trace's windows."""
+    tok = char_tokenizer()
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = torch.tensor(ids).reshape(_WINDOWS, _SEQ)
+    loaded = auto_class(family).from_pretrained(path, dtype=torch.float32).eval()
+    sites = find_moe_sites(loaded)
+    with torch.no_grad():
+        if family == "switch_transformers":
+            out = loaded(input_ids=batch, decoder_input_ids=batch[:, :1], output_router_logits=True)
+            logits = list(out.encoder_router_logits)
+            sites = [s for s in sites if s.stack == "encoder"]
+        else:
+            logits = list(loaded(input_ids=batch, output_router_logits=True).router_logits)
+    assert len(logits) == len(sites)
+    counts: dict[tuple[int, int], int] = {}
+    for site, lg in zip(sites, logits, strict=True):
+        chosen, _ = expected_routing(family, loaded, site, lg)
+        for e in chosen[chosen >= 0].tolist():
+            counts[(site.layer, e)] = counts.get((site.layer, e), 0) + 1
+    return counts
+
+
+def _trace(path: Path, family: str, corpus: Path, out: Path) -> None:
+    record = families.lookup(family)
+    assert record is not None
+    if record.causal_lm:
+        args = ["trace", str(path), str(corpus), "--out", str(out), "--seq-len", str(_SEQ)]
+        res = runner.invoke(app, [*args, "--batch-size", str(_WINDOWS), "--no-plots", "-q"])
+        assert res.exit_code == 0, res.stderr
+        return
+    from moescope.trace import trace_model  # an encoder-decoder: the CLI loads causal LMs only
+
+    class Doc:
+        text, domain, doc_id = corpus.read_text(), None, None
+
+    model = auto_class(family).from_pretrained(path, dtype=torch.float32).eval()
+    trace_model(model, char_tokenizer(), [Doc()], out, seq_len=_SEQ, batch_size=_WINDOWS, plots=False)
+
+
+def _keep(config: dict[str, Any], num: int, top_k: int) -> int:
+    """A kept count the plan accepts: one fewer per routing group."""
+    n_group, _, _ = routing_groups(config)
+    return max(num - n_group, top_k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_end_to_end(family: str, tmp_path: Path) -> None:
+    import pandas as pd
+
+    _, path = _save(family, tmp_path, **_E2E.get(family, {}))
+    row = _check_params(path, family)
+    corpus = _corpus(tmp_path / "corpus.txt")
+    _trace(path, family, corpus, tmp_path / "trace")
+    load = pd.read_csv(tmp_path / "trace" / "expert_load.csv")
+    got = {(int(r.layer), int(r.expert)): int(r.count) for r in load.itertuples() if r.count}
+    assert got == _recomputed_counts(path, family, corpus.read_text())
+
+    record = families.lookup(family)
+    assert record is not None
+    config = json.loads((path / "config.json").read_text())
+    keep = _keep(config, row["num_experts"], row["top_k"])
+    out = tmp_path / "pruned"
+    args = ["prune", str(path), "--trace", str(tmp_path / "trace"), "--keep", str(keep), "--out", str(out)]
+    res = runner.invoke(app, [*args, "--criterion", "frequency", "--json"])
+    if record.prune is not None:
+        assert res.exit_code == 1 and "cannot be pruned" in res.stderr and "Traceback" not in res.stderr
+        assert len([x for x in res.stderr.splitlines() if x.startswith("Error:")]) == 1
+        assert not out.exists()
+        return
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["verified"] is True
+    pruned = _check_params(out, family)
+    assert pruned["num_experts"] == keep and pruned["total_params"] < row["total_params"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(p.numel() for p in reloaded.parameters()) == pruned["total_params"]
+    with torch.no_grad():
+        logits = reloaded(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.isfinite(logits).all()
