@@ -47,6 +47,10 @@ def process_group(device: str) -> Iterator[tuple[int, int]]:
         yield rank_world()
         return
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     try:
         yield dist.get_rank(), dist.get_world_size()

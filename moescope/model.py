@@ -204,3 +204,13 @@ def load_model(
         model._moescope_offload = offload  # the offload folder lives as long as the model
     model.eval()
     return model, tok
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local checkpoint directory (tokenizer.json / sentencepiece / tiktoken: no pickles)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({str(exc).splitlines()[0]}).") from exc

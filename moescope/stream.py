@@ -231,6 +231,7 @@ class StreamedModel:
         self.layers = decoder_layers(model, self.num_layers)
         self.shards = _index_checkpoint(self.path, self.num_layers)
         self.bytes_read = 0
+        self.passes = 0
         self._handles: dict[Path, Any] = {}
         self._transformers = transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -373,6 +374,7 @@ class StreamedModel:
         with torch.inference_mode():
             as_tuple = self._returns_tuple(batches[0])
             for start, stop in self._chunks(batches, max_hidden_bytes):
+                self.passes += 1
                 self._run_chunk(batches, start, stop, as_tuple, after_layer, logits, progress)
 
     def _chunks(self, batches: Sequence[dict[str, Any]], limit: int | None) -> list[tuple[int, int]]:

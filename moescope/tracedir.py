@@ -222,6 +222,8 @@ def build_summary(
         "top_k": state.top_k,
         "domains": state.domains,
         "shard": meta.get("shard"),
+        # how the model ran: whole / stream (bytes read, passes) / device_map, torchrun ranks
+        "execution": meta.get("execution"),
         "layers": layers,
         "timings": {
             **({"load_seconds": meta["load_seconds"]} if "load_seconds" in meta else {}),

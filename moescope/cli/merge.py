@@ -21,7 +21,7 @@ Examples:
   moescope merge traces/s* --out traces/all --json
 
 Run the shards anywhere (one process per GPU or machine), e.g. with torchrun:
-  torchrun --nproc-per-node 4 -m moescope trace MODEL CORPUS --shard $RANK/4 --out traces/s$RANK
+  torchrun --nproc-per-node 4 -m moescope trace MODEL CORPUS --shard env --out 'traces/s{rank}'
 or plainly: for i in 0 1 2 3; do moescope trace MODEL CORPUS --shard $i/4 --out traces/s$i & done
 """
 

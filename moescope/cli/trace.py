@@ -16,11 +16,14 @@ import typer
 
 from moescope.cli._errors import friendly
 from moescope.cli._options import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     QuietOpt,
     RevisionOpt,
     SplitOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
 )
 from moescope.cli._output import (
@@ -41,7 +44,10 @@ Examples:
   moescope trace demo demo:code demo:prose --max-tokens 20000 --save-routes --out traces/demo
   moescope trace org/name notes.jsonl --seq-len 1024 --batch-size 4 --dtype bfloat16 --out traces/run
   moescope trace org/name corpus/ --shard 0/4 --out traces/s0   # then: moescope merge traces/s* --out traces/all
-  torchrun --nproc-per-node 4 -m moescope trace org/name corpus/ --shard env --device cuda --out 'traces/s{rank}'
+  moescope trace org/name corpus/ --max-memory 20GiB --out traces/run   # streams layer by layer if it does not fit
+  torchrun --nproc-per-node 4 -m moescope trace org/name corpus/ --device cuda --out traces/run   # one trace, 4 GPUs
+
+Execution: the model is loaded whole when its weights fit --max-memory (default about 85% of available memory) and streamed one decoder layer at a time otherwise (--stream/--no-stream force either); stderr says which and why. --device-map auto hands placement across GPUs, CPU and disk to accelerate. Under torchrun the ranks split the batches, the sums are all-reduced and rank 0 writes one trace, equal to a single-process run.
 
 Packing (shared with eval and similarity): each document is tokenised with the tokenizer's own special tokens, followed by EOS and concatenated into one stream that is cut into --seq-len windows (a window may span documents; each token keeps its document and domain).
 
@@ -66,6 +72,9 @@ def trace_cmd(
     split: SplitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
+    device_map: DeviceMapOpt = None,
     save_routes: Annotated[
         bool, typer.Option("--save-routes", help="Also write per-token routes as Parquet under routes/.")
     ] = False,
@@ -120,8 +129,14 @@ def trace_cmd(
             save_routes=save_routes,
             plots=not no_plots,
             progress=on_progress,
+            max_memory=max_memory,
+            stream=stream,
+            device_map=device_map,
+            on_plan=None if quiet else note,
         )
     summary: dict[str, Any] = result.summary
+    if not summary:  # a torchrun rank other than 0: rank 0 writes and reports
+        return
     cstats = summary.get("corpus_stats") or {}
     if cstats.get("empty_documents"):
         warn(f"{cstats['empty_documents']} empty document(s) skipped.")

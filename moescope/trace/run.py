@@ -118,11 +118,17 @@ class _Target:
 def _target(model: Any, model_ref: str) -> _Target:
     """The MoE sites to hook and the module to run (the encoder of an encoder-decoder).
 
+    ``model`` may be a :class:`moescope.stream.StreamedModel`: its skeleton is hooked and
+    the streamer is the runner.
+
     Raises:
         NotMoEError: no routed experts; TraceError: a layout the trace cannot record.
     """
     from moescope.routing import config_top_k, require_moe_sites
 
+    streamer = model if _is_streamed(model) else None
+    if streamer is not None:
+        model = streamer.model
     sites = require_moe_sites(model, model_ref)
     if model.config.is_encoder_decoder:
         # the decoder's MoE layers need target text; trace the encoder stack
@@ -141,8 +147,14 @@ def _target(model: Any, model_ref: str) -> _Target:
     top_k = config_top_k(model.config)
     if top_k is None:
         raise TraceError(f"{model_ref}: cannot tell experts per token from the config.")
-    device = next(model.parameters()).device
-    return _Target(runner, sites, layers, n_exp.pop(), top_k, device)
+    device = streamer.device if streamer is not None else next(model.parameters()).device
+    return _Target(streamer or runner, sites, layers, n_exp.pop(), top_k, device)
+
+
+def _is_streamed(model: Any) -> bool:
+    from moescope.stream import StreamedModel
+
+    return isinstance(model, StreamedModel)
 
 
 def _hidden_size(config: Any) -> int | None:
@@ -158,7 +170,9 @@ def _run_meta(model: Any, model_ref: str, settings: dict[str, Any], meta: dict[s
     """The run description stored in the state (and the summary)."""
     from moescope.identity import model_fingerprint
 
-    param = next(model.parameters())
+    if _is_streamed(model):
+        model = model.model
+    param = next(p for p in model.parameters() if p.device.type != "meta")
     run_meta: dict[str, Any] = {
         "model": model_ref,
         "model_type": getattr(model.config, "model_type", None),
@@ -194,6 +208,7 @@ class _Loop:
     progress: Callable[[int, int | None], None] | None = None
     forward_s: float = 0.0
     traced: int = 0
+    hidden_budget: int | None = None
     pack: PackStats = field(default_factory=PackStats)
 
 
@@ -204,6 +219,8 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
     from moescope.identity import StreamHasher
     from moescope.routing import RoutingRecorder
 
+    if _is_streamed(loop.target.runner):
+        return _run_batches_streamed(loop, windows, batch_size, seq_len)
     reducer = Reducer(loop.state)
     hasher = StreamHasher(seq_len)
     window0 = 0
@@ -241,6 +258,66 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
     return hasher.hexdigest()
 
 
+def _run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: int) -> str:
+    """The streamed pass: this shard's batches run layer-major, reduced in batch order.
+
+    A batch's records are complete once the last MoE layer has run on it; it is reduced
+    right then, and batches reach that point in order, so the sums are the in-memory run's.
+    """
+    from moescope.identity import StreamHasher
+    from moescope.routing import RoutingRecorder
+
+    streamer = loop.target.runner
+    hasher = StreamHasher(seq_len)
+    mine: list[tuple[int, int, Any]] = []  # (batch index, first window, collated batch)
+    window0 = 0
+    for b, group in enumerate(batched(windows, batch_size)):
+        for w in group:
+            hasher.update(w.tokens.tobytes(), w.domains.tobytes())
+        if b % loop.shard[1] == loop.shard[0]:
+            mine.append((b, window0, collate(group, loop.pad_id)))
+        window0 += len(group)
+    reducer = Reducer(loop.state)
+    site_of = {site.layer: i for i, site in enumerate(loop.target.sites)}
+    last_moe = max(site_of)
+    pending: dict[int, list[Any]] = {}
+    inputs = [{"input_ids": x.tokens, "attention_mask": x.mask.long()} for _b, _w, x in mine]
+    f0 = time.perf_counter()
+    with RoutingRecorder(loop.target.sites) as rec:
+
+        def after_layer(layer: int, i: int) -> None:
+            if layer not in site_of:
+                return
+            pending.setdefault(i, [None] * len(site_of))[site_of[layer]] = rec.records[site_of[layer]]
+            rec.clear()
+            if layer != last_moe:
+                return
+            records = pending.pop(i)
+            if any(r is None for r in records):
+                raise TraceError(f"{loop.model_ref}: a MoE layer did not run in the forward pass.")
+            b, w0, batch = mine[i]
+            reducer.update(records, batch.mask, batch.docs, batch.domains)
+            if loop.routes is not None:
+                loop.routes.add(b, w0, batch.tokens, batch.mask, batch.docs, records)
+            if loop.progress is not None:
+                loop.traced += int(batch.mask.sum())
+                loop.progress(loop.traced, None)
+
+        streamer.run(inputs, after_layer=after_layer, max_hidden_bytes=loop.hidden_budget)
+    loop.forward_s += time.perf_counter() - f0
+    reducer.flush()
+    if loop.routes is not None:
+        loop.routes.flush()
+    if reducer.lacks_norms:
+        loop.state.meta["lacks"] = sorted({*loop.state.meta.get("lacks", []), "out_norms"})
+    loop.state.meta["execution"] = {
+        **loop.state.meta.get("execution", {}),
+        "bytes_read": streamer.bytes_read,
+        "passes": streamer.passes,
+    }
+    return hasher.hexdigest()
+
+
 def _corpus_stats(pack: PackStats, stats: Any | None) -> dict[str, Any]:
     """``corpus_stats`` of the summary: what was packed, and what the corpus reader counted."""
     read = (
@@ -273,8 +350,15 @@ def trace_model(
     progress: Callable[[int, int | None], None] | None = None,
     model_ref: str = "model",
     inputs: Sequence[str | Path] = (),
+    hidden_budget: int | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> TraceResult:
     """Run ``model`` over ``documents`` with routing hooks and write a trace directory.
+
+    ``model`` may be a :class:`moescope.stream.StreamedModel` (layer-major execution; the
+    sums are the in-memory run's). Under ``torchrun`` (a ``torch.distributed`` process group
+    is up), rank ``r`` of ``n`` runs batches ``b mod n == r``, the sums are all-reduced and
+    rank 0 alone writes ``out_dir``: the same directory a single process writes.
 
     Args:
         model: a loaded transformers model (eval mode) with routed experts.
@@ -293,9 +377,13 @@ def trace_model(
         model_ref: how to name the model in errors and the summary.
         inputs: paths read for this trace (checkpoint, corpus files); ``out_dir`` may not
             be one of them or an ancestor of one.
+        hidden_budget: streamed runs keep at most this many bytes of hidden states
+            between layers (more batches run in further passes).
+        on_start: called once the model is known to be traceable, before the corpus runs.
 
     Returns:
-        A :class:`TraceResult`.
+        A :class:`TraceResult` (on ranks other than 0 of a process group: not written,
+        ``summary`` empty).
 
     Raises:
         NotMoEError: the model has no routed experts.
@@ -308,11 +396,18 @@ def trace_model(
     inputs = [*inputs, *([name_or_path] if name_or_path else [])]
     out = check_destination(out_dir, KIND, inputs=inputs)
     target = _target(model, model_ref)
+    if on_start is not None:
+        on_start()
+    ranks = _ranks()
+    if ranks is not None and shard != (0, 1):
+        raise TraceError("--shard and torchrun both split the corpus; pass only one of them.")
     settings = {"seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "shard": shard}
     run_meta = _run_meta(model, model_ref, settings, meta or {})
     state = TraceState(target.layers, target.num_experts, target.top_k, meta=run_meta)
-    with atomic_output(out, KIND, inputs=inputs) as tmp:
-        loop = _Loop(target, state, shard, pad_token_id(tokenizer), model_ref, progress=progress)
+    writer = atomic_output(out, KIND, inputs=inputs) if ranks is None or ranks[0] == 0 else _scratch()
+    with writer as tmp:
+        loop = _Loop(target, state, ranks or shard, pad_token_id(tokenizer), model_ref, progress=progress)
+        loop.hidden_budget = hidden_budget
         if save_routes:
             loop.routes = RoutesWriter(tmp / ROUTES, target.layers, target.top_k)
         windows = pack_windows(
@@ -333,8 +428,72 @@ def trace_model(
         state.meta["corpus_fingerprint"] = fingerprint
         state.meta["corpus_stats"] = _corpus_stats(loop.pack, corpus_stats)
         timings = {"trace_seconds": seconds, "forward_seconds": loop.forward_s}
+        if ranks is not None:
+            timings = _combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
+            if ranks[0] != 0:
+                return TraceResult.of(out, state, seconds, {})
         summary = write_trace_dir(tmp, state, timings=timings, plots=plots)
     return TraceResult.of(out, state, seconds, summary)
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def _ranks() -> tuple[int, int] | None:
+    """``(rank, world)`` when a torch.distributed process group of several ranks is up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _scratch() -> Any:
+    """A throwaway directory for ranks that do not write the output."""
+    import contextlib
+    import tempfile
+
+    @contextlib.contextmanager
+    def scratch() -> Any:
+        with tempfile.TemporaryDirectory(prefix="moescope-rank-") as tmp:
+            yield Path(tmp)
+
+    return scratch()
+
+
+def _combine_ranks(state: TraceState, timings: dict[str, Any], routes: Path | None) -> dict[str, Any]:
+    """All-reduce the sums into every rank's ``state``; rank 0 also receives every rank's routes.
+
+    Integer sums are exact, so the result is a single-process run's. Timings are the
+    slowest rank's (the wall time of the run).
+    """
+    from moescope import distributed
+    from moescope.tracestate import STATE_ARRAYS
+
+    arrays = {name: getattr(state, name) for name in STATE_ARRAYS}
+    arrays["_counters"] = [state.tokens, state.windows, state.batches]
+    summed = distributed.all_reduce_sum(arrays, device=str(state.meta.get("device") or "cpu"))
+    for name in STATE_ARRAYS:
+        setattr(state, name, summed[name])
+    state.tokens, state.windows, state.batches = (int(v) for v in summed["_counters"])
+    gathered = distributed.gather_to_rank0(
+        {
+            "timings": timings,
+            "lacks": state.meta.get("lacks", []),
+            "routes": {p.name: p.read_bytes() for p in sorted(routes.glob("*.parquet"))} if routes else {},
+        }
+    )
+    state.meta["shard"] = {"index": 0, "count": 1}  # the whole corpus, as one process would
+    if gathered is None:
+        return timings
+    state.meta["lacks"] = sorted({x for g in gathered for x in g["lacks"]})
+    state.meta["execution"] = {**state.meta.get("execution", {}), "ranks": len(gathered)}
+    if routes is not None:
+        routes.mkdir(parents=True, exist_ok=True)
+        for g in gathered[1:]:
+            for name, data in g["routes"].items():
+                (routes / name).write_bytes(data)  # chunk names carry the global batch index
+    return {key: max(float(g["timings"][key]) for g in gathered) for key in timings}
 
 
 def run_trace(
@@ -347,9 +506,18 @@ def run_trace(
     dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+    on_plan: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> TraceResult:
     """Load ``model_ref``, read ``corpus`` and trace it (see :func:`trace_model` for ``kwargs``).
+
+    The model is loaded whole when its weights fit ``max_memory`` in ``dtype``, else
+    streamed layer by layer (:mod:`moescope.stream`); ``stream`` forces either, and
+    ``device_map="auto"`` hands placement to accelerate. Under ``torchrun`` the process
+    joins the launcher's group and the ranks split the corpus (:mod:`moescope.distributed`).
 
     Args:
         model_ref: ``demo``, a local directory or a hub id.
@@ -362,6 +530,10 @@ def run_trace(
         dtype: ``auto``, ``float32``, ``bfloat16``, ``float16``.
         device: torch device.
         trust_remote_code: allow a checkpoint's own modelling code.
+        max_memory: memory budget (``20GiB``; accelerate's per-device form with ``device_map``).
+        stream: True streams, False loads whole, None decides by size.
+        device_map: ``auto``: accelerate's placement across GPUs, CPU and disk.
+        on_plan: receives the one line saying how the model runs and why.
         **kwargs: passed to :func:`trace_model`.
 
     Returns:
@@ -370,9 +542,11 @@ def run_trace(
     Raises:
         NotMoEError, ModelNotFoundError, CorpusError, TraceError: see the message.
     """
+    from moescope import distributed
     from moescope.corpus import CorpusStats, read_corpus
     from moescope.identity import fingerprint_ref
-    from moescope.model import load_model, parse_model_ref
+    from moescope.model import parse_model_ref
+    from moescope.stream import HIDDEN_SHARE, plan_execution
 
     stats = CorpusStats()
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
@@ -380,35 +554,101 @@ def run_trace(
     mref = parse_model_ref(model_ref, revision)
     inputs = [*specs, *([mref.path_or_id] if mref.is_local else [])]
     check_destination(out_dir, KIND, inputs=inputs)
+    device = distributed.local_device(device)
+    plan = plan_execution(
+        model_ref,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        stream=stream,
+        device_map=device_map,
+    )
+    if on_plan is not None and distributed.rank_world()[0] == 0:
+        # said once the model is known to be traceable (a dense model's error stays one line)
+        kwargs["on_start"] = lambda: on_plan(plan.message)
     docs = read_corpus(specs, split=split, stats=stats)  # bad specs fail here, before the model loads
     t0 = time.perf_counter()
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if bars and not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar in logs and pipes
-    try:
-        model, tokenizer = load_model(
-            model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
-        )
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
+    model, tokenizer = _load(
+        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
+    )
+    execution = {"mode": plan.mode, "budget": plan.budget, "model_bytes": plan.model_bytes}
     meta = {
         "corpus": specs,
         "split": split,
         "load_seconds": time.perf_counter() - t0,
         "fingerprint": fingerprint_ref(model_ref, revision),
+        "execution": execution,
         **kwargs.pop("meta", {}),
     }
-    return trace_model(
-        model,
-        tokenizer,
-        docs,
-        out_dir,
-        meta=meta,
-        corpus_stats=stats,
-        model_ref=model_ref,
-        inputs=inputs,
-        **kwargs,
-    )
+    if plan.mode == "stream":
+        kwargs.setdefault("hidden_budget", int(plan.budget * HIDDEN_SHARE))
+    # --shard (env) keeps the old way: one directory per shard, `moescope merge` later
+    joined = distributed.process_group(device) if kwargs.get("shard", (0, 1)) == (0, 1) else _nullgroup()
+    with joined:
+        try:
+            return trace_model(
+                model,
+                tokenizer,
+                docs,
+                out_dir,
+                meta=meta,
+                corpus_stats=stats,
+                model_ref=model_ref,
+                inputs=inputs,
+                **kwargs,
+            )
+        finally:
+            if plan.mode == "stream":
+                model.close()
+
+
+def _load(
+    model_ref: str,
+    mode: str,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    max_memory: str | None,
+    device_map: str | None,
+) -> tuple[Any, Any]:
+    """``(model or StreamedModel, tokenizer)`` for the execution mode, with quiet progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    from moescope.model import load_model, load_tokenizer
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in logs and pipes
+    try:
+        if mode == "stream":
+            from moescope.prune import resolve_checkpoint_dir
+            from moescope.stream import StreamedModel
+
+            path = resolve_checkpoint_dir(model_ref, revision)
+            streamed = StreamedModel(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            streamed.model.name_or_path = str(path)
+            return streamed, load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        per_device = None
+        if device_map is not None and max_memory and "=" in max_memory:
+            per_device = dict(part.split("=", 1) for part in max_memory.split(","))
+            per_device = {int(k) if k.isdigit() else k: v for k, v in per_device.items()}
+        return load_model(
+            model_ref,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            max_memory=per_device,
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _nullgroup() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext((0, 1))
