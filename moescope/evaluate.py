@@ -113,6 +113,7 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    hidden_budget: int | None = None,
 ) -> EvalResult:
     """Sliding-window perplexity of ``model`` on ``documents``.
 
@@ -125,6 +126,7 @@ def perplexity(
         max_tokens: cap on scored tokens, split evenly across domains.
         batch_size: windows per forward pass.
         progress: called as ``progress(windows_done, windows_total)``.
+        hidden_budget: a streamed model keeps at most this many bytes of hidden states.
 
     Returns:
         An :class:`EvalResult`.
@@ -150,7 +152,7 @@ def perplexity(
     ]
     if not jobs:
         raise CorpusError("the corpus is too short to score (fewer than 2 tokens).")
-    nll, count = _score(model, jobs, list(streams), batch_size, progress)
+    nll, count = _score(model, jobs, list(streams), batch_size, progress, hidden_budget)
     total_nll = sum(nll.values())
     total = sum(count.values())
     domains = {}
@@ -167,38 +169,61 @@ def _score(
     keys: list[str | None],
     batch_size: int,
     progress: Callable[[int, int], None] | None,
+    hidden_budget: int | None = None,
 ) -> tuple[dict[str | None, float], dict[str | None, int]]:
-    """Summed NLL and scored tokens per domain; windows of equal length share a forward pass."""
+    """Summed NLL and scored tokens per domain; windows of equal length share a forward pass.
+
+    ``model`` may be a :class:`moescope.stream.StreamedModel`: the same batches then run
+    layer-major and their logits arrive at the end, in the same order.
+    """
     import torch
+
+    from moescope.stream import StreamedModel
 
     nll: dict[str | None, float] = dict.fromkeys(keys, 0.0)
     count: dict[str | None, int] = dict.fromkeys(keys, 0)
-    device = next(model.parameters()).device
-    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
-    done = 0
+    groups = _groups(jobs, batch_size)
+    streamed = isinstance(model, StreamedModel)
+    device = model.device if streamed else next(model.parameters()).device
+    inputs = [torch.tensor([jobs[j][1] for j in g], dtype=torch.long, device=device) for g in groups]
+    done = [0]
+
+    def consume(g: int, logits: Any) -> None:
+        ids, batch = inputs[g], groups[g]
+        length = ids.shape[1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, j in enumerate(batch):
+            dom, _, targets = jobs[j]
+            pred = logprobs[row, length - targets - 1 : length - 1]
+            gold = ids[row, length - targets :]
+            nll[dom] += float(-pred.gather(-1, gold[:, None]).sum())
+            count[dom] += targets
+        done[0] += len(batch)
+        if progress:
+            progress(done[0], len(jobs))
+
     with torch.inference_mode():
-        i = 0
-        while i < len(order):
-            length = len(jobs[order[i]][1])
-            batch = [
-                order[j]
-                for j in range(i, min(i + batch_size, len(order)))
-                if len(jobs[order[j]][1]) == length
-            ]
-            i += len(batch)
-            ids = torch.tensor([jobs[j][1] for j in batch], dtype=torch.long, device=device)
-            logits = model(input_ids=ids).logits
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, j in enumerate(batch):
-                dom, _, targets = jobs[j]
-                pred = logprobs[row, length - targets - 1 : length - 1]
-                gold = ids[row, length - targets :]
-                nll[dom] += float(-pred.gather(-1, gold[:, None]).sum())
-                count[dom] += targets
-            done += len(batch)
-            if progress:
-                progress(done, len(jobs))
+        if streamed:
+            model.run([{"input_ids": ids} for ids in inputs], logits=consume, max_hidden_bytes=hidden_budget)
+        else:
+            for g, ids in enumerate(inputs):
+                consume(g, model(input_ids=ids).logits)
     return nll, count
+
+
+def _groups(jobs: list[tuple[str | None, list[int], int]], batch_size: int) -> list[list[int]]:
+    """Job indices, longest windows first, up to ``batch_size`` of equal length per group."""
+    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+    groups: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        length = len(jobs[order[i]][1])
+        group = [
+            order[j] for j in range(i, min(i + batch_size, len(order))) if len(jobs[order[j]][1]) == length
+        ]
+        groups.append(group)
+        i += len(group)
+    return groups
 
 
 def _ppl(nll: float, tokens: int) -> float:
@@ -264,6 +289,10 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Load a model and a corpus and measure perplexity (the API behind ``moescope eval``).
 
@@ -283,15 +312,30 @@ def evaluate(
         progress: window progress callback.
         on_warning: receives each warning line (see :func:`context_warnings`) before the
             scoring starts; by default they are issued with :func:`warnings.warn`.
+        max_memory: memory budget; the model is streamed layer by layer when it does not fit.
+        stream: True streams, False loads whole, None decides by size.
+        device_map: ``auto``: accelerate's placement across GPUs, CPU and disk.
+        on_plan: receives the line saying how the model runs and why.
 
     Returns:
         An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
     """
     from moescope.corpus import read_corpus
-    from moescope.model import load_model
+    from moescope.stream import HIDDEN_SHARE, load_runner, plan_execution
 
-    model, tokenizer = load_model(
-        model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    plan = plan_execution(
+        model_ref,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        stream=stream,
+        device_map=device_map,
+    )
+    if on_plan is not None:
+        on_plan(plan.message)
+    model, tokenizer = load_runner(
+        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
     )
     for line in context_warnings(model.config, seq_len, model_ref):
         if on_warning is not None:
@@ -308,7 +352,10 @@ def evaluate(
         max_tokens=max_tokens,
         batch_size=batch_size,
         progress=progress,
+        hidden_budget=int(plan.budget * HIDDEN_SHARE) if plan.mode == "stream" else None,
     )
+    if plan.mode == "stream":
+        model.close()
     return EvalResult(
         result.perplexity,
         result.loss,

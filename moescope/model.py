@@ -208,8 +208,10 @@ def load_model(
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a local checkpoint directory (tokenizer.json / sentencepiece / tiktoken: no pickles)."""
+    import transformers
     from transformers import AutoTokenizer
 
+    transformers.logging.set_verbosity_error()  # long corpora are cut into windows by moescope
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

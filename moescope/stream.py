@@ -294,6 +294,11 @@ class StreamedModel:
             self._resident = None
         _release_memory()
 
+    @property
+    def config(self) -> Any:
+        """The model's config."""
+        return self.model.config
+
     def layer_bytes(self) -> int:
         """Bytes of the largest decoder layer as stored."""
         return max(
@@ -536,3 +541,53 @@ def weight_bytes_of(ref: str, revision: str | None, dtype: str) -> int:
         if not t.name.endswith(("_scale_inv", "_scales"))
     )
     return int(values * item)
+
+
+def load_runner(
+    model_ref: str,
+    mode: str,
+    revision: str | None,
+    dtype: str,
+    device: str,
+    trust_remote_code: bool,
+    max_memory: str | None,
+    device_map: str | None,
+) -> tuple[Any, Any]:
+    """``(model or StreamedModel, tokenizer)`` for an :class:`Execution` mode, with quiet progress bars.
+
+    ``stream`` resolves the reference to a local checkpoint (a hub id is fetched into the HF
+    cache first) and builds a :class:`StreamedModel`; ``whole`` and ``device_map`` load with
+    :func:`moescope.model.load_model`.
+    """
+    from transformers.utils import logging as hf_logging
+
+    from moescope.model import load_model, load_tokenizer
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in logs and pipes
+    try:
+        if mode == "stream":
+            from moescope.prune import resolve_checkpoint_dir
+            from moescope.stream import StreamedModel
+
+            path = resolve_checkpoint_dir(model_ref, revision)
+            streamed = StreamedModel(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            streamed.model.name_or_path = str(path)
+            return streamed, load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        per_device = None
+        if device_map is not None and max_memory and "=" in max_memory:
+            per_device = dict(part.split("=", 1) for part in max_memory.split(","))
+            per_device = {int(k) if k.isdigit() else k: v for k, v in per_device.items()}
+        return load_model(
+            model_ref,
+            revision=revision,
+            dtype=dtype,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            device_map=device_map,
+            max_memory=per_device,
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

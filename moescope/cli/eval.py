@@ -13,16 +13,20 @@ import typer
 
 from moescope.cli._errors import friendly
 from moescope.cli._options import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     QuietOpt,
     RevisionOpt,
     SplitOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
 )
 from moescope.cli._output import (
     check_format,
     human,
+    note,
     print_csv,
     print_json,
     print_table,
@@ -58,6 +62,9 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
+    max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
+    device_map: DeviceMapOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
@@ -96,6 +103,10 @@ def eval_cmd(
             trust_remote_code=trust_remote_code,
             progress=on_progress,
             on_warning=warn,
+            max_memory=max_memory,
+            stream=stream,
+            device_map=device_map,
+            on_plan=None if quiet else note,
         )
     rows: list[dict[str, Any]] = [
         {"domain": "all", "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}

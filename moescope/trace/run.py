@@ -23,7 +23,6 @@ How:
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -546,7 +545,7 @@ def run_trace(
     from moescope.corpus import CorpusStats, read_corpus
     from moescope.identity import fingerprint_ref
     from moescope.model import parse_model_ref
-    from moescope.stream import HIDDEN_SHARE, plan_execution
+    from moescope.stream import HIDDEN_SHARE, load_runner, plan_execution
 
     stats = CorpusStats()
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
@@ -569,7 +568,7 @@ def run_trace(
         kwargs["on_start"] = lambda: on_plan(plan.message)
     docs = read_corpus(specs, split=split, stats=stats)  # bad specs fail here, before the model loads
     t0 = time.perf_counter()
-    model, tokenizer = _load(
+    model, tokenizer = load_runner(
         model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
     )
     execution = {"mode": plan.mode, "budget": plan.budget, "model_bytes": plan.model_bytes}
@@ -601,51 +600,6 @@ def run_trace(
         finally:
             if plan.mode == "stream":
                 model.close()
-
-
-def _load(
-    model_ref: str,
-    mode: str,
-    revision: str | None,
-    dtype: str,
-    device: str,
-    trust_remote_code: bool,
-    max_memory: str | None,
-    device_map: str | None,
-) -> tuple[Any, Any]:
-    """``(model or StreamedModel, tokenizer)`` for the execution mode, with quiet progress bars."""
-    from transformers.utils import logging as hf_logging
-
-    from moescope.model import load_model, load_tokenizer
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if bars and not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar in logs and pipes
-    try:
-        if mode == "stream":
-            from moescope.prune import resolve_checkpoint_dir
-            from moescope.stream import StreamedModel
-
-            path = resolve_checkpoint_dir(model_ref, revision)
-            streamed = StreamedModel(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-            streamed.model.name_or_path = str(path)
-            return streamed, load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        per_device = None
-        if device_map is not None and max_memory and "=" in max_memory:
-            per_device = dict(part.split("=", 1) for part in max_memory.split(","))
-            per_device = {int(k) if k.isdigit() else k: v for k, v in per_device.items()}
-        return load_model(
-            model_ref,
-            revision=revision,
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            device_map=device_map,
-            max_memory=per_device,
-        )
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _nullgroup() -> Any:
