@@ -128,3 +128,42 @@ def test_encoder_decoder_is_refused(family: str, tmp_path: Path) -> None:
     tiny_model(family).save_pretrained(tmp_path)
     with pytest.raises(MoescopeError, match="not streamed"):
         StreamedModel(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_streamed_trace_and_eval_equal_in_memory(family: str, tmp_path: Path) -> None:
+    """The commands' own paths: `trace` and `eval` with --stream against --no-stream."""
+    import pandas as pd
+
+    from moescope.evaluate import evaluate
+    from moescope.trace import run_trace
+    from tests.tiny import char_tokenizer
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    tiny_model(family, vocab_size=128, **_OVERRIDES.get(family, {})).save_pretrained(ckpt)
+    char_tokenizer().save_pretrained(ckpt)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(
+        "\n".join(
+            f'{{"text": "{t}", "domain": "{d}"}}'
+            for t, d in [("def f(x): return x + 1 " * 9, "code"), ("the quick brown fox " * 11, "prose")] * 3
+        )
+    )
+    kw: dict[str, Any] = dict(dtype="float32", seq_len=32, batch_size=3, plots=False)
+    run_trace(str(ckpt), str(corpus), tmp_path / "mem", stream=False, **kw)
+    run_trace(str(ckpt), str(corpus), tmp_path / "str", stream=True, **kw)
+    a = pd.read_csv(tmp_path / "mem" / "expert_load.csv")
+    b = pd.read_csv(tmp_path / "str" / "expert_load.csv")
+    assert a["count"].tolist() == b["count"].tolist() and a["count"].sum() > 0
+    for col in ("weight_sum", "out_norm_sum", "weighted_out_norm_sum"):
+        pd.testing.assert_series_equal(a[col], b[col], rtol=1e-5)
+    coact_a = (tmp_path / "mem" / "coactivation.csv").read_text()
+    assert coact_a == (tmp_path / "str" / "coactivation.csv").read_text()
+    ev: dict[str, Any] = dict(dtype="float32", seq_len=24, stride=12, max_tokens=None)
+    pm = evaluate(str(ckpt), [str(corpus)], stream=False, **ev)
+    ps = evaluate(str(ckpt), [str(corpus)], stream=True, **ev)
+    assert ps.perplexity == pytest.approx(pm.perplexity, rel=1e-4)
+    for d, r in pm.domains.items():
+        assert ps.domains[d].perplexity == pytest.approx(r.perplexity, rel=1e-4)
