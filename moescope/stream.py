@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import os
 import re
 import sys
@@ -89,8 +88,11 @@ def default_budget(device: str = "cpu") -> int:
 
 
 def _release_memory() -> None:
-    """Collect garbage and ask glibc to hand freed pages back (fragmentation, not live tensors)."""
-    gc.collect()
+    """Ask glibc to hand freed pages back (fragmentation, not live tensors).
+
+    The released weights are freed by reference counting when their parameters are
+    replaced; a full ``gc.collect`` here cost more than the forward passes of a small model.
+    """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).malloc_trim(0)
@@ -262,7 +264,8 @@ class StreamedModel:
 
         if not keys:
             return
-        state = {k: self._slice(k) for k in keys}
+        state = {k: self._slice(k)[:] for k in keys}  # read now: the files are unmapped below
+        self._handles.clear()  # mapped pages would otherwise count in RSS, layer after layer
         if self.quantized:
             from moescope.quant import dequantize_state
 
