@@ -99,25 +99,19 @@ def write_checkpoint(root: Path, layers: int, layers_per_shard: int) -> tuple[in
 
 
 def write_trace(root: Path, layers: int) -> None:
-    root.mkdir()
-    (root / "summary.json").write_text(
-        json.dumps(
-            {
-                "model": "bench",
-                "num_experts": EXPERTS,
-                "top_k": 2,
-                "moe_layers": list(range(layers)),
-                "complete": True,
-            }
-        )
-    )
-    rows = ["layer,expert,count,weight_sum,out_norm_sum,weighted_out_norm_sum"]
+    """A real trace directory (state + derived files) with random loads, as `moescope trace` writes."""
+    from moescope.trace.write import write_trace_dir
+    from moescope.tracestate import TraceState
+
+    state = TraceState(list(range(layers)), EXPERTS, 2, meta={"model": "bench"})
     rng = np.random.default_rng(0)
-    for layer in range(layers):
-        for e in range(EXPERTS):
-            c = int(rng.integers(100, 1000))
-            rows.append(f"{layer},{e},{c},{c * 0.4},{c * 2.0},{c * 0.8}")
-    (root / "expert_load.csv").write_text("\n".join(rows) + "\n")
+    state.counts[:] = rng.integers(100, 1000, size=(layers, EXPERTS))
+    counts = state.counts.astype(float)
+    state.tokens = int(counts.sum() // 2)
+    state.set_floats("weight", 0.4 * counts)
+    state.set_floats("out_norm", 2.0 * counts)
+    state.set_floats("wout_norm", 0.8 * counts)
+    write_trace_dir(root, state, timings={}, plots=False)
 
 
 CHILD = r"""

@@ -283,7 +283,7 @@ def evaluate(
     stride: int = 256,
     max_tokens: int | None = 50_000,
     batch_size: int = 4,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     revision: str | None = None,
     trust_remote_code: bool = False,

@@ -263,7 +263,7 @@ def similarity_report(
         model_ref: recorded in the report.
         batches: token-id tensors for the ``outputs`` measure (None: skip it).
         samples: tokens per layer for ``outputs``.
-        trace: a :class:`moescope.prune.TraceData` for ``coactivation`` (None: skip).
+        trace: a :class:`moescope.tracedir.TraceDir` for ``coactivation`` (None: skip).
         seed: seed of the sampled tokens.
         progress: called as ``progress(layers_done, layers_total)``.
 
@@ -286,8 +286,6 @@ def similarity_report(
                 f"{trace.path} was traced on a model with {trace.num_experts} experts in layers {trace.layers}; "
                 f"{model_ref} has {sites[0].num_experts} in {layers}; re-run `moescope trace {model_ref} ...`."
             )
-        if trace.coactivation is None:
-            raise TraceError(f"{trace.path} has no coactivation.csv; re-run `moescope trace`.")
     inputs = capture_inputs(model, sites, batches, samples=samples, seed=seed) if batches is not None else {}
     out: list[LayerSimilarity] = []
     used = 0
@@ -442,7 +440,7 @@ def similarity(
     outputs: bool = True,
     plots: bool = True,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     revision: str | None = None,
     trust_remote_code: bool = False,
@@ -453,7 +451,8 @@ def similarity(
     Args:
         model_ref: ``demo``, a checkpoint directory or a hub id.
         out: directory for tables and plots (None: write nothing).
-        trace: trace directory for ``coactivation``.
+        trace: a complete trace directory (:func:`moescope.tracedir.read_trace_dir`) for
+            ``coactivation``.
         corpus: corpus specs for the ``outputs`` measure's sample tokens.
         split: corpus split.
         samples: tokens per layer for ``outputs``.
@@ -472,13 +471,13 @@ def similarity(
     """
     from moescope.identity import check_trace_model, fingerprint_ref
     from moescope.model import load_model, parse_model_ref
-    from moescope.prune import read_trace
+    from moescope.tracedir import read_trace_dir
 
     mref = parse_model_ref(model_ref, revision)
     inputs = [*corpus, *([mref.path_or_id] if mref.is_local else []), *([trace] if trace else [])]
     if out is not None:
         check_destination(out, "similarity", inputs=inputs)
-    tr = read_trace(trace) if trace is not None else None
+    tr = read_trace_dir(trace) if trace is not None else None
     proven = tr is not None and check_trace_model(
         tr.summary.get("fingerprint"), fingerprint_ref(model_ref, revision), str(tr.path), model_ref
     )

@@ -332,9 +332,9 @@ def test_options_normalise_and_keep_defaults(monkeypatch: pytest.MonkeyPatch, wo
     assert {
         k: (p["dtype"].default, p["device"].default, p["split"].default) for k, p in defaults.items()
     } == {
-        "eval": ("float32", "cpu", None),
+        "eval": ("auto", "cpu", None),
         "trace": ("auto", "cpu", None),
-        "similarity": ("float32", "cpu", None),
+        "similarity": ("auto", "cpu", None),
     }
     assert inspect.signature(prune_cli.prune_cmd).parameters["criterion"].default == "reap"
 

@@ -48,7 +48,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.Qwen3MoeConfig(
+    cfg = transformers.Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim goes through **kwargs
         vocab_size=_VOCAB,
         hidden_size=32,
         num_hidden_layers=2,

@@ -4,12 +4,13 @@
 are checked in detail: scores, plans, byte ranges, sharding, logits, refusals, the CLI.)
 
 Each family is built from its transformers config class (hidden 32, 2 layers, 4 experts,
-vocab 99), saved once per session; traces are hand-written by the trace-dir contract.
+vocab 99), saved once per session; traces are real trace directories written from hand-set sums (``write_trace``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,15 @@ from typer.testing import CliRunner
 from moescope import prune as P
 from moescope.cli.app import app
 from moescope.errors import CheckpointError, MoescopeError, PruneError, TraceError
+from moescope.trace.write import write_trace_dir
+from moescope.tracestate import TraceState
 from tests.tiny import char_tokenizer, tiny_model
 
 _HIDDEN = 32
 _LAYERS = 2
 _EXPERTS = 4
 _VOCAB = 99
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vocab_size=_VOCAB,
     hidden_size=_HIDDEN,
     num_hidden_layers=_LAYERS,
@@ -57,7 +60,7 @@ def family_config(family: str) -> Any:
             num_experts_per_tok=2,
         )
     if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(
+        return tf.Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim goes through **kwargs
             **_COMMON,
             intermediate_size=16,
             moe_intermediate_size=16,
@@ -136,35 +139,27 @@ def write_trace(
     num_experts: int = _EXPERTS,
     layers: tuple[int, ...] = (0, 1),
     top_k: int = 2,
-    loads: dict[int, list[float]] | None = None,
-    domains: dict[str, dict[int, list[float]]] | None = None,
+    loads: Mapping[int, Sequence[float]] | None = None,
+    domains: Mapping[str, Mapping[int, Sequence[float]]] | None = None,
+    lacks: list[str] | None = None,
 ) -> Path:
-    """A trace dir by the DESIGN.md contract; ``loads[layer][expert]`` is the count."""
-    path.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "model": model,
-        "num_experts": num_experts,
-        "top_k": top_k,
-        "moe_layers": list(layers),
-        "tokens": 100,
-        "complete": True,
-    }
-    (path / "summary.json").write_text(json.dumps(summary))
-    rows = ["layer,expert,count,weight_sum,out_norm_sum,weighted_out_norm_sum"]
-    for layer in layers:
-        counts = (loads or {}).get(layer) or [10.0 * (e + 1) for e in range(num_experts)]
-        for e, c in enumerate(counts):
-            # weight 0.5 per token, out norm 2 per token, except expert 0 with big outputs.
-            norm = 20.0 if e == 0 else 2.0
-            rows.append(f"{layer},{e},{int(c)},{0.5 * c},{norm * c},{0.5 * norm * c}")
-    (path / "expert_load.csv").write_text("\n".join(rows) + "\n")
+    """A real trace dir (``state.npz`` + derived files); ``loads[layer][expert]`` is the count."""
+    state = TraceState(list(layers), num_experts, top_k, meta={"model": model, "lacks": lacks or []})
+    state.tokens = 100
+    for i, layer in enumerate(layers):
+        state.counts[i] = (loads or {}).get(layer) or [10 * (e + 1) for e in range(num_experts)]
+    counts = state.counts.astype(float)
+    # weight 0.5 per token, out norm 2 per token, except expert 0 with big outputs.
+    norm = np.where(np.arange(num_experts) == 0, 20.0, 2.0)
+    state.set_floats("weight", 0.5 * counts)
+    state.set_floats("out_norm", norm * counts)
+    state.set_floats("wout_norm", 0.5 * norm * counts)
+    for dom, per_layer in (domains or {}).items():
+        d = state.domain_index(dom)
+        state.dom_counts[d] = [per_layer[layer] for layer in layers]
     if domains:
-        drows = ["domain,layer,expert,count,weight_sum"]
-        for dom, per_layer in domains.items():
-            for layer in layers:
-                for e, c in enumerate(per_layer[layer]):
-                    drows.append(f"{dom},{layer},{e},{int(c)},{0.5 * c}")
-        (path / "domain_load.csv").write_text("\n".join(drows) + "\n")
+        state.set_floats("dom_weight", 0.5 * state.dom_counts.astype(float))
+    write_trace_dir(path, state, timings={}, plots=False)
     return path
 
 
@@ -505,11 +500,34 @@ def test_cli_dry_run_json(tiny_models: dict[str, Path], tmp_path: Path) -> None:
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.stderr
-    rows = json.loads(res.stdout)
+    data = json.loads(res.stdout)
+    assert set(data) == _PRUNE_JSON_KEYS
+    assert data["dry_run"] is True and data["num_experts_after"] == 2
+    # nothing written: the result fields are null
+    assert all(data[k] is None for k in ("out", "bytes_in", "bytes_out", "config_fields", "verified"))
+    rows = data["plan"]
     assert len(rows) == _LAYERS * _EXPERTS
+    assert set(rows[0]) == {"layer", "expert", "score", "rank", "action", "new_expert"}
     dropped = sorted((r["layer"], r["expert"]) for r in rows if r["action"] == "drop")
     assert dropped == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert data["layers"] == {"0": {"kept": [2, 3]}, "1": {"kept": [2, 3]}}
     assert not (tmp_path / "o").exists()
+
+
+#: ``prune --json``: one object shape with or without --dry-run
+_PRUNE_JSON_KEYS = {
+    "dry_run",
+    "criterion",
+    "num_experts_before",
+    "num_experts_after",
+    "layers",
+    "plan",
+    "out",
+    "bytes_in",
+    "bytes_out",
+    "config_fields",
+    "verified",
+}
 
 
 def test_cli_writes_checkpoint(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -537,6 +555,52 @@ def test_cli_writes_checkpoint(tiny_models: dict[str, Path], tmp_path: Path) -> 
     assert data["num_experts_after"] == 2 and data["verified"] is True
     # reap: expert 0 has 10x output norms, then ties broken by id -> keep 0 and 1.
     assert data["layers"]["0"]["kept"] == [0, 1]
+    assert set(data) == _PRUNE_JSON_KEYS and data["dry_run"] is False
+    assert data["out"] == str(tmp_path / "o") and data["bytes_out"] < data["bytes_in"]
+    kept = sorted((r["layer"], r["new_expert"]) for r in data["plan"] if r["action"] == "keep")
+    assert kept == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize(
+    ("lacks", "criterion", "extra", "needle"),
+    [
+        (["out_norms"], "reap", [], "out_norms (the norms of the experts' outputs)"),
+        (["out_norms"], "ean", [], "use --criterion frequency or soft or random"),
+        (["gate_weights", "out_norms"], "soft", [], "gate_weights"),
+        (["domains"], "frequency", ["--balance-domains"], "drop --balance-domains"),
+    ],
+)
+def test_cli_refuses_criteria_the_trace_lacks(
+    lacks: list[str],
+    criterion: str,
+    extra: list[str],
+    needle: str,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    src = tiny_models["olmoe"]
+    trace = write_trace(tmp_path / "trace", model=str(src), lacks=lacks)
+    args = ["prune", str(src), "--trace", str(trace), "--drop", "1", "--dry-run", "--criterion", criterion]
+    res = runner.invoke(app, [*args, *extra])
+    assert res.exit_code == 1
+    line = " ".join(_error_lines(res.stderr)[0].split())
+    assert needle in line and "lacks" in line and "Traceback" not in res.stderr
+    # what the trace does have still scores
+    ok = runner.invoke(app, [*args[:-1], "frequency", "--json"])
+    assert ok.exit_code == 0, ok.stderr
+
+
+def test_csv_only_directory_is_not_a_trace(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The one loader: summary.json marked complete and state.npz, as report and merge require."""
+    src = tiny_models["olmoe"]
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    (trace / "state.npz").unlink()
+    res = runner.invoke(app, ["prune", str(src), "--trace", str(trace), "--drop", "1", "--dry-run"])
+    assert res.exit_code == 1 and "state.npz" in _error_lines(res.stderr)[0]
+    summary = json.loads((trace / "summary.json").read_text())
+    (trace / "summary.json").write_text(json.dumps({**summary, "complete": False}))
+    with pytest.raises(TraceError, match="not marked complete"):
+        P.read_trace(trace)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@ from typer.testing import CliRunner
 from moescope import similarity as S
 from moescope.cli.app import app
 from moescope.prune import read_trace
+from moescope.trace.write import write_trace_dir
+from moescope.tracedir import read_trace_dir
+from moescope.tracestate import TraceState
 
 _VOCAB = 99
 _EXPERTS = 4
@@ -109,13 +112,26 @@ def test_output_similarity_is_mean_token_cosine() -> None:
     assert mat[2, 0] == mat[0, 2] and mat[1, 1] == 1.0
 
 
+def write_trace(
+    path: Path, model: str, counts: list[list[int]], coact: dict[tuple[int, int, int], int]
+) -> Path:
+    """A real trace dir of ``model``: ``counts[layer][expert]``, ``coact[(layer, a, b)]`` (a < b)."""
+    state = TraceState(list(range(len(counts))), len(counts[0]), 2, meta={"model": model})
+    state.tokens = 100
+    state.counts[:] = counts
+    for (layer, a, b), n in coact.items():
+        state.coact[layer, a, b] = n
+    write_trace_dir(path, state, timings={}, plots=False)
+    return path
+
+
 def test_coactivation_jaccard(tmp_path: Path) -> None:
-    (tmp_path / "summary.json").write_text(json.dumps({"model": "m", "num_experts": 3, "moe_layers": [0]}))
-    (tmp_path / "expert_load.csv").write_text("layer,expert,count\n0,0,10\n0,1,6\n0,2,4\n")
-    (tmp_path / "coactivation.csv").write_text("layer,expert_a,expert_b,count\n0,0,1,4\n0,1,2,0\n")
+    write_trace(tmp_path, "m", [[10, 6, 4]], {(0, 0, 1): 4})
     mat = S.coactivation_similarity(read_trace(tmp_path), 0, 3)
     assert mat[0, 1] == pytest.approx(4 / (10 + 6 - 4))
     assert mat[1, 0] == mat[0, 1] and mat[1, 2] == 0.0 and mat[0, 2] == 0.0
+    # prune's name for the loader is the one loader
+    assert read_trace is read_trace_dir
 
 
 def test_write_report(tmp_path: Path) -> None:
@@ -140,14 +156,8 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _trace(path: Path, model: str, num_experts: int = _EXPERTS) -> Path:
-    path.mkdir()
-    (path / "summary.json").write_text(
-        json.dumps({"model": model, "num_experts": num_experts, "top_k": 2, "moe_layers": [0, 1]})
-    )
-    rows = [f"{layer},{e},{10 + e}" for layer in (0, 1) for e in range(num_experts)]
-    (path / "expert_load.csv").write_text("layer,expert,count\n" + "\n".join(rows) + "\n")
-    (path / "coactivation.csv").write_text("layer,expert_a,expert_b,count\n0,0,1,5\n1,0,2,7\n")
-    return path
+    counts = [[10 + e for e in range(num_experts)] for _ in (0, 1)]
+    return write_trace(path, model, counts, {(0, 0, 1): 5, (1, 0, 2): 7})
 
 
 runner = CliRunner()
@@ -207,3 +217,12 @@ def test_cli_rejects_other_model_trace(saved: Path, tmp_path: Path) -> None:
 def test_cosine_matrix_handles_zero_rows() -> None:
     m = S.cosine_matrix(np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]))
     assert m[0, 2] == pytest.approx(1.0) and m[0, 1] == 0.0 and m[1, 1] == 1.0
+
+
+def test_cli_refuses_incomplete_trace(saved: Path, tmp_path: Path) -> None:
+    """One loader for every command: a directory without state.npz is not a trace."""
+    trace = _trace(tmp_path / "trace", str(saved))
+    (trace / "state.npz").unlink()
+    res = runner.invoke(app, ["similarity", str(saved), "--trace", str(trace), "--no-outputs", "--json"])
+    assert res.exit_code == 1 and "state.npz" in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout == ""

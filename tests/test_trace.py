@@ -43,7 +43,7 @@ def _tokenizer() -> Any:
 
 def _model() -> Any:
     torch.manual_seed(0)
-    cfg = tf.Qwen3MoeConfig(
+    cfg = tf.Qwen3MoeConfig(  # type: ignore[call-arg]  # head_dim goes through **kwargs
         vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=37, moe_intermediate_size=16, num_experts=_E, num_experts_per_tok=_K, head_dim=8,
         norm_topk_prob=True, eos_token_id=1, pad_token_id=2, max_position_embeddings=64,

@@ -1,13 +1,20 @@
-"""``moescope download``: fetch config, tokenizer and safetensors into the HF cache."""
+"""``moescope download``: fetch config, tokenizer and safetensors into the HF cache.
+
+stdout is the snapshot path (one line, for ``$(moescope download ...)``); huggingface_hub's
+progress bars on stderr follow :class:`moescope.cli._output.Output`'s rule (off with
+``--quiet`` and when stderr is not a terminal).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._output import warn
+from moescope.cli._output import Output, QuietOpt
 
 EXAMPLES = """
 Examples:
@@ -17,6 +24,9 @@ Examples:
   moescope download Qwen/Qwen3-30B-A3B@main --include "*.py"
 
   HF_HUB_OFFLINE=1 moescope params Qwen/Qwen3-30B-A3B     # later, from the cache
+
+Output: the local snapshot path, one line on stdout (no table, so no --json or --csv);
+progress bars on stderr unless --quiet or stderr is not a terminal.
 """
 
 
@@ -30,6 +40,7 @@ def download_cmd(
         ),
     ] = None,
     no_weights: Annotated[bool, typer.Option("--no-weights", help="Configs and tokenizer only.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Download a model's config, tokenizer and safetensors weights into the standard HF cache.
 
@@ -39,14 +50,31 @@ def download_cmd(
     """
     from moescope.download import PICKLE_PATTERNS, download, pickle_patterns
 
+    output = Output(quiet=quiet)
     named = pickle_patterns(include)
     if named:
-        warn(
+        output.warn(
             f"--include {' '.join(named)}: pickled files ({', '.join(PICKLE_PATTERNS)}) are never downloaded "
             "(unpickling can run arbitrary code); fetching the safetensors files instead."
         )
-    path = download(model, revision=revision, include=include, headers_only=no_weights)
+    with _hub_progress(output.progress_enabled):
+        path = download(model, revision=revision, include=include, headers_only=no_weights)
     print(path)
+
+
+@contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars off for the call unless ``enabled`` (restored after)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,7 @@
 
 Validates flags, calls :func:`moescope.evaluate.evaluate`, prints a table, ``--json``
 (an object with ``perplexity``, ``tokens`` and ``domains``) or ``--csv`` (one row per
-domain plus ``all``).
+domain plus ``all``) through :class:`moescope.cli._output.Output`.
 """
 
 from __future__ import annotations
@@ -17,23 +17,12 @@ from moescope.cli._options import (
     DeviceOpt,
     DtypeOpt,
     MaxMemoryOpt,
-    QuietOpt,
     RevisionOpt,
     SplitOpt,
     StreamOpt,
     TrustRemoteCodeOpt,
 )
-from moescope.cli._output import (
-    check_format,
-    human,
-    note,
-    print_csv,
-    print_json,
-    print_table,
-    progress_bar,
-    progress_enabled,
-    warn,
-)
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 EXAMPLES = """
 Examples:
@@ -42,6 +31,13 @@ Examples:
   moescope eval demo demo:code --seq-len 256 --stride 128 --json
   moescope eval pruned/ demo --max-tokens 20000
   moescope eval org/name notes.jsonl --device cuda --dtype bf16
+
+--dtype auto (the default) computes in the checkpoint's own dtype (torch_dtype in its
+config.json); pass --dtype float32 for full-precision scores of a bf16 checkpoint.
+
+Output: a table with one row per domain and 'all'; --json prints one object (perplexity,
+loss, tokens, domains: domain -> perplexity, domain_tokens, ...); --csv one row per domain
+and 'all' with domain, perplexity, loss, tokens.
 """
 
 
@@ -60,21 +56,21 @@ def eval_cmd(
         int, typer.Option("--max-tokens", help="Scored tokens at most, split across domains (0: all).")
     ] = 50_000,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     max_memory: MaxMemoryOpt = None,
     stream: StreamOpt = None,
     device_map: DeviceMapOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV, one row per domain and 'all'.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of MODEL on CORPUS (sliding window), overall and per domain."""
     from moescope.evaluate import evaluate
 
-    fmt = check_format(json_out, csv_out)
+    out = Output.from_flags(json_out, csv_out, quiet)
     if seq_len < 2:
         raise typer.BadParameter(f"--seq-len {seq_len} is too short; use at least 2.")
     step = stride if stride is not None else max(1, seq_len // 2)
@@ -82,13 +78,7 @@ def eval_cmd(
         raise typer.BadParameter(f"--stride {step} must be between 1 and --seq-len ({seq_len}).")
     if batch_size < 1 or max_tokens < 0:
         raise typer.BadParameter("--batch-size must be at least 1 and --max-tokens at least 0.")
-    with progress_bar(progress_enabled(fmt, quiet)) as bar:
-        task = bar.add_task("scoring windows", total=None, info="") if bar else None
-
-        def on_progress(done: int, total: int) -> None:
-            if bar is not None and task is not None:
-                bar.update(task, completed=done, total=total)
-
+    with out.progress("scoring windows") as update:
         result = evaluate(
             model,
             corpus,
@@ -101,12 +91,12 @@ def eval_cmd(
             device=device,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            progress=on_progress,
-            on_warning=warn,
+            progress=update,
+            on_warning=out.warn,
             max_memory=max_memory,
             stream=stream,
             device_map=device_map,
-            on_plan=None if quiet else note,
+            on_plan=out.info,
         )
     rows: list[dict[str, Any]] = [
         {"domain": "all", "perplexity": result.perplexity, "loss": result.loss, "tokens": result.tokens}
@@ -120,12 +110,12 @@ def eval_cmd(
         }
         for d, r in result.domains.items()
     ]
-    if fmt == "json":
-        print_json(result.to_dict())
-    elif fmt == "csv":
-        print_csv(rows)
+    if out.fmt == "json":
+        out.json(result.to_dict())
+    elif out.fmt == "csv":
+        out.csv(rows, ["domain", "perplexity", "loss", "tokens"])
     else:
-        print_table(
+        out.table(
             [[r["domain"], f"{r['perplexity']:.3f}", f"{r['loss']:.4f}", human(r["tokens"])] for r in rows],
             ["domain", "perplexity", "loss (nats)", "tokens"],
             title=f"{model} on {' '.join(corpus)} (seq_len {seq_len}, stride {step})",

@@ -1,7 +1,8 @@
 """`moescope prune`: drop the least useful experts per layer and write a smaller checkpoint.
 
-Validates flags, calls :func:`moescope.prune.prune`, prints the plan (table, ``--json``
-or ``--csv``). The checkpoint is streamed shard by shard and reloaded with transformers
+Validates flags, calls :func:`moescope.prune.prune`, prints the plan and what was written
+(table, ``--json`` or ``--csv``, through :class:`moescope.cli._output.Output`; the JSON
+object has one shape with or without ``--dry-run``). The checkpoint is streamed shard by shard and reloaded with transformers
 to prove it runs, in the checkpoint's own dtype unless ``--dtype`` says otherwise, on
 ``--device`` (``--no-verify`` skips the reload for models too large for memory).
 """
@@ -18,19 +19,10 @@ from moescope.cli._options import (
     CriterionOpt,
     DeviceOpt,
     DtypeOpt,
-    QuietOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
 )
-from moescope.cli._output import (
-    check_format,
-    note,
-    print_csv,
-    print_json,
-    print_table,
-    progress_bar,
-    progress_enabled,
-)
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 EXAMPLES = """
 Examples:
@@ -41,6 +33,18 @@ Examples:
   moescope prune demo --trace trace/ --keep 4 --criterion frequency --balance-domains --out demo-4e/
   moescope prune demo --trace trace/ --ratio 0.5 --device cpu --dtype float32 --out demo-4e-fp32/
   moescope eval demo-6e/ demo
+
+The verification reload uses --dtype auto (the default: the checkpoint's own dtype) on
+--device; --no-verify skips it.
+
+Output: a table of kept and dropped experts per layer. --json prints one object, the same
+shape with or without --dry-run:
+  {"dry_run": bool, "criterion": str, "num_experts_before": int, "num_experts_after": int,
+   "layers": {"<layer>": {"kept": [0, 3, ...]}},   (old ids of the kept experts)
+   "plan": [{"layer", "expert", "score", "rank", "action": "keep"|"drop", "new_expert"}, ...],
+   "out": str, "bytes_in": int, "bytes_out": int, "config_fields": {...}, "verified": bool}
+where out, bytes_in, bytes_out, config_fields and verified are null on --dry-run (nothing
+is written). --csv prints the plan records (one row per layer and expert) in both cases.
 """
 
 
@@ -84,26 +88,24 @@ def prune_cmd(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV (per-expert rows).")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Drop experts per MoE layer by a routing criterion and write a checkpoint that loads and runs."""
     from moescope.prune import CRITERIA, prune
 
-    fmt = check_format(json_out, csv_out)
+    output = Output.from_flags(json_out, csv_out, quiet)
     if sum(v is not None for v in (drop, keep, ratio)) != 1:
         raise typer.BadParameter("pass exactly one of --drop N, --keep N or --ratio R.")
     if criterion not in CRITERIA:
         raise typer.BadParameter(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
     if out is None and not dry_run:
         raise typer.BadParameter("--out DIR is required unless --dry-run.")
-    with progress_bar(progress_enabled(fmt, quiet)) as bar:
-        task = bar.add_task("writing shards", total=None, info="") if bar else None
+    with output.progress("writing shards") as update:
 
         def on_shard(shard: str, done: int, total: int) -> None:
-            if bar is not None and task is not None:
-                bar.update(task, completed=done, total=total, info=shard)
+            update(done, total, info=shard)
 
         plan, result = prune(
             model,
@@ -124,28 +126,51 @@ def prune_cmd(
             trust_remote_code=trust_remote_code,
             progress=on_shard,
         )
-    if dry_run:
-        _print_plan(plan, fmt, criterion)
+    _emit(output, plan, result, criterion)
+
+
+def _emit(output: Output, plan: Any, result: Any | None, criterion: str) -> None:
+    """``--json``: :func:`prune_record`; ``--csv``: the plan records; else a table (plan or result)."""
+    if output.fmt == "json":
+        output.json(prune_record(plan, result, criterion))
+    elif output.fmt == "csv":
+        output.csv(plan.records(), PLAN_COLUMNS)
+    elif result is None:
+        _print_plan(output, plan, criterion)
     else:
-        assert result is not None
-        _print_result(plan, result, fmt, criterion)
+        _print_result(output, plan, result, criterion)
 
 
-def _print_plan(plan: Any, fmt: str, criterion: str) -> None:
-    """The dry run's candidates: per-expert records (--json/--csv) or one row per layer."""
+#: keys of one plan record (``--csv`` columns, ``plan`` items of ``--json``)
+PLAN_COLUMNS = ("layer", "expert", "score", "rank", "action", "new_expert")
+
+
+def prune_record(plan: Any, result: Any | None, criterion: str) -> dict[str, Any]:
+    """The ``--json`` object: the plan, and what was written (null fields on a dry run)."""
+    return {
+        "dry_run": result is None,
+        "criterion": criterion,
+        "num_experts_before": plan.num_experts,
+        "num_experts_after": plan.keep,
+        "layers": {str(layer): {"kept": kept} for layer, kept in plan.kept.items()},
+        "plan": plan.records(),
+        "out": None if result is None else str(result.out),
+        "bytes_in": None if result is None else result.bytes_in,
+        "bytes_out": None if result is None else result.bytes_out,
+        "config_fields": None if result is None else result.config_fields,
+        "verified": None if result is None else result.verified,
+    }
+
+
+def _print_plan(output: Output, plan: Any, criterion: str) -> None:
+    """The dry run's candidates: one row per layer, kept experts and dropped ones with scores."""
     records = plan.records()
-    if fmt == "json":
-        print_json(records)
-        return
-    if fmt == "csv":
-        print_csv(records)
-        return
     rows = []
     for layer in plan.kept:
         recs = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["rank"])
         drops = [f"{r['expert']} ({r['score']:.4g})" for r in recs if r["action"] == "drop"]
         rows.append([layer, " ".join(str(e) for e in plan.kept[layer]), ", ".join(drops)])
-    print_table(
+    output.table(
         rows,
         ["layer", "keep", "drop (score)"],
         title=f"Pruning plan: {criterion}, {plan.num_experts} -> {plan.keep} experts per layer (dry run)",
@@ -153,36 +178,17 @@ def _print_plan(plan: Any, fmt: str, criterion: str) -> None:
     )
 
 
-def _print_result(plan: Any, result: Any, fmt: str, criterion: str) -> None:
-    """What was written: a summary object (--json), per-expert records (--csv) or a table."""
-    summary: dict[str, Any] = {
-        "out": str(result.out),
-        "criterion": criterion,
-        "num_experts_before": plan.num_experts,
-        "num_experts_after": plan.keep,
-        "bytes_in": result.bytes_in,
-        "bytes_out": result.bytes_out,
-        "config_fields": result.config_fields,
-        "verified": result.verified,
-        "layers": {str(layer): {"kept": kept} for layer, kept in plan.kept.items()},
-    }
-    if fmt == "json":
-        print_json(summary)
-        return
-    if fmt == "csv":
-        print_csv(plan.records())
-        return
-    from moescope.cli._output import human
-
+def _print_result(output: Output, plan: Any, result: Any, criterion: str) -> None:
+    """What was written: the kept experts per layer, and the sizes on stderr."""
     rows = [[layer, " ".join(map(str, kept))] for layer, kept in plan.kept.items()]
-    print_table(
+    output.table(
         rows,
         ["layer", "kept experts (old ids; new ids count from 0)"],
         title=f"{criterion}: {plan.num_experts} -> {plan.keep} experts per layer",
         justify_right=[True, False],
     )
     verified = "reloaded and ran a forward pass" if result.verified else "not verified"
-    note(
+    output.note(
         f"wrote {result.out} ({human(result.bytes_out, 'B')} of weights, was "
         f"{human(result.bytes_in, 'B')}); {verified}"
     )

@@ -3,7 +3,8 @@
 Calls :func:`moescope.stats.build_report` and prints rich tables (per-layer imbalance,
 confidence, reuse and co-activation; capacity drops; expert-parallel load and traffic;
 most co-activated pairs; domain specialisation) or, with ``--json``, one object holding
-every table as a list of records.
+every table as a list of records, or, with ``--csv``, the per-layer table (the ``layers``
+records of ``--json``). Output goes through :class:`moescope.cli._output.Output`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from moescope.cli._errors import friendly
-from moescope.cli._output import check_format, human, note, print_json, print_table
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 if TYPE_CHECKING:
     from moescope.stats import Report
@@ -26,10 +27,13 @@ Examples:
   moescope report traces/demo
   moescope report traces/demo --json | jq '.capacity[] | select(.capacity_factor == 1.25)'
   moescope report traces/run --dtype-bytes 1      # all-to-all estimate for FP8 dispatch
+  moescope report traces/demo --csv > layers.csv   # the per-layer table as CSV
 
 Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
 
 Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy LPT on the traced loads); a token-expert assignment crosses devices with probability (D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
+
+Output: rich tables (per layer, capacity, expert parallelism, top pairs, domains). --json prints one object: model, corpus, tokens, num_experts, top_k, moe_layers, dead_experts (layer -> dead, near_dead) and every table as an array of records: layers, capacity, expert_parallel, coactivation_top, domains, confidence_histogram. --csv prints the per-layer table only (the "layers" records of --json, one row per MoE layer: layer, tokens, imbalance_max_mean, cv, entropy_norm, dead, near_dead, mean_top1_weight, reuse_rate, reuse_chance, reuse_ratio, coact_max_ratio, domain_jsd, router_dropped; empty cells where a value is undefined); use --json for the other tables.
 """
 
 
@@ -49,32 +53,35 @@ def report_cmd(
             "--dtype-bytes", help="Bytes per activation element for all-to-all (default: traced dtype)."
         ),
     ] = None,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print every table as JSON records in one object.")
-    ] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Routing statistics of a trace: imbalance, dead experts, confidence, co-activation, what-ifs."""
     from moescope.stats import build_report
 
-    fmt = check_format(json_out, False)
+    out = Output.from_flags(json_out, csv_out, quiet)
     if dtype_bytes is not None and dtype_bytes < 1:
         raise typer.BadParameter("--dtype-bytes must be at least 1.")
     rep = build_report(trace, dtype_bytes=dtype_bytes)
-    if fmt == "json":
-        print_json(rep.to_dict())
+    if out.fmt == "json":
+        out.json(rep.to_dict())
         return
-    _print_layers(rep)
-    _print_capacity(rep)
-    _print_expert_parallel(rep)
-    _print_pairs(rep)
-    _print_domains(rep)
-    note("--json prints every table, including the confidence histogram and per-layer EP rows.")
+    if out.fmt == "csv":
+        out.csv(rep.to_dict()["layers"], list(rep.layers.columns))
+        return
+    _print_layers(out, rep)
+    _print_capacity(out, rep)
+    _print_expert_parallel(out, rep)
+    _print_pairs(out, rep)
+    _print_domains(out, rep)
+    out.note("--json prints every table, including the confidence histogram and per-layer EP rows.")
 
 
-def _print_layers(rep: Report) -> None:
+def _print_layers(out: Output, rep: Report) -> None:
     s = rep.summary
     title = f"{s.get('model')}: {s.get('tokens', 0):,} tokens, top-{s.get('top_k')} of {s.get('num_experts')} experts"
-    print_table(
+    out.table(
         [
             [
                 int(r.layer), _f(r.imbalance_max_mean), _f(r.cv, ".3f"), _f(r.entropy_norm, ".3f"),
@@ -88,9 +95,9 @@ def _print_layers(rep: Report) -> None:
     )  # fmt: skip
 
 
-def _print_capacity(rep: Report) -> None:
+def _print_capacity(out: Output, rep: Report) -> None:
     cap = rep.capacity.pivot(index="layer", columns="capacity_factor", values="dropped_share")
-    print_table(
+    out.table(
         [
             [int(layer), *(f"{100 * v:.1f}%" for v in row)]
             for layer, row in zip(cap.index, cap.values, strict=True)
@@ -100,7 +107,7 @@ def _print_capacity(rep: Report) -> None:
     )
 
 
-def _print_expert_parallel(rep: Report) -> None:
+def _print_expert_parallel(out: Output, rep: Report) -> None:
     ep = rep.expert_parallel
     if ep.empty:
         return
@@ -111,7 +118,7 @@ def _print_expert_parallel(rep: Report) -> None:
         bytes_=("bytes_per_token", "sum"),
         dedup=("bytes_per_token_dedup", lambda x: x.sum(min_count=1)),  # NaN (balanced) stays NaN
     )
-    print_table(
+    out.table(
         [
             [f"EP={d}", p, _f(r.imbalance), _f(r.worst), _f(r.batch), human(r.bytes_, "B"),
              human(r.dedup, "B") if math.isfinite(r.dedup) else "-"]
@@ -122,11 +129,11 @@ def _print_expert_parallel(rep: Report) -> None:
     )  # fmt: skip
 
 
-def _print_pairs(rep: Report) -> None:
+def _print_pairs(out: Output, rep: Report) -> None:
     if rep.coactivation_top.empty:
         return
     top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
-    print_table(
+    out.table(
         [
             [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
             for r in top.itertuples()
@@ -136,11 +143,11 @@ def _print_pairs(rep: Report) -> None:
     )
 
 
-def _print_domains(rep: Report) -> None:
+def _print_domains(out: Output, rep: Report) -> None:
     if rep.domains.empty:
         return
     dom = rep.domains.groupby("domain").agg(jsd=("jsd_vs_rest", "mean"), assignments=("assignments", "sum"))
-    print_table(
+    out.table(
         [
             [name, r.assignments, _f(r.jsd, ".3f")]
             for name, r in zip(dom.index, dom.itertuples(), strict=True)

@@ -3,13 +3,13 @@
 Validates flags, calls :func:`moescope.similarity.similarity`, writes ``pairs.csv``,
 ``layers.csv``, ``similarity.json`` and ``plots/`` under ``--out``, and prints the most
 redundant pairs (table), every pair (``--json``, most redundant first within each
-layer) or CSV.
+layer) or CSV, through :class:`moescope.cli._output.Output`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,20 +17,11 @@ from moescope.cli._errors import friendly
 from moescope.cli._options import (
     DeviceOpt,
     DtypeOpt,
-    QuietOpt,
     RevisionOpt,
     SplitOpt,
     TrustRemoteCodeOpt,
 )
-from moescope.cli._output import (
-    check_format,
-    note,
-    print_csv,
-    print_json,
-    print_table,
-    progress_bar,
-    progress_enabled,
-)
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt
 
 EXAMPLES = """
 Examples:
@@ -39,6 +30,15 @@ Examples:
   moescope trace demo demo --out trace/ && moescope similarity demo --trace trace/ --out sim/
   moescope similarity demo --samples 256 --corpus demo:code --json
   moescope similarity org/name --no-outputs --out sim/   (weights and router only: no forward passes)
+
+--dtype auto (the default) runs the model in the checkpoint's own dtype (torch_dtype in its
+config.json); --dtype float32 computes the measures in full precision.
+
+Output: two tables (the --top most redundant pairs per layer; the per-layer redundancy
+score); --json prints every pair as an array of records (layer, expert_a, expert_b, rank,
+redundancy and one value per measure: weights, router, outputs, coactivation), most
+redundant first within each layer; --csv the same records with a header row. Without
+--out, --json or --csv is required.
 """
 
 
@@ -65,29 +65,23 @@ def similarity_cmd(
     top: Annotated[int, typer.Option("--top", help="Pairs per layer in the table.")] = 3,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write heatmaps to OUT/plots.")] = True,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled tokens.")] = 0,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print every pair as JSON records.")] = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="Print every pair as CSV.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Expert similarity per MoE layer (weights, router, outputs, co-activation) and redundant pairs."""
     from moescope.similarity import similarity
 
-    fmt = check_format(json_out, csv_out)
+    output = Output.from_flags(json_out, csv_out, quiet)
     if samples < 1 or seq_len < 2 or top < 1:
         raise typer.BadParameter("--samples and --top must be at least 1, --seq-len at least 2.")
-    if out is None and fmt == "table":
+    if out is None and not output.machine:
         raise typer.BadParameter("pass --out DIR (or --json/--csv to print without writing files).")
-    with progress_bar(progress_enabled(fmt, quiet)) as bar:
-        task = bar.add_task("comparing experts", total=None, info="") if bar else None
-
-        def on_progress(done: int, total: int) -> None:
-            if bar is not None and task is not None:
-                bar.update(task, completed=done, total=total)
-
+    with output.progress("comparing experts") as update:
         report = similarity(
             model,
             out,
@@ -103,37 +97,40 @@ def similarity_cmd(
             device=device,
             revision=revision,
             trust_remote_code=trust_remote_code,
-            progress=on_progress,
+            progress=update,
         )
     pairs = report.pairs()
-    if fmt == "json":
-        print_json(pairs.to_dict(orient="records"))
-    elif fmt == "csv":
-        print_csv(pairs.to_dict(orient="records"), list(pairs.columns))
+    if output.machine:
+        output.records(pairs.to_dict(orient="records"), list(pairs.columns))
     else:
-        shown = pairs[pairs["rank"] <= top]
-        measures = report.measures
-        rows = [
-            [int(r["layer"]), f"{int(r['expert_a'])}-{int(r['expert_b'])}", f"{r['redundancy']:.3f}"]
-            + [f"{r[m]:.3f}" for m in measures]
-            for r in shown.to_dict(orient="records")
-        ]
-        print_table(
-            rows,
-            ["layer", "pair", "redundancy", *measures],
-            title=f"Most redundant expert pairs per layer ({model})",
-        )
-        scores = report.layer_scores()
-        print_table(
-            [
-                [int(r["layer"]), f"{r['redundancy']:.3f}", r["top_pair"]]
-                for r in scores.to_dict(orient="records")
-            ],
-            ["layer", "redundancy score", "top pair"],
-            title="Per-layer redundancy (mean over experts of the nearest other expert)",
-        )
+        _print_tables(output, report, pairs, top, model)
     if out is not None:
-        note(f"wrote {out}/pairs.csv, layers.csv, similarity.json" + (" and plots/" if plots else ""))
+        output.note(f"wrote {out}/pairs.csv, layers.csv, similarity.json" + (" and plots/" if plots else ""))
+
+
+def _print_tables(output: Output, report: Any, pairs: Any, top: int, model: str) -> None:
+    """The ``--top`` most redundant pairs per layer, then each layer's redundancy score."""
+    shown = pairs[pairs["rank"] <= top]
+    measures = report.measures
+    rows = [
+        [int(r["layer"]), f"{int(r['expert_a'])}-{int(r['expert_b'])}", f"{r['redundancy']:.3f}"]
+        + [f"{r[m]:.3f}" for m in measures]
+        for r in shown.to_dict(orient="records")
+    ]
+    output.table(
+        rows,
+        ["layer", "pair", "redundancy", *measures],
+        title=f"Most redundant expert pairs per layer ({model})",
+    )
+    scores = report.layer_scores()
+    output.table(
+        [
+            [int(r["layer"]), f"{r['redundancy']:.3f}", r["top_pair"]]
+            for r in scores.to_dict(orient="records")
+        ],
+        ["layer", "redundancy score", "top pair"],
+        title="Per-layer redundancy (mean over experts of the nearest other expert)",
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,7 @@
 
 Validates flags, calls :func:`moescope.trace.run_trace`, shows a progress bar with
 tokens/s on stderr (only on a terminal), and prints a per-layer table (or the summary as
-``--json``). torch and transformers are imported inside the command so ``--help`` is fast.
+``--json``, or its per-layer records as ``--csv``) through :class:`moescope.cli._output.Output`. torch and transformers are imported inside the command so ``--help`` is fast.
 """
 
 from __future__ import annotations
@@ -20,22 +20,12 @@ from moescope.cli._options import (
     DeviceOpt,
     DtypeOpt,
     MaxMemoryOpt,
-    QuietOpt,
     RevisionOpt,
     SplitOpt,
     StreamOpt,
     TrustRemoteCodeOpt,
 )
-from moescope.cli._output import (
-    check_format,
-    human,
-    note,
-    print_json,
-    print_table,
-    progress_bar,
-    progress_enabled,
-    warn,
-)
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 EXAMPLES = """
 Examples:
@@ -52,7 +42,22 @@ Execution: the model is loaded whole when its weights fit --max-memory (default 
 Packing (shared with eval and similarity): each document is tokenised with the tokenizer's own special tokens, followed by EOS and concatenated into one stream that is cut into --seq-len windows (a window may span documents; each token keeps its document and domain).
 
 Shards: --shard i/n runs batches b with b mod n == i of that same stream; --shard env takes i/n from $RANK/$WORLD_SIZE (torchrun) and '{rank}' in --out becomes i.
+
+--dtype auto (the default) runs the model in the checkpoint's own dtype (torch_dtype in its config.json).
+
+Output: a per-layer table (imbalance, dead experts); --json prints the summary.json written (an object: model, tokens, moe_layers, num_experts, top_k, layers, timings, ...); --csv its per-layer records (layer, imbalance_max_mean, cv, entropy_norm, dead_experts, near_dead_experts, router_dropped; lists JSON-encoded).
 """
+
+#: ``--csv`` columns of ``trace`` and ``merge``: the per-layer records of ``summary.json``
+LAYER_COLUMNS = (
+    "layer",
+    "imbalance_max_mean",
+    "cv",
+    "entropy_norm",
+    "dead_experts",
+    "near_dead_experts",
+    "router_dropped",
+)
 
 
 def trace_cmd(
@@ -85,33 +90,25 @@ def trace_cmd(
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip plots/*.png.")] = False,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print summary.json to stdout.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Trace MODEL's routing over CORPUS into a trace directory (load, co-activation, plots)."""
-    from moescope.trace import parse_shard, run_trace
+    from moescope.trace import run_trace
 
-    fmt = check_format(json_out, False)
+    output = Output.from_flags(json_out, csv_out, quiet)
     if seq_len < 1 or batch_size < 1:
         raise typer.BadParameter("--seq-len and --batch-size must be at least 1.")
     if max_tokens is not None and max_tokens < 1:
         raise typer.BadParameter("--max-tokens must be at least 1.")
-    try:
-        shard_t = parse_shard(shard)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    if "{rank}" in str(out):
-        out = Path(str(out).replace("{rank}", str(shard_t[0])))
-    if shard == "env" and device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per torchrun process
-    with progress_bar(progress_enabled(fmt, quiet)) as bar:
-        task = bar.add_task("tracing", total=max_tokens, info="") if bar else None
+    shard_t, out, device = _placement(shard, out, device)
+    with output.progress("tracing", total=max_tokens) as update:
         start = time.perf_counter()
 
         def on_progress(done: int, total: int | None) -> None:
-            if bar is not None and task is not None:
-                rate = done / max(time.perf_counter() - start, 1e-9)
-                bar.update(task, completed=done, info=f"{human(rate)} tok/s")
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            update(done, info=f"{human(rate)} tok/s")
 
         result = run_trace(
             model,
@@ -132,18 +129,43 @@ def trace_cmd(
             max_memory=max_memory,
             stream=stream,
             device_map=device_map,
-            on_plan=None if quiet else note,
+            on_plan=output.info,
         )
+    _print_summary(output, result, out)
+
+
+def _placement(shard: str | None, out: Path, device: str) -> tuple[Any, Path, str]:
+    """``--shard`` parsed, ``{rank}`` in ``--out`` filled in, one GPU per torchrun process."""
+    from moescope.trace import parse_shard
+
+    try:
+        shard_t = parse_shard(shard)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if "{rank}" in str(out):
+        out = Path(str(out).replace("{rank}", str(shard_t[0])))
+    if shard == "env" and device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return shard_t, out, device
+
+
+def _print_summary(output: Output, result: Any, out: Path) -> None:
+    """Warnings about the corpus, then the summary: per-layer table, ``--json`` or ``--csv``."""
     summary: dict[str, Any] = result.summary
     if not summary:  # a torchrun rank other than 0: rank 0 writes and reports
         return
     cstats = summary.get("corpus_stats") or {}
     if cstats.get("empty_documents"):
-        warn(f"{cstats['empty_documents']} empty document(s) skipped.")
+        output.warn(f"{cstats['empty_documents']} empty document(s) skipped.")
     if cstats.get("non_utf8_documents"):
-        warn(f"{cstats['non_utf8_documents']} document(s) had non-UTF-8 bytes (decoded with replacement).")
-    if fmt == "json":
-        print_json(summary)
+        output.warn(
+            f"{cstats['non_utf8_documents']} document(s) had non-UTF-8 bytes (decoded with replacement)."
+        )
+    if output.fmt == "json":
+        output.json(summary)
+        return
+    if output.fmt == "csv":
+        output.csv(summary["layers"], LAYER_COLUMNS)
         return
     rows = [
         [
@@ -156,12 +178,12 @@ def trace_cmd(
         ]
         for r in summary["layers"]
     ]
-    print_table(
+    output.table(
         rows,
         ["layer", "max/mean", "cv", "entropy", "dead", "near-dead"],
         title=f"{summary['model']}: {summary['tokens']:,} tokens, top-{summary['top_k']} of {summary['num_experts']}",
     )
-    note(f"wrote {out} ({result.tokens_per_second:,.0f} tok/s); next: moescope report {out}")
+    output.note(f"wrote {out} ({result.tokens_per_second:,.0f} tok/s); next: moescope report {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,8 +11,8 @@ from moescope.prune.layout import detect_layout
 from moescope.prune.plan import PrunePlan, check_trace_matches, plan_prune, resolve_keep
 from moescope.prune.score import CRITERIA, expert_scores
 from moescope.prune.source import open_checkpoint, resolve_checkpoint_dir
-from moescope.prune.tracedata import read_trace
 from moescope.prune.write import PruneResult, prune_checkpoint
+from moescope.tracedir import read_trace_dir
 
 
 def prune(
@@ -39,7 +39,8 @@ def prune(
 
     Args:
         model: model reference (``demo``, a directory, a hub id).
-        trace: trace directory recorded on the same model.
+        trace: trace directory recorded on the same model (a complete trace, read by
+            :func:`moescope.tracedir.read_trace_dir`).
         out: output directory.
         drop: experts to drop per layer.
         keep: experts to keep per layer.
@@ -66,7 +67,7 @@ def prune(
         raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
     if not dry_run:
         check_destination(out, "prune", inputs=[trace, model], replace=overwrite)
-    tr = read_trace(trace)
+    tr = read_trace_dir(trace)
     ckpt = open_checkpoint(resolve_checkpoint_dir(model, revision))
     layout = detect_layout(ckpt)
     check_trace_matches(tr, ckpt, layout, model)

@@ -4,6 +4,10 @@ Criteria: ``frequency`` (tokens routed), ``soft`` (sum of gate weights), ``reap`
 routed tokens of gate x expert-output norm), ``ean`` (sum of output norms) or ``random`` (a
 seeded baseline). ``balance_domains`` normalises each domain's loads to sum to one per layer
 before averaging them, so a large domain cannot outvote a small one.
+
+The trace is a :class:`moescope.tracedir.TraceDir` (the one loader). A criterion that needs
+data the trace lacks (``summary.json`` ``lacks``: e.g. ``out_norms`` for routing imported
+from elsewhere) is refused with the missing data named, never scored from zeros.
 """
 
 from __future__ import annotations
@@ -14,13 +18,28 @@ import numpy as np
 import pandas as pd
 
 from moescope.errors import PruneError
-from moescope.prune.tracedata import TraceData
+from moescope.tracedir import TraceDir
 
 CRITERIA = ("frequency", "soft", "reap", "ean", "random")
 
+#: what each criterion needs beyond routing counts, as named in ``summary.json`` ``lacks``
+NEEDS: dict[str, tuple[str, ...]] = {
+    "frequency": (),
+    "soft": ("gate_weights",),
+    "reap": ("gate_weights", "out_norms"),
+    "ean": ("out_norms",),
+    "random": (),
+}
+
+_WHAT = {
+    "gate_weights": "the gate weights the router applied",
+    "out_norms": "the norms of the experts' outputs",
+    "domains": "per-domain loads",
+}
+
 
 def expert_scores(
-    trace: TraceData, criterion: str, *, seed: int = 0, balance_domains: bool = False
+    trace: TraceDir, criterion: str, *, seed: int = 0, balance_domains: bool = False
 ) -> pd.DataFrame:
     """One score per (layer, expert): higher means more worth keeping.
 
@@ -35,11 +54,13 @@ def expert_scores(
         (experts the trace never saw score 0).
 
     Raises:
-        PruneError: unknown criterion, or ``balance_domains`` without the per-domain
-            columns the criterion needs.
+        PruneError: unknown criterion, a criterion (or ``balance_domains``) that needs data
+            the trace lacks, or ``balance_domains`` without the per-domain columns the
+            criterion needs.
     """
     if criterion not in CRITERIA:
         raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
+    check_trace_has(trace, criterion, balance_domains=balance_domains)
     num_experts = trace.num_experts
     grid = pd.MultiIndex.from_product([trace.layers, range(num_experts)], names=["layer", "expert"])
     if criterion == "random":
@@ -63,6 +84,33 @@ def expert_scores(
         frame["score"] = _criterion_values(frame, criterion, where=trace.path / "expert_load.csv")
         pooled = frame.groupby(["layer", "expert"])["score"].sum()
     return pd.DataFrame({"score": pooled.reindex(grid, fill_value=0.0).astype(float)}).reset_index()
+
+
+def check_trace_has(trace: TraceDir, criterion: str, *, balance_domains: bool = False) -> None:
+    """Refuse a criterion whose data the trace lacks (``summary.json`` ``lacks``), naming it.
+
+    Raises:
+        PruneError: which data is missing, why a trace lacks it, and the criteria that work.
+    """
+    lacks = set(trace.lacks)
+    missing = [need for need in NEEDS[criterion] if need in lacks]
+    if balance_domains and "domains" in lacks:
+        missing.append("domains")
+    if not missing:
+        return
+    usable = [c for c, needs in NEEDS.items() if not lacks.intersection(needs)]
+    what = "; ".join(f"{m} ({_WHAT.get(m, m)})" for m in missing)
+    fixes = []
+    if missing != ["domains"]:
+        fixes.append(f"use --criterion {' or '.join(usable)}")
+    if "domains" in missing:
+        fixes.append("drop --balance-domains")
+    raise PruneError(
+        f"--criterion {criterion}{' --balance-domains' if balance_domains else ''} needs data that "
+        f"{trace.path} lacks: {what}. Its summary.json records lacks = {sorted(lacks)} (routing "
+        f"imported from elsewhere, or a model whose experts could not be observed); "
+        f"{' and '.join(fixes)}, or trace the model with `moescope trace`."
+    )
 
 
 def _criterion_values(frame: pd.DataFrame, criterion: str, *, where: Path) -> pd.Series:
