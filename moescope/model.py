@@ -9,11 +9,10 @@ torch and transformers are imported inside the functions so the CLI starts fast.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moescope.demo import demo_model_dir
+from moescope.checkpoint import ResolvedRef, resolve_ref
 from moescope.errors import CheckpointError, ModelNotFoundError
 
 _DTYPES = {
@@ -27,39 +26,21 @@ _DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed model reference."""
-
-    ref: str
-    path_or_id: str
-    revision: str | None
-    is_local: bool
+#: what :func:`parse_model_ref` returns: ``ref``, ``kind``, ``path_or_id``, ``revision``,
+#: ``is_local`` (the one resolver's :class:`~moescope.checkpoint.ResolvedRef`)
+ModelRef = ResolvedRef
 
 
-def parse_model_ref(ref: str, revision: str | None = None) -> ModelRef:
-    """Resolve ``demo`` names and local paths; anything else shaped ``org/name[@rev]`` is a hub id.
+def parse_model_ref(ref: str, revision: str | None = None) -> ResolvedRef:
+    """Resolve a model reference; an alias of :func:`moescope.checkpoint.resolve_ref`.
+
+    ``demo`` names and existing local paths are local; anything else shaped ``org/name[@rev]``
+    is a hub id (``revision`` wins over ``@rev``).
 
     Raises:
         ModelNotFoundError: when ``ref`` is neither an existing path, a demo name nor a hub id.
     """
-    demo = demo_model_dir(ref)
-    if demo is not None:
-        if not (demo / "config.json").exists():
-            raise ModelNotFoundError(
-                f"the demo model {ref!r} is not installed ({demo} is missing); reinstall moescope."
-            )
-        return ModelRef(ref, str(demo), None, True)
-    path = Path(ref).expanduser()
-    if path.exists():
-        return ModelRef(ref, str(path), None, True)
-    repo, _, rev = ref.partition("@")
-    if repo.count("/") == 1 and all(repo.split("/")) and not ref.startswith((".", "/", "~")):
-        return ModelRef(ref, repo, revision or rev or None, False)
-    raise ModelNotFoundError(
-        f"{ref}: no such file or directory; pass a save_pretrained directory, a .safetensors or "
-        "config.json file, a hub id like org/name, or 'demo'."
-    )
+    return resolve_ref(ref, revision)
 
 
 def torch_dtype(name: str) -> Any:
@@ -116,7 +97,7 @@ def load_model(
     trust_remote_code: bool = False,
     experts_implementation: str | None = None,
     device_map: str | None = None,
-    max_memory: dict[str, str] | None = None,
+    max_memory: dict[Any, str] | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a reference, in eval mode on ``device``.
 

@@ -243,7 +243,7 @@ class StreamedModel:
             pretrained_model_name_or_path=str(self.path),
             device_map={"": self.device},
             dtype=self.dtype,
-            weight_mapping=get_model_conversion_mapping(model),
+            weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
         )
         self._load(self.shards.globals_)
         model.tie_weights()
@@ -578,10 +578,10 @@ def load_runner(
             streamed = StreamedModel(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
             streamed.model.name_or_path = str(path)
             return streamed, load_tokenizer(str(path), trust_remote_code=trust_remote_code)
-        per_device = None
+        per_device: dict[Any, str] | None = None
         if device_map is not None and max_memory and "=" in max_memory:
-            per_device = dict(part.split("=", 1) for part in max_memory.split(","))
-            per_device = {int(k) if k.isdigit() else k: v for k, v in per_device.items()}
+            pairs = (part.split("=", 1) for part in max_memory.split(","))
+            per_device = {int(k) if k.isdigit() else k: v for k, v in pairs}  # accelerate: GPU ids are ints
         return load_model(
             model_ref,
             revision=revision,
