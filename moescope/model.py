@@ -54,7 +54,7 @@ def torch_dtype(name: str) -> Any:
 
 
 def default_experts_implementation(device: str) -> str:
-    """On CPU the eager experts loop is several times faster than grouped_mm (TRANSFORMERS_MOE.md)."""
+    """On CPU the eager experts loop is several times faster than grouped_mm (docs/TRANSFORMERS_MOE.md)."""
     return "eager" if device.startswith("cpu") else "grouped_mm"
 
 

@@ -6,7 +6,7 @@ routed-expert block, with the decoder layer index as in the checkpoint;
 the selected expert ids, the gate weights the experts actually apply and, optionally,
 the norm of each routed expert's output.
 
-How (see ``TRANSFORMERS_MOE.md``): there are four adapters; each family's registry record
+How (see ``docs/TRANSFORMERS_MOE.md``): there are four adapters; each family's registry record
 (:mod:`moescope.families`) names the one it uses (``Family.hooks``), and the experts class
 it applies to.
 

@@ -279,16 +279,42 @@ def test_empty_corpus_is_an_error(tiny: tuple[Any, Any], tmp_path: Path) -> None
         trace_model(*tiny, [Doc("", None)], tmp_path / "t")
 
 
-def test_state_memory_does_not_depend_on_corpus_size(tiny: tuple[Any, Any], tmp_path: Path) -> None:
-    small = tmp_path / "small"
-    big = tmp_path / "big"
-    trace_model(*tiny, _docs(4), small, seq_len=_SEQ, plots=False)
-    trace_model(*tiny, _docs(60), big, seq_len=_SEQ, plots=False)
-    a, b = load_trace(small)[0], load_trace(big)[0]
-    assert b.tokens > 5 * a.tokens
-    assert {k: getattr(a, k).shape for k in ("counts", "coact", "dom_counts")} == {
-        k: getattr(b, k).shape for k in ("counts", "coact", "dom_counts")
-    }
+_MEMORY_CHILD = r"""
+import resource, sys, torch
+from moescope.trace import trace_model
+from tests.tiny import char_tokenizer, tiny_model
+
+class Doc:
+    def __init__(self, text, domain):
+        self.text, self.domain = text, domain
+
+torch.manual_seed(0)
+model, tok = tiny_model("mixtral", vocab_size=128), char_tokenizer()
+tokens = int(sys.argv[2])
+docs = (Doc("def f(x): return x + 1\n" * 40, ("code", "prose")[i % 2]) for i in range(tokens // 900 + 1))
+trace_model(model, tok, docs, sys.argv[1], seq_len=64, batch_size=8, max_tokens=tokens, plots=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
+    """Peak RSS of a fresh process tracing 4k tokens vs 40x more: the aggregation is online."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    peaks = []
+    for tokens in (4_000, 160_000):
+        res = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CHILD, str(tmp_path / f"t{tokens}"), str(tokens)],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        peaks.append(int(res.stdout.split()[-1]))
+    small, large = peaks
+    assert json.loads((tmp_path / "t160000" / "summary.json").read_text())["tokens"] == 160_000
+    assert large <= small * 1.10, f"peak RSS grew from {small} KiB to {large} KiB"
 
 
 # ----------------------------------------------------------------------------- CLI

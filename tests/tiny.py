@@ -117,7 +117,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             ffn_config=dict(
                 moe_num_experts=_EXPERTS, moe_top_k=2, ffn_hidden_size=16, moe_normalize_expert_weights=1.0
             ),
-            # transformers 5.23's default attn_config crashes (TRANSFORMERS_MOE.md)
+            # transformers 5.23's default attn_config crashes (docs/TRANSFORMERS_MOE.md)
             attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
         ),
     ),

@@ -209,7 +209,7 @@ def _block_tensor(
             raise CheckpointError(f"{info.name}: expert {j} but the config has {num} experts.")
         if j not in ids:
             return None
-        # renumber from 0: a gap in expert numbering loads silently compacted (TRANSFORMERS_MOE.md)
+        # renumber from 0: a gap in expert numbering loads silently compacted (docs/TRANSFORMERS_MOE.md)
         name = f"{info.name[: per.start(2)]}{ids.index(j)}{info.name[per.end(2) :]}"
         return OutTensor.whole(info, name)
     if not info.shape:
