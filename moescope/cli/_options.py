@@ -92,13 +92,13 @@ def check_device(value: str) -> str:
 
 
 def check_split(value: str | None) -> str | None:
-    """``train``, ``heldout`` or None (the command's default)."""
+    """``train``, ``heldout``, ``all`` or None (the library's default: held-out for the built-in corpus)."""
     if value is None:
         return None
     split = value.strip().lower()
-    if split not in SPLITS:
+    if split not in (*SPLITS, "all"):
         raise typer.BadParameter(
-            f"unknown split {value!r}; use {' or '.join(SPLITS)} (splits of the built-in corpus 'demo')."
+            f"unknown split {value!r}; use {', '.join(SPLITS)} or all (splits of the built-in corpus 'demo')."
         )
     return split
 
@@ -135,7 +135,7 @@ SplitOpt = Annotated[
         "--split",
         callback=check_split,
         metavar="SPLIT",
-        help="train or heldout: split of the built-in corpus 'demo' (files have none); "
+        help="train, heldout or all: split of the built-in corpus 'demo' (files have none); "
         "trace and eval read heldout unless told.",
         show_default=False,
     ),
