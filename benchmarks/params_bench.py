@@ -7,9 +7,10 @@
    process and count bytes and requests, beside huggingface_hub's own
    ``get_safetensors_metadata`` on the same server.
 2. ``moescope params`` on a local checkpoint and on a config file, as whole processes,
-   beside ``python -c "import torch, transformers"``.
+   beside ``python -c "import torch, transformers"``; for the local Kimi-K2 checkpoint also
+   the in-process split between reading the headers and accounting them.
 
-Usage: python benchmarks/params_bench.py [--latency 0.05] [--repeat 3]
+Usage: python benchmarks/params_bench.py [--latency 0.05] [--repeat 3] [--skip-hub]
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-hub", action="store_true", help="only the local whole-process timings")
     args = ap.parse_args()
-    moescope = [sys.executable, "-m", "moescope"]
     cfg_path = ROOT / "sample_configs" / "Kimi-K2-Instruct.json"
     cfg = {k: v for k, v in json.loads(cfg_path.read_text()).items() if not k.startswith("_moescope")}
 
@@ -116,79 +117,102 @@ def main() -> None:
             f"checkpoint: Kimi-K2 layout, {n_shards} shards, {n_tensors:,} tensors, {total / 1e12:.3f} TB (sparse)"
         )
 
-        env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        if not args.skip_hub:
+            hub_bench(d, total, n_tensors, n_shards, args)
+        local_bench(d, cfg_path, n_tensors, args)
 
-        def hub_run(latency: float) -> tuple[float, int, int, dict]:
-            with HubStub({"org/kimi": d}, latency=latency) as hub:
-                env["HF_ENDPOINT"] = hub.endpoint
-                times, sent, reqs = [], [], []
-                for _ in range(args.repeat):
-                    with tempfile.TemporaryDirectory() as cache:
-                        env["HF_HOME"] = cache
-                        env["HF_HUB_CACHE"] = str(Path(cache) / "hub")
-                        b0, r0 = hub.bytes_sent, hub.requests
-                        dt, out = run([*moescope, "params", "org/kimi", "--json"], env)
-                        times.append(dt)
-                        sent.append(hub.bytes_sent - b0)
-                        reqs.append(hub.requests - r0)
-            return (
-                statistics.median(times),
-                int(statistics.median(sent)),
-                int(statistics.median(reqs)),
-                json.loads(out)[0],
-            )
 
-        wall, sent, reqs, report = hub_run(args.latency)
-        wall0, _, _, _ = hub_run(0.0)
-        # huggingface_hub's own helper on the same server, for comparison
-        code = (
-            "import os, time; from huggingface_hub import HfApi; t=time.perf_counter(); "
-            "HfApi(endpoint=os.environ['HF_ENDPOINT']).get_safetensors_metadata('org/kimi'); "
-            "print(time.perf_counter()-t)"
-        )
-        with HubStub({"org/kimi": d}, latency=args.latency) as hub, tempfile.TemporaryDirectory() as cache:
-            env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=cache, HF_HUB_CACHE=str(Path(cache) / "hub"))
-            _, hf_out = run([sys.executable, "-c", code], env)
-            hf_sent, hf_reqs = hub.bytes_sent, hub.requests
-        ms = args.latency * 1e3
-        print(
-            f"\n== hub: moescope params org/kimi (whole process, fresh HF cache each run, median of {args.repeat}) =="
-        )
-        print(f"total_params                 {report['total_params']:,}")
-        print(f"wall time, {ms:.0f} ms/request      {wall:.3f} s")
-        print(f"wall time, 0 ms/request       {wall0:.3f} s  (start-up + parsing {n_tensors:,} tensors)")
-        print(
-            f"cost of latency              {wall - wall0:.3f} s = {(wall - wall0) / args.latency:.1f} requests' worth (target < 4)"
-        )
-        print(f"requests                     {reqs} ({n_shards} shard headers, concurrently)")
-        print(
-            f"bytes transferred            {sent / 1e6:.2f} MB = {100 * sent / total:.5f}% of the checkpoint (target < 0.01%)"
-        )
-        print(
-            f"huggingface_hub get_safetensors_metadata, same server: {float(hf_out):.3f} s in-process, "
-            f"{hf_reqs} requests, {hf_sent / 1e6:.2f} MB"
+def hub_bench(d: Path, total: int, n_tensors: int, n_shards: int, args: argparse.Namespace) -> None:
+    """``moescope params org/kimi`` against the loopback hub, beside huggingface_hub's own reader."""
+    moescope = [sys.executable, "-m", "moescope"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def hub_run(latency: float) -> tuple[float, int, int, dict]:
+        with HubStub({"org/kimi": d}, latency=latency) as hub:
+            env["HF_ENDPOINT"] = hub.endpoint
+            times, sent, reqs = [], [], []
+            for _ in range(args.repeat):
+                with tempfile.TemporaryDirectory() as cache:
+                    env["HF_HOME"] = cache
+                    env["HF_HUB_CACHE"] = str(Path(cache) / "hub")
+                    b0, r0 = hub.bytes_sent, hub.requests
+                    dt, out = run([*moescope, "params", "org/kimi", "--json"], env)
+                    times.append(dt)
+                    sent.append(hub.bytes_sent - b0)
+                    reqs.append(hub.requests - r0)
+        return (
+            statistics.median(times),
+            int(statistics.median(sent)),
+            int(statistics.median(reqs)),
+            json.loads(out)[0],
         )
 
-        print(f"\n== local: whole-process wall time (median of {args.repeat}) ==")
-        t_local = median_time([*moescope, "params", str(d), "--json"], args.repeat)
-        t_demo = (
-            median_time([*moescope, "params", "demo", "--json"], args.repeat)
-            if (ROOT / "moescope/demo/models/moe/config.json").exists()
-            else None
-        )
-        t_cfg = median_time([*moescope, "params", str(cfg_path), "--json"], args.repeat)
-        t_import = median_time([sys.executable, "-c", "import torch, transformers"], args.repeat)
-        print(f"python -c 'import torch, transformers'   {t_import:.3f} s")
-        print(
-            f"moescope params <config file>            {t_cfg:.3f} s   ({t_import / t_cfg:.1f}x faster than the import)"
-        )
-        if t_demo is not None:
-            print(
-                f"moescope params demo (local checkpoint)  {t_demo:.3f} s   ({t_import / t_demo:.1f}x faster)"
-            )
-        print(
-            f"moescope params <local Kimi-K2, 62 shards, {n_tensors:,} tensors> {t_local:.3f} s   ({t_import / t_local:.1f}x faster)"
-        )
+    wall, sent, reqs, report = hub_run(args.latency)
+    wall0, _, _, _ = hub_run(0.0)
+    # huggingface_hub's own helper on the same server, for comparison
+    code = (
+        "import os, time; from huggingface_hub import HfApi; t=time.perf_counter(); "
+        "HfApi(endpoint=os.environ['HF_ENDPOINT']).get_safetensors_metadata('org/kimi'); "
+        "print(time.perf_counter()-t)"
+    )
+    with HubStub({"org/kimi": d}, latency=args.latency) as hub, tempfile.TemporaryDirectory() as cache:
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=cache, HF_HUB_CACHE=str(Path(cache) / "hub"))
+        _, hf_out = run([sys.executable, "-c", code], env)
+        hf_sent, hf_reqs = hub.bytes_sent, hub.requests
+    ms = args.latency * 1e3
+    print(
+        f"\n== hub: moescope params org/kimi (whole process, fresh HF cache each run, median of {args.repeat}) =="
+    )
+    print(f"total_params                 {report['total_params']:,}")
+    print(f"wall time, {ms:.0f} ms/request      {wall:.3f} s")
+    print(f"wall time, 0 ms/request       {wall0:.3f} s  (start-up + parsing {n_tensors:,} tensors)")
+    print(
+        f"cost of latency              {wall - wall0:.3f} s = {(wall - wall0) / args.latency:.1f} requests' worth (target < 4)"
+    )
+    print(f"requests                     {reqs} ({n_shards} shard headers, concurrently)")
+    print(
+        f"bytes transferred            {sent / 1e6:.2f} MB = {100 * sent / total:.5f}% of the checkpoint (target < 0.01%)"
+    )
+    print(
+        f"huggingface_hub get_safetensors_metadata, same server: {float(hf_out):.3f} s in-process, "
+        f"{hf_reqs} requests, {hf_sent / 1e6:.2f} MB"
+    )
+
+
+def local_bench(d: Path, cfg_path: Path, n_tensors: int, args: argparse.Namespace) -> None:
+    """Whole-process wall time of ``moescope params`` on local sources, and the in-process split."""
+    moescope = [sys.executable, "-m", "moescope"]
+    print(f"\n== local: whole-process wall time (median of {args.repeat}) ==")
+    t_local = median_time([*moescope, "params", str(d), "--json"], args.repeat)
+    t_demo = (
+        median_time([*moescope, "params", "demo", "--json"], args.repeat)
+        if (ROOT / "moescope/demo/models/moe/config.json").exists()
+        else None
+    )
+    t_cfg = median_time([*moescope, "params", str(cfg_path), "--json"], args.repeat)
+    t_import = median_time([sys.executable, "-c", "import torch, transformers"], args.repeat)
+    print(f"python -c 'import torch, transformers'   {t_import:.3f} s")
+    print(
+        f"moescope params <config file>            {t_cfg:.3f} s   ({t_import / t_cfg:.1f}x faster than the import)"
+    )
+    if t_demo is not None:
+        print(f"moescope params demo (local checkpoint)  {t_demo:.3f} s   ({t_import / t_demo:.1f}x faster)")
+    print(
+        f"moescope params <local Kimi-K2, 62 shards, {n_tensors:,} tensors> {t_local:.3f} s   ({t_import / t_local:.1f}x faster; target < 0.5 s)"
+    )
+    code = (
+        "import sys, time; t0 = time.perf_counter(); "
+        "from moescope.checkpoint import open_checkpoint; from moescope.params import account; "
+        "t1 = time.perf_counter(); ck = open_checkpoint(sys.argv[1]); t2 = time.perf_counter(); "
+        "account(ck); t3 = time.perf_counter(); "
+        "print(f'{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f} {ck.bytes_read}')"
+    )
+    runs = [run([sys.executable, "-c", code, str(d)])[1].split() for _ in range(args.repeat)]
+    imp, read, acc, nbytes = (statistics.median(float(r[k]) for r in runs) for k in range(4))
+    print(
+        f"  in process: import {imp:.3f} s, read + check {nbytes / 1e6:.1f} MB of headers {read:.3f} s, "
+        f"classify + account {acc:.3f} s"
+    )
 
 
 if __name__ == "__main__":

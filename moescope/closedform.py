@@ -5,47 +5,29 @@ weights we do not read), moescope lists the parameter tensors the transformers m
 would hold — names in transformers' in-memory layout, shapes from the config fields —
 and accounts them exactly like tensors read from safetensors headers. This module never
 imports torch or transformers; :func:`meta_inventory` is the fallback for families with no
-closed form here (it builds the model on the meta device).
+closed form here (it builds the model on the meta device). The tensor types live in
+:mod:`moescope.inventory` (``TensorInfo`` and ``Inventory`` are re-exported here for older
+imports); generic spec files are listed by :func:`moescope.spec.spec_inventory`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from moescope.arch import MoESpec, _get, family_of
 from moescope.errors import ConfigError
+from moescope.inventory import Inventory, TensorInfo
+from moescope.spec import spec_inventory
 
-
-class TensorInfo(NamedTuple):
-    """One tensor of a checkpoint (or of a config-derived inventory).
-
-    A NamedTuple rather than a dataclass: checkpoints hold ~100k tensors and this is
-    built once per tensor.
-
-    Attributes:
-        name: tensor name.
-        shape: tensor shape.
-        dtype: safetensors dtype string (``BF16``, ``F8_E4M3``, ``U8``...); ``None`` from configs.
-        nbytes: bytes as stored (0 for config-derived inventories).
-        file: the shard file that holds it (``None`` for config-derived inventories).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str | None = None
-    nbytes: int = 0
-    file: str | None = None
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-
-Inventory = list[TensorInfo]
+__all__ = [
+    "Inventory",
+    "TensorInfo",
+    "build_meta_model",
+    "config_inventory",
+    "has_closed_form",
+    "meta_inventory",
+]
 
 
 def _req(cfg: dict[str, Any], where: str, *keys: str, default: Any = None) -> int:
@@ -63,7 +45,7 @@ def _req(cfg: dict[str, Any], where: str, *keys: str, default: Any = None) -> in
 
 class _Builder:
     def __init__(self) -> None:
-        self.items: Inventory = []
+        self.items = Inventory()
 
     def add(self, name: str, *shape: int) -> None:
         self.items.append(TensorInfo(name, tuple(int(s) for s in shape)))
@@ -277,8 +259,6 @@ _CLOSED_FORMS: dict[str, Callable[[dict[str, Any], MoESpec, str], Inventory]] = 
 
 
 def _spec(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
-    from moescope.spec import spec_inventory
-
     return spec_inventory(cfg, spec)
 
 
@@ -367,7 +347,7 @@ def meta_inventory(cfg: dict[str, Any], where: str = "config.json") -> Inventory
     """
     try:
         model = build_meta_model(cfg)
-        return [TensorInfo(n, tuple(int(s) for s in p.shape)) for n, p in model.named_parameters()]
+        return Inventory(TensorInfo(n, tuple(int(s) for s in p.shape)) for n, p in model.named_parameters())
     except ConfigError as exc:
         if str(exc).startswith(f"{where}:"):
             raise

@@ -24,15 +24,18 @@ Conventions (also in the README and ``moescope params --help``):
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from math import prod
 from typing import Any
 
 from moescope.arch import COMPONENTS, MoESpec, _get, classify, moe_spec
 from moescope.checkpoint import Checkpoint, open_checkpoint
-from moescope.closedform import TensorInfo, config_inventory
+from moescope.closedform import config_inventory
 from moescope.errors import ConfigError
+from moescope.inventory import Inventory, as_inventory, gc_paused
 from moescope.spec import is_raw_spec, spec_to_config
+from moescope.tensorclasses import classify_groups
 from moescope.validate import validate_config
 
 DEFAULT_CONTEXT = 4096
@@ -93,6 +96,8 @@ class ParamsReport:
 
 @dataclass
 class _Acc:
+    """Sums over the classified tensors (one pass over the class groups)."""
+
     total: int = 0
     by_comp: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     routed_by_layer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -101,28 +106,37 @@ class _Acc:
     matmul_routed_by_layer: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     mtp: int = 0
     vision: int = 0
-    embedding_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    embed_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    head_present: bool = False
+    tied_skip: bool = False
     head_matmul: int = 0
     experts_seen: dict[int, set[int]] = field(default_factory=lambda: defaultdict(set))
     fused_experts: dict[int, int] = field(default_factory=dict)
+    expert_like_unknown: bool = False
+    weight_bytes: int = 0
+    dtypes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def _infer_spec_from_names(tensors: list[TensorInfo]) -> MoESpec:
+def _infer_spec_from_names(tensors: Inventory) -> MoESpec:
     """Spec for a bare safetensors file: experts detected from names, top-k unknown."""
     spec = MoESpec(model_type="unknown", family="unknown", known=False)
     layers: set[int] = set()
     experts: dict[int, set[int]] = defaultdict(set)
     fused: dict[int, int] = defaultdict(int)  # a fused [E, ...] tensor holds experts 0..E-1
-    for t in tensors:
-        c = classify(t.name, spec, len(t.shape))
+    for g in classify_groups(tensors, spec):
+        c = g.cls
         if c.layer is not None:
             layers.add(c.layer)
-        if c.component == "routed_experts" and c.layer is not None:
-            if c.expert is not None:
-                experts[c.layer].add(c.expert)
-            elif len(t.shape) >= 2:
+        if c.component != "routed_experts" or c.layer is None:
+            continue
+        if g.experts is not None:
+            experts[c.layer].update(g.experts)
+            continue
+        for i in g.positions:
+            shape = tensors.shapes[i]
+            if len(shape) >= 2:
                 # a count, not range(E): an empty tensor's header may claim any first dimension
-                fused[c.layer] = max(fused[c.layer], t.shape[0])
+                fused[c.layer] = max(fused[c.layer], shape[0])
                 experts.setdefault(c.layer, set())
     spec.num_layers = max(layers) + 1 if layers else 0
     if experts:
@@ -130,7 +144,7 @@ def _infer_spec_from_names(tensors: list[TensorInfo]) -> MoESpec:
         # experts 0..E-1 of the fused tensors, plus per-expert indices beyond them
         spec.num_experts = max(fused[i] + sum(1 for e in v if e >= fused[i]) for i, v in experts.items())
         spec.is_moe = spec.num_experts > 1
-    spec.tie_word_embeddings = not any("lm_head" in t.name for t in tensors)
+    spec.tie_word_embeddings = not any("lm_head" in name for name in tensors.names)
     return spec
 
 
@@ -185,6 +199,203 @@ def _config_dtype_bytes(cfg: dict[str, Any]) -> int | None:
     return _DTYPE_BYTES.get(dt)
 
 
+def _resolve(ck: Checkpoint) -> tuple[dict[str, Any] | None, MoESpec, Inventory, str, list[str]]:
+    """(config, spec, tensors, where, notes) of a checkpoint, its config validated first."""
+    cfg = ck.config
+    notes = list(ck.notes)
+    where = ck.config_where if cfg is not None else (ck.location or ck.ref)
+    if cfg is not None:
+        # Every field is checked before any arithmetic: a bad value is one clean error,
+        # never an impossible number, a huge allocation or a traceback.
+        if is_raw_spec(cfg):
+            cfg = spec_to_config(cfg, where)
+        validate_config(cfg, where)
+        spec = moe_spec(cfg, where)
+        tensors = ck.tensors or as_inventory(config_inventory(cfg, spec, where))
+    else:
+        tensors = ck.tensors
+        spec = _infer_spec_from_names(tensors)
+    if not spec.known and cfg is not None:
+        notes.append(f"model_type {spec.model_type!r} is not a family moescope knows: accounted as dense")
+    return cfg, spec, tensors, where, notes
+
+
+def _contradiction(tensors: Inventory, spec: MoESpec, where: str) -> ConfigError:
+    """The error for the first routed-expert tensor (in inventory order) in a layer the config
+    makes dense."""
+    moe = set(spec.moe_layers)
+    for t in tensors:
+        c = classify(t.name, spec, len(t.shape))
+        if c.component == "routed_experts" and c.is_param and (c.layer is None or c.layer not in moe):
+            break
+    return ConfigError(
+        f"{where}: tensor {t.name} holds routed experts but the config makes layer {c.layer} "
+        f"{'dense' if spec.is_moe else 'dense (no MoE fields)'}; the config contradicts the "
+        "checkpoint — pass the config.json that came with these weights."
+    )
+
+
+#: names of fused tensors whose first dimension counts the experts
+_FUSED_FIRST = ("gate_up_proj", "gate_up_proj_blocks", "w1", ".w1.weight")
+
+
+def _accumulate(tensors: Inventory, spec: MoESpec, where: str) -> _Acc:
+    """Sum parameters per component, layer and expert over the classified tensors."""
+    acc = _Acc()
+    names, shapes, nbytes, dtypes = tensors.names, tensors.shapes, tensors.nbytes, tensors.dtypes
+    acc.weight_bytes = sum(nbytes)
+    # a handful of (dtype, size) pairs, counted at C speed
+    for (dt, size), count in Counter(zip(dtypes, nbytes, strict=True)).items():
+        if dt:
+            acc.dtypes[dt] += size * count
+    groups = classify_groups(tensors, spec)
+    for g in groups:
+        c = g.cls
+        if c.component == "lm_head" and c.is_param:
+            acc.head_present |= any(names[i].endswith("weight") for i in g.positions)
+        if c.component == "embedding" and c.is_param:
+            acc.embed_shapes.extend(shapes[i] for i in g.positions)
+    acc.tied_skip = spec.tie_word_embeddings and acc.head_present and bool(acc.embed_shapes)
+    moe_layers = set(spec.moe_layers)
+    fused: list[tuple[int, int, int]] = []  # (position, layer, experts): the last one counts
+    for g in groups:
+        c = g.cls
+        if not c.is_param or (c.component == "lm_head" and acc.tied_skip):
+            continue
+        n = sum(map(prod, map(shapes.__getitem__, g.positions))) * c.param_factor
+        comp = c.component
+        if comp == "routed_experts" and (c.layer is None or c.layer not in moe_layers):
+            if spec.is_moe or spec.known:
+                raise _contradiction(tensors, spec, where)
+            acc.expert_like_unknown = True
+            comp = "dense_mlp"
+        if comp == "mtp":
+            acc.mtp += n
+            continue
+        acc.total += n
+        acc.by_comp[comp] += n
+        if comp == "vision":
+            acc.vision += n
+            continue
+        if c.layer is not None:
+            acc.layer_params[c.layer] += n
+        if comp == "routed_experts":
+            layer = c.layer if c.layer is not None else -1
+            acc.routed_by_layer[layer] += n
+            if g.experts is not None:
+                acc.experts_seen[layer].update(g.experts)
+            else:
+                fused.extend(
+                    (i, layer, shapes[i][0])
+                    for i in g.positions
+                    if len(shapes[i]) >= 2 and names[i].endswith(_FUSED_FIRST)
+                )
+            if c.is_matmul:
+                acc.matmul_routed_by_layer[layer] += n
+        elif c.is_matmul:
+            acc.matmul_dense += n
+            if comp == "lm_head":
+                acc.head_matmul += n
+    for _pos, layer, e in sorted(fused):
+        if spec.family == "dbrx" and spec.expert_intermediate_size:
+            e //= spec.expert_intermediate_size  # DBRX packs experts as [E*I, H]
+        acc.fused_experts[layer] = e
+    return acc
+
+
+def _check_experts(acc: _Acc, spec: MoESpec, ck: Checkpoint, cfg: dict[str, Any] | None, where: str) -> None:
+    """The config's expert count and MoE layers must match the stored tensors."""
+    if not spec.is_moe or cfg is None:
+        return
+    for layer in sorted(set(acc.experts_seen) | set(acc.fused_experts)):
+        if layer in acc.fused_experts:
+            found = acc.fused_experts[layer]
+        else:
+            found = max(acc.experts_seen[layer]) + 1
+        if found != spec.num_experts:
+            raise ConfigError(
+                f"{where}: config says {spec.num_experts} experts ({spec.num_experts_field}) but layer {layer} "
+                f"stores {found}; the config contradicts the checkpoint — pass the config.json that came "
+                "with these weights."
+            )
+    missing = [i for i in spec.moe_layers if i not in acc.routed_by_layer]
+    if missing and ck.tensors:
+        raise ConfigError(
+            f"{where}: config makes layer {missing[0]} an MoE layer but the checkpoint stores no experts there; "
+            "pass the config.json that came with these weights."
+        )
+
+
+def _tie_head(acc: _Acc, spec: MoESpec) -> None:
+    """With tied embeddings the head reuses the embedding matrix: its matmul still costs FLOPs."""
+    shapes = acc.embed_shapes
+    if acc.tied_skip:
+        acc.head_matmul = shapes[0][0] * shapes[0][1] if len(shapes[0]) == 2 else 0
+    elif spec.tie_word_embeddings and not acc.head_present and shapes and len(shapes[0]) == 2:
+        acc.head_matmul = shapes[0][0] * shapes[0][1]
+    if acc.tied_skip or (spec.tie_word_embeddings and not acc.head_present):
+        acc.matmul_dense += acc.head_matmul
+
+
+def _active(acc: _Acc, spec: MoESpec, notes: list[str]) -> tuple[int | None, int, float]:
+    """(active params or None when top-k is unknown, routed params left out, k/N)."""
+    k_known = spec.is_moe and spec.top_k > 0
+    frac = spec.top_k / spec.num_experts if k_known else 1.0
+    inactive = sum(int(round(v * (1 - frac))) for v in acc.routed_by_layer.values()) if k_known else 0
+    if spec.is_moe and not k_known:
+        notes.append("top-k unknown (no config): active parameters and FLOPs cannot be computed")
+        return None, inactive, frac
+    return acc.total - inactive - acc.vision, inactive, frac
+
+
+def _embedding_only(acc: _Acc, spec: MoESpec) -> int:
+    """Parameters used only as the input embedding (left out of ``active_params_no_embedding``)."""
+    embed_params = acc.by_comp.get("embedding", 0)
+    shapes = acc.embed_shapes
+    if spec.tie_word_embeddings and shapes and len(shapes[0]) == 2:
+        # the shared matrix serves as the head: only position embeddings are "embedding only"
+        return embed_params - shapes[0][0] * shapes[0][1]
+    return embed_params
+
+
+def _per_layer(acc: _Acc, moe_layers: set[int], active: int | None, frac: float) -> list[LayerRow]:
+    rows: list[LayerRow] = []
+    for layer in sorted(acc.layer_params):
+        total_l = acc.layer_params[layer]
+        routed = acc.routed_by_layer.get(layer, 0)
+        act_l = None if active is None else total_l - int(round(routed * (1 - frac)))
+        kind = "moe" if layer in moe_layers else "dense"
+        rows.append(LayerRow(layer, kind, total_l, act_l))
+    for comp in ("embedding", "lm_head", "vision"):
+        if acc.by_comp.get(comp):
+            n = acc.by_comp[comp]
+            rows.append(LayerRow(None, comp, n, 0 if comp == "vision" else n))
+    rest = acc.total - sum(r.params for r in rows)
+    if rest:
+        rows.append(LayerRow(None, "final_norm_and_other", rest, rest))
+    if acc.mtp:
+        rows.append(LayerRow(None, "mtp", acc.mtp, 0))
+    return rows
+
+
+def _flops_and_kv(
+    acc: _Acc, attn_rows: list[dict[str, Any]], active: int | None, frac: float, context: int
+) -> tuple[int | None, int | None, int | None]:
+    """(FLOPs per token, KV-cache bytes per token, KV-cache bytes at ``context``)."""
+    flops: int | None = None
+    if active is not None:
+        mm_active = acc.matmul_dense + sum(int(round(v * frac)) for v in acc.matmul_routed_by_layer.values())
+        attn = sum(
+            2 * r["heads"] * (r["dqk"] + r["dv"]) * min(context, r["window"] or context) for r in attn_rows
+        )
+        flops = 2 * mm_active + attn
+    if not attn_rows:
+        return flops, None, None
+    kv_per_token = sum(r["kv_elems"] for r in attn_rows) * 2
+    kv_ctx = sum(r["kv_elems"] * 2 * min(context, r["window"] or context) for r in attn_rows)
+    return flops, kv_per_token, kv_ctx
+
+
 def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
     """Account a checkpoint's parameters, FLOPs and memory.
 
@@ -202,166 +413,34 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
     """
     if context < 1:
         raise ConfigError(f"--context must be at least 1, got {context}.")
-    cfg = ck.config
-    notes = list(ck.notes)
-    where = ck.config_where if cfg is not None else (ck.location or ck.ref)
-    if cfg is not None:
-        # Every field is checked before any arithmetic: a bad value is one clean error,
-        # never an impossible number, a huge allocation or a traceback.
-        if is_raw_spec(cfg):
-            cfg = spec_to_config(cfg, where)
-        validate_config(cfg, where)
-        spec = moe_spec(cfg, where)
-        tensors = ck.tensors or config_inventory(cfg, spec, where)
-    else:
-        tensors = ck.tensors
-        spec = _infer_spec_from_names(tensors)
-    if not spec.known and cfg is not None:
-        notes.append(f"model_type {spec.model_type!r} is not a family moescope knows: accounted as dense")
-
-    acc = _Acc()
-    moe_layers = set(spec.moe_layers)
-    head_present = False
-    embed_shapes: list[tuple[int, ...]] = []
-    weight_bytes = 0
-    dtypes: dict[str, int] = defaultdict(int)
-    classified = []
-    for t in tensors:
-        c = classify(t.name, spec, len(t.shape))
-        classified.append((t, c))
-        if c.component == "lm_head" and c.is_param and t.name.endswith("weight"):
-            head_present = True
-        if c.component == "embedding" and c.is_param:
-            embed_shapes.append(t.shape)
-    tied_skip = spec.tie_word_embeddings and head_present and bool(embed_shapes)
-    expert_like_unknown = False
-    for t, c in classified:
-        weight_bytes += t.nbytes
-        if t.dtype:
-            dtypes[t.dtype] += t.nbytes
-        if not c.is_param:
-            continue
-        n = t.numel * c.param_factor
-        comp = c.component
-        if comp == "lm_head" and tied_skip:
-            continue
-        if comp == "routed_experts" and (c.layer is None or c.layer not in moe_layers):
-            if spec.is_moe or spec.known:
-                raise ConfigError(
-                    f"{where}: tensor {t.name} holds routed experts but the config makes layer {c.layer} "
-                    f"{'dense' if spec.is_moe else 'dense (no MoE fields)'}; the config contradicts the "
-                    "checkpoint — pass the config.json that came with these weights."
-                )
-            expert_like_unknown = True
-            comp = "dense_mlp"
-        if comp == "mtp":
-            acc.mtp += n
-            continue
-        acc.total += n
-        acc.by_comp[comp] += n
-        if comp == "vision":
-            acc.vision += n
-            continue
-        if c.layer is not None:
-            acc.layer_params[c.layer] += n
-        if comp == "routed_experts":
-            layer = c.layer if c.layer is not None else -1
-            acc.routed_by_layer[layer] += n
-            if c.expert is not None:
-                acc.experts_seen[layer].add(c.expert)
-            elif len(t.shape) >= 2 and t.name.endswith(
-                ("gate_up_proj", "gate_up_proj_blocks", "w1", ".w1.weight")
-            ):
-                e = t.shape[0]
-                if spec.family == "dbrx" and spec.expert_intermediate_size:
-                    e = t.shape[0] // spec.expert_intermediate_size
-                acc.fused_experts[layer] = e
-            if c.is_matmul:
-                acc.matmul_routed_by_layer[layer] += n
-        elif c.is_matmul:
-            acc.matmul_dense += n
-            if comp == "lm_head":
-                acc.head_matmul += n
-    if expert_like_unknown:
+    cfg, spec, tensors, where, notes = _resolve(ck)
+    with gc_paused():
+        acc = _accumulate(tensors, spec, where)
+    if acc.expert_like_unknown:
         warnings.warn(
             f"model_type {spec.model_type!r} is unknown to moescope but has expert-like tensors; they are "
             "counted as dense MLP (active = total). Open an issue with the config to add the family.",
             stacklevel=2,
         )
         notes.append("unknown family with expert-like tensors: counted as dense")
+    _check_experts(acc, spec, ck, cfg, where)
+    _tie_head(acc, spec)
+    active, inactive, frac = _active(acc, spec, notes)
+    active_no_emb = None if active is None else active - _embedding_only(acc, spec)
 
-    # The config's expert count must match the tensors.
-    if spec.is_moe and cfg is not None:
-        for layer in sorted(set(acc.experts_seen) | set(acc.fused_experts)):
-            if layer in acc.fused_experts:
-                found = acc.fused_experts[layer]
-            else:
-                found = max(acc.experts_seen[layer]) + 1
-            if found != spec.num_experts:
-                raise ConfigError(
-                    f"{where}: config says {spec.num_experts} experts ({spec.num_experts_field}) but layer {layer} "
-                    f"stores {found}; the config contradicts the checkpoint — pass the config.json that came "
-                    "with these weights."
-                )
-        missing = [i for i in spec.moe_layers if i not in acc.routed_by_layer]
-        if missing and ck.tensors:
-            raise ConfigError(
-                f"{where}: config makes layer {missing[0]} an MoE layer but the checkpoint stores no experts there; "
-                "pass the config.json that came with these weights."
-            )
-    if tied_skip:
-        # the head reuses the embedding matrix: its matmul still costs FLOPs
-        acc.head_matmul = embed_shapes[0][0] * embed_shapes[0][1] if len(embed_shapes[0]) == 2 else 0
-    elif spec.tie_word_embeddings and not head_present and embed_shapes and len(embed_shapes[0]) == 2:
-        acc.head_matmul = embed_shapes[0][0] * embed_shapes[0][1]
-    if tied_skip or (spec.tie_word_embeddings and not head_present):
-        acc.matmul_dense += acc.head_matmul
-
-    # Active parameters and FLOPs.
-    k_known = spec.is_moe and spec.top_k > 0
-    frac = spec.top_k / spec.num_experts if k_known else 1.0
-    inactive = sum(int(round(v * (1 - frac))) for v in acc.routed_by_layer.values()) if k_known else 0
-    if spec.is_moe and not k_known:
-        active: int | None = None
-        notes.append("top-k unknown (no config): active parameters and FLOPs cannot be computed")
-    else:
-        active = acc.total - inactive - acc.vision
-    embed_params = acc.by_comp.get("embedding", 0)
-    if spec.tie_word_embeddings and embed_shapes and len(embed_shapes[0]) == 2:
-        # the shared matrix serves as the head: only position embeddings are "embedding only"
-        embed_only = embed_params - embed_shapes[0][0] * embed_shapes[0][1]
-    else:
-        embed_only = embed_params
-    active_no_emb = None if active is None else active - embed_only
-
-    attn_rows, layout = _attention_layers(cfg or {}, spec) if cfg is not None else ([], "unknown")
-    flops: int | None = None
-    if active is not None:
-        mm_active = acc.matmul_dense + sum(int(round(v * frac)) for v in acc.matmul_routed_by_layer.values())
-        attn = sum(
-            2 * r["heads"] * (r["dqk"] + r["dv"]) * min(context, r["window"] or context) for r in attn_rows
-        )
-        flops = 2 * mm_active + attn
+    attn_rows, layout = _attention_layers(cfg, spec) if cfg is not None else ([], "unknown")
+    flops, kv_per_token, kv_ctx = _flops_and_kv(acc, attn_rows, active, frac, context)
     if spec.family in ("switch_transformers",):
         notes.append("encoder-decoder: attention FLOPs count self-attention of every block only")
-    kv_per_token = sum(r["kv_elems"] for r in attn_rows) * 2 if attn_rows else None
-    kv_ctx = (
-        sum(r["kv_elems"] * 2 * min(context, r["window"] or context) for r in attn_rows)
-        if attn_rows
-        else None
-    )
-
     components = {c: int(acc.by_comp.get(c, 0)) for c in COMPONENTS if c != "mtp"}
     components["mtp"] = acc.mtp
     active_components = None
     if active is not None:
-        active_components = dict(components)
-        active_components["routed_experts"] = components["routed_experts"] - inactive
-        active_components["vision"] = 0
-        active_components["mtp"] = 0
+        active_components = {**components, "routed_experts": components["routed_experts"] - inactive}
+        active_components.update(vision=0, mtp=0)
 
     if ck.tensors:
-        stored: int | None = weight_bytes
+        stored: int | None = acc.weight_bytes
     else:
         b = _config_dtype_bytes(cfg or {})
         stored = acc.total * b if b else None
@@ -373,28 +452,9 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         "fp8": acc.total,
         "int4": acc.total // 2,
     }
-
-    rows: list[LayerRow] = []
-    for layer in sorted(acc.layer_params):
-        total_l = acc.layer_params[layer]
-        routed = acc.routed_by_layer.get(layer, 0)
-        act_l = None if active is None else total_l - int(round(routed * (1 - frac)))
-        kind = "moe" if layer in moe_layers else "dense"
-        rows.append(LayerRow(layer, kind, total_l, act_l))
-    for comp in ("embedding", "lm_head", "vision"):
-        if acc.by_comp.get(comp):
-            n = acc.by_comp[comp]
-            rows.append(LayerRow(None, comp, n, 0 if comp == "vision" else n))
-    layer_sum = sum(r.params for r in rows)
-    rest = acc.total - layer_sum
-    if rest:
-        rows.append(LayerRow(None, "final_norm_and_other", rest, rest))
-    if acc.mtp:
-        rows.append(LayerRow(None, "mtp", acc.mtp, 0))
-
-    name = ck.ref
+    moe_layers = set(spec.moe_layers)
     return ParamsReport(
-        model=name,
+        model=ck.ref,
         model_type=spec.model_type,
         is_moe=spec.is_moe,
         total_params=acc.total,
@@ -412,7 +472,7 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         components=components,
         active_components=active_components,
         weight_bytes=stored,
-        weight_dtypes=dict(dtypes),
+        weight_dtypes=dict(acc.dtypes),
         memory_bytes=memory,
         kv_cache_bytes_per_token=kv_per_token,
         kv_cache_bytes_at_context=kv_ctx,
@@ -422,7 +482,7 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         source=ck.source,
         source_kind=ck.kind,
         notes=notes,
-        per_layer=rows,
+        per_layer=_per_layer(acc, moe_layers, active, frac),
     )
 
 
@@ -439,4 +499,5 @@ def count_params(ref: str, *, revision: str | None = None, context: int = DEFAUL
         >>> r.total_params > r.active_params
         True
     """
-    return account(open_checkpoint(ref, revision), context)
+    with gc_paused():  # ~1M short-lived acyclic objects for a 139k-tensor checkpoint
+        return account(open_checkpoint(ref, revision), context)

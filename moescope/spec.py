@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moescope.closedform import Inventory, TensorInfo
 from moescope.errors import ConfigError
+from moescope.inventory import Inventory, TensorInfo
 from moescope.validate import (
     MAX_EXPERT_INSTANCES,
     MAX_EXPERTS,
@@ -69,6 +69,25 @@ def is_raw_spec(cfg: dict[str, Any]) -> bool:
     )
 
 
+class _Fields:
+    """Reads a spec's fields, each checked as it is read (whole numbers in bounds, booleans)."""
+
+    def __init__(self, spec: dict[str, Any], where: str) -> None:
+        self.spec, self.where = spec, where
+
+    def num(self, key: str, noun: str, lo: int, hi: int, default: int | None = None) -> int:
+        v = self.spec.get(key)
+        if v is None:
+            if default is None:
+                raise ConfigError(f"{self.where}: spec lacks {key}; see `moescope.spec` for the fields.")
+            return default
+        return check_int(v, key, self.where, noun, lo, hi, _FIX)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.spec.get(key)
+        return default if v is None else check_bool(v, key, self.where, _FIX)
+
+
 def spec_to_config(spec: dict[str, Any], where: str = "spec") -> dict[str, Any]:
     """Validate a generic spec and normalise it into a config dict moescope accounts.
 
@@ -83,74 +102,33 @@ def spec_to_config(spec: dict[str, Any], where: str = "spec") -> dict[str, Any]:
     missing = [k for k in _REQUIRED if spec.get(k) is None]
     if missing:
         raise ConfigError(f"{where}: spec lacks {', '.join(missing)}; see `moescope.spec` for the fields.")
-
-    def num(key: str, noun: str, lo: int, hi: int, default: int | None = None) -> int:
-        v = spec.get(key)
-        if v is None:
-            if default is None:
-                raise ConfigError(f"{where}: spec lacks {key}; see `moescope.spec` for the fields.")
-            return default
-        return check_int(v, key, where, noun, lo, hi, _FIX)
-
-    def flag(key: str, default: bool) -> bool:
-        v = spec.get(key)
-        return default if v is None else check_bool(v, key, where, _FIX)
-
+    f = _Fields(spec, where)
     for key in ("name", "source"):
         if spec.get(key) is not None and not isinstance(spec[key], str):
             raise ConfigError(f"{where}: {key} is {show(spec[key])}; it must be a string {_FIX}.")
-    dec = num("num_layers", "layer count", 1, MAX_LAYERS)
-    enc = num("encoder_layers", "encoder layer count", 0, MAX_LAYERS, 0)
-    hidden = num("hidden_size", "hidden size", 1, MAX_HIDDEN)
-    heads = num("num_heads", "head count", 1, MAX_HEADS)
+    dec = f.num("num_layers", "layer count", 1, MAX_LAYERS)
+    enc = f.num("encoder_layers", "encoder layer count", 0, MAX_LAYERS, 0)
+    hidden = f.num("hidden_size", "hidden size", 1, MAX_HIDDEN)
+    heads = f.num("num_heads", "head count", 1, MAX_HEADS)
     if spec.get("head_dim") is None and hidden % heads:
         raise ConfigError(
             f"{where}: hidden_size ({hidden}) is not a multiple of num_heads ({heads}) and there is no "
             f"head_dim; set head_dim or a head count that divides the hidden size {_FIX}."
         )
-    head_dim = num("head_dim", "head dimension", 1, MAX_HIDDEN, hidden // heads)
-    kv = num("num_kv_heads", "key/value head count", 1, MAX_HEADS, heads)
+    head_dim = f.num("head_dim", "head dimension", 1, MAX_HIDDEN, hidden // heads)
+    kv = f.num("num_kv_heads", "key/value head count", 1, MAX_HEADS, heads)
     if heads % kv:
         raise ConfigError(
             f"{where}: num_kv_heads is {kv} but num_heads ({heads}) is not a multiple of it; each "
             f"key/value head must serve the same number of query heads {_FIX}."
         )
-    ffn = num("ffn_size", "MLP width", 1, MAX_WIDTH)
-    experts = num("num_experts", "expert count", 0, MAX_EXPERTS, 0)
-    every = num("moe_every", "MoE layer step", 1, MAX_LAYERS, 1)
-    offset = num("moe_offset", "MoE layer offset", 0, MAX_LAYERS, every - 1)
-    if offset >= every:
-        raise ConfigError(
-            f"{where}: moe_offset is {offset} but moe_every is {every}; the offset must be below the "
-            f"step, or no layer is MoE {_FIX}."
-        )
-    if spec.get("moe_layers") is not None:
-        moe = list(check_index_list(spec["moe_layers"], "moe_layers", where, enc + dec, _FIX))
-        if moe and experts < 2:
-            raise ConfigError(
-                f"{where}: moe_layers lists MoE layers but num_experts is {experts}; a MoE layer needs at "
-                f"least 2 experts {_FIX}."
-            )
-    elif experts > 1:
-        moe = [i for i in range(enc) if i % every == offset] + [
-            enc + i for i in range(dec) if i % every == offset
-        ]
-    else:
-        moe = []
-    top_k = num("top_k", "top-k", 0, MAX_EXPERTS, 2 if experts > 1 else 0)
-    if experts > 1 and not 1 <= top_k <= experts:
-        raise ConfigError(
-            f"{where}: top_k is {top_k}; it must be between 1 and num_experts ({experts}) {_FIX}."
-        )
-    if (enc + dec) * experts > MAX_EXPERT_INSTANCES:
-        raise ConfigError(
-            f"{where}: {enc + dec} layers x {experts} experts is more than {MAX_EXPERT_INSTANCES:,} "
-            f"routed experts in all; that is not a real model {_FIX}."
-        )
+    ffn = f.num("ffn_size", "MLP width", 1, MAX_WIDTH)
+    experts = f.num("num_experts", "expert count", 0, MAX_EXPERTS, 0)
+    moe, top_k = _moe_placement(f, enc, dec, experts)
     norm = spec.get("norm", "rmsnorm")
     if norm not in ("rmsnorm", "layernorm"):
         raise ConfigError(f'{where}: norm is {show(norm)}; write "rmsnorm" or "layernorm" {_FIX}.')
-    gated = flag("gated_mlp", False)
+    gated = f.flag("gated_mlp", False)
     name = spec.get("name")
     return {
         "model_type": "moescope_spec",
@@ -166,16 +144,52 @@ def spec_to_config(spec: dict[str, Any], where: str = "spec") -> dict[str, Any]:
         "gated_mlp": gated,
         "num_experts": experts,
         "num_experts_per_tok": top_k,
-        "moe_intermediate_size": num("expert_ffn_size", "expert width", 1, MAX_WIDTH, ffn),
-        "experts_gated": flag("experts_gated", gated),
-        "n_shared_experts": num("num_shared_experts", "shared-expert count", 0, MAX_EXPERTS, 0),
+        "moe_intermediate_size": f.num("expert_ffn_size", "expert width", 1, MAX_WIDTH, ffn),
+        "experts_gated": f.flag("experts_gated", gated),
+        "n_shared_experts": f.num("num_shared_experts", "shared-expert count", 0, MAX_EXPERTS, 0),
         "moe_layers": moe,
-        "vocab_size": num("vocab_size", "vocabulary size", 1, MAX_VOCAB),
-        "tie_word_embeddings": flag("tie_word_embeddings", True),
-        "position_embeddings": num("position_embeddings", "position count", 0, MAX_POSITIONS, 0),
-        "bias": flag("bias", False),
+        "vocab_size": f.num("vocab_size", "vocabulary size", 1, MAX_VOCAB),
+        "tie_word_embeddings": f.flag("tie_word_embeddings", True),
+        "position_embeddings": f.num("position_embeddings", "position count", 0, MAX_POSITIONS, 0),
+        "bias": f.flag("bias", False),
         "norm": norm,
     }
+
+
+def _moe_placement(f: _Fields, enc: int, dec: int, experts: int) -> tuple[list[int], int]:
+    """(MoE layer indices, top-k) of a spec, from ``moe_layers`` or ``moe_every``/``moe_offset``."""
+    where = f.where
+    every = f.num("moe_every", "MoE layer step", 1, MAX_LAYERS, 1)
+    offset = f.num("moe_offset", "MoE layer offset", 0, MAX_LAYERS, every - 1)
+    if offset >= every:
+        raise ConfigError(
+            f"{where}: moe_offset is {offset} but moe_every is {every}; the offset must be below the "
+            f"step, or no layer is MoE {_FIX}."
+        )
+    if f.spec.get("moe_layers") is not None:
+        moe = list(check_index_list(f.spec["moe_layers"], "moe_layers", where, enc + dec, _FIX))
+        if moe and experts < 2:
+            raise ConfigError(
+                f"{where}: moe_layers lists MoE layers but num_experts is {experts}; a MoE layer needs at "
+                f"least 2 experts {_FIX}."
+            )
+    elif experts > 1:
+        moe = [i for i in range(enc) if i % every == offset] + [
+            enc + i for i in range(dec) if i % every == offset
+        ]
+    else:
+        moe = []
+    top_k = f.num("top_k", "top-k", 0, MAX_EXPERTS, 2 if experts > 1 else 0)
+    if experts > 1 and not 1 <= top_k <= experts:
+        raise ConfigError(
+            f"{where}: top_k is {top_k}; it must be between 1 and num_experts ({experts}) {_FIX}."
+        )
+    if (enc + dec) * experts > MAX_EXPERT_INSTANCES:
+        raise ConfigError(
+            f"{where}: {enc + dec} layers x {experts} experts is more than {MAX_EXPERT_INSTANCES:,} "
+            f"routed experts in all; that is not a real model {_FIX}."
+        )
+    return moe, top_k
 
 
 def spec_inventory(cfg: dict[str, Any], spec: Any) -> Inventory:
@@ -184,7 +198,7 @@ def spec_inventory(cfg: dict[str, Any], spec: Any) -> Inventory:
     heads, hd, kv = cfg["num_attention_heads"], cfg["head_dim"], cfg["num_key_value_heads"]
     bias, ln_bias = cfg["bias"], cfg["norm"] == "layernorm"
     enc = cfg["encoder_layers"]
-    out: Inventory = []
+    out = Inventory()
 
     def add(name: str, *shape: int) -> None:
         out.append(TensorInfo(name, tuple(shape)))

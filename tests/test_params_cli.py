@@ -166,3 +166,18 @@ def test_accounting_does_not_import_torch(ckpt: Path) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_params_cli_imports_nothing_heavy(ckpt: Path) -> None:
+    """A local ``moescope params`` reads headers with the standard library: no torch,
+    transformers, pandas, numpy, matplotlib or huggingface_hub (they cost seconds to import)."""
+    heavy = ("torch", "transformers", "pandas", "numpy", "matplotlib", "pyarrow", "huggingface_hub")
+    code = (
+        "import sys; from moescope.cli.app import main; sys.argv = ['moescope', 'params', sys.argv[1], '--json']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"loaded = [m for m in {heavy!r} if m in sys.modules]\n"
+        "assert not loaded, loaded"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["total_params"] > 0

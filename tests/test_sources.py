@@ -354,3 +354,168 @@ def test_dbrx_packed_experts(tmp_path: Path) -> None:
     assert r.num_experts == 4 and r.top_k == 2
     assert r.components["routed_experts"] == 2 * 3 * 4 * 16 * 32
     assert count_params(str(tmp_path / "dbrx" / "config.json")).active_params == r.active_params
+
+
+# ---------------------------------------------------------------------------------------
+# The one resolver of model references
+# ---------------------------------------------------------------------------------------
+
+
+def test_resolve_ref_kinds(checkpoints: dict[str, tuple[Path, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.checkpoint import ResolvedRef, resolve_ref
+    from moescope.model import ModelRef, parse_model_ref
+
+    d, _ = checkpoints["llama"]
+    demo = resolve_ref("demo")
+    assert demo.kind == "demo" and demo.is_local and demo.local_dir is not None
+    assert (demo.local_dir / "config.json").exists()
+    r = resolve_ref(str(d), revision="ignored-for-paths")
+    assert (r.kind, r.path, r.revision, r.path_or_id, r.where) == ("dir", d, None, str(d), str(d))
+    f = resolve_ref(str(d / "config.json"))
+    assert f.kind == "file" and f.local_dir == d
+    monkeypatch.chdir(d.parent)
+    assert resolve_ref(d.name).kind == "dir"  # a relative path is a path, not a hub id
+    hub = resolve_ref("org/name@v1.0")
+    assert (hub.kind, hub.repo_id, hub.revision, hub.path, hub.is_local) == (
+        "hub",
+        "org/name",
+        "v1.0",
+        None,
+        False,
+    )
+    assert hub.path_or_id == "org/name" and hub.where == "org/name@v1.0"
+    assert resolve_ref("org/name@v1.0", revision="main").revision == "main"  # --revision wins
+    assert resolve_ref("org/name").where == "org/name" and resolve_ref("org/name").revision is None
+    # model.parse_model_ref is the same resolver
+    assert ModelRef is ResolvedRef and parse_model_ref("org/name@v1") == resolve_ref("org/name@v1")
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "./no-such-dir",
+        "/no/such/file.safetensors",
+        "~/no-such-dir-xyz",
+        "org/na me",
+        "a/b/c",
+        "org/..x",
+        "single",
+    ],
+)
+def test_resolve_ref_one_wording(ref: str) -> None:
+    """Every command words a reference that names nothing the same way, naming what it accepts."""
+    from moescope.checkpoint import open_checkpoint, resolve_ref
+    from moescope.errors import ModelNotFoundError
+    from moescope.model import parse_model_ref
+
+    messages = set()
+    for resolve in (resolve_ref, parse_model_ref, open_checkpoint):
+        with pytest.raises(ModelNotFoundError) as info:
+            resolve(ref)
+        messages.add(str(info.value))
+    assert messages == {
+        f"{ref}: no such file or directory; pass a save_pretrained directory, a .safetensors or "
+        "config.json file, a hub id like org/name, or 'demo'."
+    }
+
+
+def test_resolve_ref_special_file(tmp_path: Path) -> None:
+    import os
+
+    from moescope.checkpoint import resolve_ref
+    from moescope.errors import ModelNotFoundError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelNotFoundError, match="not a regular file or directory"):
+        resolve_ref(str(fifo))
+
+
+# ---------------------------------------------------------------------------------------
+# The inventory type and the shard reader
+# ---------------------------------------------------------------------------------------
+
+
+def test_inventory_behaves_as_a_list_of_tensorinfo() -> None:
+    from moescope.closedform import TensorInfo as FromClosedform
+    from moescope.inventory import Inventory, TensorInfo, as_inventory, total_numel
+
+    assert FromClosedform is TensorInfo  # the old import path still works
+    a, b, c = TensorInfo("a", (2, 3), "BF16", 12, "x", 80), TensorInfo("b", (4,)), TensorInfo("c", ())
+    inv = Inventory([a, b])
+    inv.append(c)
+    assert len(inv) == 3 and inv[0] == a and inv[-1] == c and list(inv) == [a, b, c]
+    assert inv == [a, b, c] and inv[1:] == Inventory([b, c]) and inv != [a, b]
+    assert inv.names == ["a", "b", "c"] and inv.shapes == [(2, 3), (4,), ()]
+    assert inv[0].numel == 6 and c.numel == 1 and total_numel(inv) == 6 + 4 + 1
+    more = Inventory()
+    more.extend(inv)
+    more.extend([a])
+    assert len(more) == 4 and more.nbytes == [12, 0, 0, 12] and more.offsets == [80, None, None, 80]
+    assert as_inventory(inv) is inv and as_inventory([a]) == [a] and not Inventory()
+    assert "3 tensors" not in repr(inv) and "(4 tensors)" in repr(more)
+    with pytest.raises(ValueError, match="length"):
+        Inventory.from_columns(["a"], [], [], [], [])
+
+
+def test_read_local_headers_names_the_first_bad_shard(tmp_path: Path) -> None:
+    """Shards are read concurrently but checked in order: the first bad one is reported."""
+    from moescope.errors import CheckpointError
+    from moescope.safetensors_header import read_local_headers
+
+    files = []
+    for i in range(6):
+        f = tmp_path / f"s{i}.safetensors"
+        write_sparse_shard(f, {f"model.layers.{i}.w": ("BF16", (2, 2))})
+        files.append(f.name)
+    (tmp_path / "s2.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    (tmp_path / "s4.safetensors").write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="s2.safetensors"):
+        read_local_headers(tmp_path, files)
+    got = read_local_headers(tmp_path, [files[0], files[1], files[3]])
+    assert [inv.names for inv, _, _ in got] == [
+        ["model.layers.0.w"],
+        ["model.layers.1.w"],
+        ["model.layers.3.w"],
+    ]
+    assert [inv.files[0] for inv, _, _ in got] == ["s0.safetensors", "s1.safetensors", "s3.safetensors"]
+
+
+def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
+    """Shards 2 and 3 both store ``shared.w``: the error names the tensor and both shards."""
+    from moescope.errors import CheckpointError
+
+    wm = {}
+    for i in range(3):
+        name = f"model-0000{i + 1}-of-00003.safetensors"
+        tensors = {f"model.layers.{i}.w": ("BF16", (2, 2))}
+        if i:
+            tensors["shared.w"] = ("BF16", (1,))
+        write_sparse_shard(tmp_path / name, tensors)
+        wm.update(dict.fromkeys(tensors, name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(
+        CheckpointError, match="'shared.w' is stored in both model-00002-of-00003.safetensors and"
+    ):
+        count_params(str(tmp_path))
+
+
+def test_inventory_offsets_and_metadata_locate_the_bytes(tmp_path: Path) -> None:
+    """``offset`` and ``nbytes`` are enough to read a tensor's bytes; ``__metadata__`` is kept per shard."""
+    from moescope.checkpoint import open_checkpoint
+
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+        "b": torch.ones(4, dtype=torch.bfloat16),
+    }
+    d = tmp_path / "ck"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    ck = open_checkpoint(str(d))
+    assert ck.tensors.metadata == {"model.safetensors": {"format": "pt"}}
+    raw = (d / "model.safetensors").read_bytes()
+    for t in ck.tensors:
+        assert t.file == "model.safetensors" and t.offset is not None
+        expected = tensors[t.name].contiguous().view(torch.uint8).numpy().tobytes()
+        assert raw[t.offset : t.offset + t.nbytes] == expected
+    assert ck.tensors.by_name()["a"].shape == (2, 3)

@@ -539,6 +539,52 @@ def test_fuzz_header_json(header: dict[str, Any], data_len: int | None) -> None:
     _check_accepted(infos, header, data_len if data_len is not None else 2**80)
 
 
+@st.composite
+def _aliased_headers(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid header plus one more tensor of a shape already seen, written with 2.0 or true
+    for its dimensions: equal to the ints as dictionary keys, so only a type check refuses it."""
+    header = draw(_valid_headers())
+    if not header:
+        return header
+    src = header[draw(st.sampled_from(sorted(header)))]
+    end = max(e["data_offsets"][1] for e in header.values())
+    size = src["data_offsets"][1] - src["data_offsets"][0]
+    as_bool = draw(st.booleans()) and 1 in src["shape"]
+    if as_bool:
+        shape: list[Any] = [True if d == 1 else d for d in src["shape"]]
+    else:
+        shape = [float(d) for d in src["shape"]]
+    at = draw(st.integers(0, len(header)))
+    items = list(header.items())
+    items.insert(at, ("alias", {**src, "shape": shape, "data_offsets": [end, end + size]}))
+    return dict(items)
+
+
+@_FUZZ
+@given(
+    header=st.one_of(
+        st.dictionaries(st.text(max_size=8), _entry, max_size=5),
+        _valid_headers(),
+        _aliased_headers(),
+        _valid_headers().map(lambda h: {**h, "__metadata__": {"format": "pt"}}),
+        _valid_headers().map(lambda h: dict(reversed(list(h.items())))),  # not in offset order
+    ),
+    data_len=st.one_of(st.integers(0, 300), st.none()),
+)
+def test_fast_header_checks_agree_with_exact(header: dict[str, Any], data_len: int | None) -> None:
+    """The fast path (a size per distinct (dtype, shape), dimension types checked at the end)
+    accepts and refuses exactly what the entry-by-entry checks do, with the same message."""
+    from moescope.safetensors_header import _check_entries, _check_entries_exact
+
+    def run(check: Callable[..., Any]) -> tuple[str, Any]:
+        try:
+            return "ok", list(check(header, "f.safetensors", data_len, "f.safetensors"))
+        except CheckpointError as exc:
+            return "error", str(exc)
+
+    assert run(_check_entries) == run(_check_entries_exact)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     header=st.one_of(_valid_headers(), st.dictionaries(st.text(max_size=4), _entry, max_size=3)),

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from moescope.arch import COMPONENTS
 from moescope.cli._errors import friendly
-from moescope.cli._output import check_format, human, note, print_csv, print_json, print_table, warn
+from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 EXAMPLES = """
 Examples:
@@ -27,6 +26,13 @@ parameters they encode; active_params = total - routed experts x (1 - k/N), embe
 and head included (Mixtral convention); active_params_no_embedding leaves the input
 embedding out (gpt-oss convention); flops_per_token = 2 x active matmul weights + attention
 against --context keys (multiply-add = 2 FLOPs; training ~ 3x).
+
+Output: a table with one column per model; --json prints an array, one object per model
+(model, model_type, is_moe, total_params, active_params, active_params_no_embedding,
+flops_per_token, num_experts, top_k, num_shared_experts, moe_layers, activation_ratio,
+components, weight_bytes, source, ...); --csv one row per model with those keys and a few
+more (context, kv cache, mtp and vision counts; lists and objects JSON-encoded). With --per-layer: one record per (model, layer) with model,
+layer, kind, params, active_params.
 """
 
 _CSV_COLUMNS = [
@@ -79,10 +85,9 @@ def params_cmd(
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="One row per layer: kind, params, active params.")
     ] = False,
-    json_out: Annotated[
-        bool, typer.Option("--json", help="Print a JSON array, one object per model.")
-    ] = False,
-    csv_out: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Total vs active parameters, FLOPs per token and memory of MoE and dense checkpoints.
 
@@ -91,28 +96,25 @@ def params_cmd(
     """
     from moescope.params import count_params
 
-    fmt = check_format(json_out, csv_out)
+    out = Output.from_flags(json_out, csv_out, quiet)
     reports = []
     for ref in models:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             reports.append(count_params(ref, revision=revision, context=context))
         for w in caught:
-            warn(str(w.message))
+            out.warn(str(w.message))
     if per_layer:
-        _emit_per_layer(reports, fmt)
+        _emit_per_layer(reports, out)
         return
-    if fmt == "json":
-        print_json([r.to_dict() for r in reports])
-        return
-    if fmt == "csv":
-        print_csv([r.to_dict() for r in reports], _CSV_COLUMNS)
+    if out.machine:
+        out.records([r.to_dict() for r in reports], _CSV_COLUMNS)
         return
     for r in reports:
         for n in r.notes:
-            note(f"{r.model}: {n}")
+            out.note(f"{r.model}: {n}")
     rows = _table_rows(reports)
-    print_table(
+    out.table(
         rows, ["", *[short_label(r.model) for r in reports]], title=f"moescope params (context {context})"
     )
 
@@ -130,6 +132,8 @@ def short_label(ref: str) -> str:
 
 
 def _table_rows(reports: list) -> list[list[str]]:
+    from moescope.arch import COMPONENTS
+
     def row(label: str, fn) -> list[str]:  # type: ignore[no-untyped-def]
         return [label, *[fn(r) for r in reports]]
 
@@ -170,7 +174,7 @@ def _table_rows(reports: list) -> list[list[str]]:
     return rows
 
 
-def _emit_per_layer(reports: list, fmt: str) -> None:
+def _emit_per_layer(reports: list, out: Output) -> None:
     records = [
         {
             "model": r.model,
@@ -182,17 +186,15 @@ def _emit_per_layer(reports: list, fmt: str) -> None:
         for r in reports
         for row in r.per_layer
     ]
-    if fmt == "json":
-        print_json(records)
-    elif fmt == "csv":
-        print_csv(records, ["model", "layer", "kind", "params", "active_params"])
+    if out.machine:
+        out.records(records, ["model", "layer", "kind", "params", "active_params"])
     else:
         for r in reports:
             rows = [
                 ["-" if x.layer is None else str(x.layer), x.kind, human(x.params), human(x.active_params)]
                 for x in r.per_layer
             ]
-            print_table(rows, ["layer", "kind", "params", "active"], title=r.model)
+            out.table(rows, ["layer", "kind", "params", "active"], title=r.model)
 
 
 def register(app: typer.Typer) -> None:
