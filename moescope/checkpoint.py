@@ -175,7 +175,8 @@ def resolve_ref(ref: str, revision: str | None = None) -> ResolvedRef:
         return ResolvedRef(ref, "file", path=path)
     if path.exists():
         raise ModelNotFoundError(f"{ref}: not a regular file or directory; {REF_HINT}.")
-    if looks_like_hub_id(ref):
+    # a missing local file (`sample_configs/x.json`) is a typo'd path, not a hub repo
+    if looks_like_hub_id(ref) and not ref.lower().endswith((".json", ".safetensors")):
         repo, rev = split_hub_ref(ref, revision)
         org, name = repo.split("/")
         if all(_HUB_PART_RE.fullmatch(p) and ".." not in p and "--" not in p for p in (org, name)):

@@ -72,6 +72,7 @@ def main() -> int:
     readme = ROOT / "README.md"
     text = readme.read_text()
     with tempfile.TemporaryDirectory(prefix="moescope-tour-") as tmp:
+        (Path(tmp) / "sample_configs").symlink_to(ROOT / "sample_configs")  # the tour names them
         new = regenerate(text, Path(tmp))
     if new == text:
         print("README tour is current.")
