@@ -321,7 +321,7 @@ def evaluate(
         An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
     """
     from moescope.corpus import read_corpus
-    from moescope.stream import HIDDEN_SHARE, load_runner, plan_execution
+    from moescope.execution import HIDDEN_SHARE, load_runner, plan_execution
 
     plan = plan_execution(
         model_ref,

@@ -161,7 +161,7 @@ def check_max_memory(value: str | None) -> str | None:
     """A size (``20GiB``) or accelerate's per-device form (``0=20GiB,cpu=60GiB``)."""
     if value is None:
         return None
-    from moescope.stream import parse_size
+    from moescope.execution import parse_size
 
     try:
         for part in value.split(","):

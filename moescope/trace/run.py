@@ -26,6 +26,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from moescope import __version__
 from moescope.errors import CorpusError, TraceError
 from moescope.outdir import atomic_output, check_destination
 from moescope.packing import PACKING, PackStats, batched, collate, pack_windows, pad_token_id, resolve_split
+from moescope.trace.ranks import combine_ranks, current_ranks, scratch_dir
 from moescope.trace.reduce import Reducer
 from moescope.trace.routes import RoutesWriter
 from moescope.trace.write import write_trace_dir
@@ -219,7 +221,9 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
     from moescope.routing import RoutingRecorder
 
     if _is_streamed(loop.target.runner):
-        return _run_batches_streamed(loop, windows, batch_size, seq_len)
+        from moescope.trace.streamed import run_batches_streamed
+
+        return run_batches_streamed(loop, windows, batch_size, seq_len)
     reducer = Reducer(loop.state)
     hasher = StreamHasher(seq_len)
     window0 = 0
@@ -254,66 +258,6 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
         loop.routes.flush()
     if reducer.lacks_norms:
         loop.state.meta["lacks"] = sorted({*loop.state.meta.get("lacks", []), "out_norms"})
-    return hasher.hexdigest()
-
-
-def _run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: int) -> str:
-    """The streamed pass: this shard's batches run layer-major, reduced in batch order.
-
-    A batch's records are complete once the last MoE layer has run on it; it is reduced
-    right then, and batches reach that point in order, so the sums are the in-memory run's.
-    """
-    from moescope.identity import StreamHasher
-    from moescope.routing import RoutingRecorder
-
-    streamer = loop.target.runner
-    hasher = StreamHasher(seq_len)
-    mine: list[tuple[int, int, Any]] = []  # (batch index, first window, collated batch)
-    window0 = 0
-    for b, group in enumerate(batched(windows, batch_size)):
-        for w in group:
-            hasher.update(w.tokens.tobytes(), w.domains.tobytes())
-        if b % loop.shard[1] == loop.shard[0]:
-            mine.append((b, window0, collate(group, loop.pad_id)))
-        window0 += len(group)
-    reducer = Reducer(loop.state)
-    site_of = {site.layer: i for i, site in enumerate(loop.target.sites)}
-    last_moe = max(site_of)
-    pending: dict[int, list[Any]] = {}
-    inputs = [{"input_ids": x.tokens, "attention_mask": x.mask.long()} for _b, _w, x in mine]
-    f0 = time.perf_counter()
-    with RoutingRecorder(loop.target.sites) as rec:
-
-        def after_layer(layer: int, i: int) -> None:
-            if layer not in site_of:
-                return
-            pending.setdefault(i, [None] * len(site_of))[site_of[layer]] = rec.records[site_of[layer]]
-            rec.clear()
-            if layer != last_moe:
-                return
-            records = pending.pop(i)
-            if any(r is None for r in records):
-                raise TraceError(f"{loop.model_ref}: a MoE layer did not run in the forward pass.")
-            b, w0, batch = mine[i]
-            reducer.update(records, batch.mask, batch.docs, batch.domains)
-            if loop.routes is not None:
-                loop.routes.add(b, w0, batch.tokens, batch.mask, batch.docs, records)
-            if loop.progress is not None:
-                loop.traced += int(batch.mask.sum())
-                loop.progress(loop.traced, None)
-
-        streamer.run(inputs, after_layer=after_layer, max_hidden_bytes=loop.hidden_budget)
-    loop.forward_s += time.perf_counter() - f0
-    reducer.flush()
-    if loop.routes is not None:
-        loop.routes.flush()
-    if reducer.lacks_norms:
-        loop.state.meta["lacks"] = sorted({*loop.state.meta.get("lacks", []), "out_norms"})
-    loop.state.meta["execution"] = {
-        **loop.state.meta.get("execution", {}),
-        "bytes_read": streamer.bytes_read,
-        "passes": streamer.passes,
-    }
     return hasher.hexdigest()
 
 
@@ -397,13 +341,13 @@ def trace_model(
     target = _target(model, model_ref)
     if on_start is not None:
         on_start()
-    ranks = _ranks()
+    ranks = current_ranks()
     if ranks is not None and shard != (0, 1):
         raise TraceError("--shard and torchrun both split the corpus; pass only one of them.")
     settings = {"seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "shard": shard}
     run_meta = _run_meta(model, model_ref, settings, meta or {})
     state = TraceState(target.layers, target.num_experts, target.top_k, meta=run_meta)
-    writer = atomic_output(out, KIND, inputs=inputs) if ranks is None or ranks[0] == 0 else _scratch()
+    writer = atomic_output(out, KIND, inputs=inputs) if ranks is None or ranks[0] == 0 else scratch_dir()
     with writer as tmp:
         loop = _Loop(target, state, ranks or shard, pad_token_id(tokenizer), model_ref, progress=progress)
         loop.hidden_budget = hidden_budget
@@ -428,71 +372,11 @@ def trace_model(
         state.meta["corpus_stats"] = _corpus_stats(loop.pack, corpus_stats)
         timings = {"trace_seconds": seconds, "forward_seconds": loop.forward_s}
         if ranks is not None:
-            timings = _combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
+            timings = combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
             if ranks[0] != 0:
                 return TraceResult.of(out, state, seconds, {})
         summary = write_trace_dir(tmp, state, timings=timings, plots=plots)
     return TraceResult.of(out, state, seconds, summary)
-
-
-# --------------------------------------------------------------------------- torchrun
-
-
-def _ranks() -> tuple[int, int] | None:
-    """``(rank, world)`` when a torch.distributed process group of several ranks is up."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
-def _scratch() -> Any:
-    """A throwaway directory for ranks that do not write the output."""
-    import contextlib
-    import tempfile
-
-    @contextlib.contextmanager
-    def scratch() -> Any:
-        with tempfile.TemporaryDirectory(prefix="moescope-rank-") as tmp:
-            yield Path(tmp)
-
-    return scratch()
-
-
-def _combine_ranks(state: TraceState, timings: dict[str, Any], routes: Path | None) -> dict[str, Any]:
-    """All-reduce the sums into every rank's ``state``; rank 0 also receives every rank's routes.
-
-    Integer sums are exact, so the result is a single-process run's. Timings are the
-    slowest rank's (the wall time of the run).
-    """
-    from moescope import distributed
-    from moescope.tracestate import STATE_ARRAYS
-
-    arrays = {name: getattr(state, name) for name in STATE_ARRAYS}
-    arrays["_counters"] = [state.tokens, state.windows, state.batches]
-    summed = distributed.all_reduce_sum(arrays, device=str(state.meta.get("device") or "cpu"))
-    for name in STATE_ARRAYS:
-        setattr(state, name, summed[name])
-    state.tokens, state.windows, state.batches = (int(v) for v in summed["_counters"])
-    gathered = distributed.gather_to_rank0(
-        {
-            "timings": timings,
-            "lacks": state.meta.get("lacks", []),
-            "routes": {p.name: p.read_bytes() for p in sorted(routes.glob("*.parquet"))} if routes else {},
-        }
-    )
-    state.meta["shard"] = {"index": 0, "count": 1}  # the whole corpus, as one process would
-    if gathered is None:
-        return timings
-    state.meta["lacks"] = sorted({x for g in gathered for x in g["lacks"]})
-    state.meta["execution"] = {**state.meta.get("execution", {}), "ranks": len(gathered)}
-    if routes is not None:
-        routes.mkdir(parents=True, exist_ok=True)
-        for g in gathered[1:]:
-            for name, data in g["routes"].items():
-                (routes / name).write_bytes(data)  # chunk names carry the global batch index
-    return {key: max(float(g["timings"][key]) for g in gathered) for key in timings}
 
 
 def run_trace(
@@ -543,9 +427,9 @@ def run_trace(
     """
     from moescope import distributed
     from moescope.corpus import CorpusStats, read_corpus
+    from moescope.execution import HIDDEN_SHARE, load_runner, plan_execution
     from moescope.identity import fingerprint_ref
     from moescope.model import parse_model_ref
-    from moescope.stream import HIDDEN_SHARE, load_runner, plan_execution
 
     stats = CorpusStats()
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
@@ -583,7 +467,9 @@ def run_trace(
     if plan.mode == "stream":
         kwargs.setdefault("hidden_budget", int(plan.budget * HIDDEN_SHARE))
     # --shard (env) keeps the old way: one directory per shard, `moescope merge` later
-    joined = distributed.process_group(device) if kwargs.get("shard", (0, 1)) == (0, 1) else _nullgroup()
+    joined = (
+        distributed.process_group(device) if kwargs.get("shard", (0, 1)) == (0, 1) else nullcontext((0, 1))
+    )
     with joined:
         try:
             return trace_model(
@@ -600,9 +486,3 @@ def run_trace(
         finally:
             if plan.mode == "stream":
                 model.close()
-
-
-def _nullgroup() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext((0, 1))
