@@ -368,6 +368,7 @@ class RoutingRecorder:
         self._norms: dict[int, Any] = {}
         self._handles: list[Any] = []
         self._patched: list[Any] = []
+        self._accelerate: list[tuple[Any, Any]] = []
 
     # -- public -----------------------------------------------------------------------------
     def clear(self) -> None:
@@ -411,8 +412,15 @@ class RoutingRecorder:
                 )
                 if self.record_norms:
                     make = _fused_forward_with_norms if site.kind == "fused" else _dbrx_forward_with_norms
-                    site.experts.forward = types.MethodType(make(self, i), site.experts)
-                    self._patched.append(site.experts)
+                    patched = types.MethodType(make(self, i), site.experts)
+                    if "_old_forward" in site.experts.__dict__:
+                        # accelerate (device_map) wraps forward to load offloaded weights first and
+                        # then calls _old_forward: replace that, so the weights are there
+                        self._accelerate.append((site.experts, site.experts._old_forward))
+                        site.experts._old_forward = patched
+                    else:
+                        site.experts.forward = patched
+                        self._patched.append(site.experts)
             elif site.kind == "llama4":
                 self._handles.append(site.router.register_forward_hook(self._llama4_router_hook(i)))
                 if self.record_norms:
@@ -436,6 +444,9 @@ class RoutingRecorder:
             if "forward" in module.__dict__:
                 del module.__dict__["forward"]
         self._patched.clear()
+        for module, forward in self._accelerate:
+            module._old_forward = forward
+        self._accelerate.clear()
 
     # -- hooks --------------------------------------------------------------------------------
     def _args_hook(self, i: int) -> Callable[..., None]:

@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 
+from moescope.execution import parse_size
 from moescope.routing import RoutingRecorder, find_moe_sites
-from moescope.stream import StreamedModel, parse_size
+from moescope.stream import StreamedModel
 from tests.tiny import FAMILIES, tiny_model
 
 ENCODER_DECODER = {"switch_transformers"}
@@ -167,3 +168,23 @@ def test_streamed_trace_and_eval_equal_in_memory(family: str, tmp_path: Path) ->
     assert ps.perplexity == pytest.approx(pm.perplexity, rel=1e-4)
     for d, r in pm.domains.items():
         assert ps.domains[d].perplexity == pytest.approx(r.perplexity, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_device_map_auto_with_disk_offload_equals_whole(tmp_path: Path) -> None:
+    """accelerate's placement (layers offloaded to disk) records the same routing and norms.
+
+    The norm-recording experts forward must run *inside* accelerate's hook, which loads the
+    offloaded weights first; replacing the hooked forward bypassed it (norms of 1e13).
+    """
+    import json
+
+    from moescope.trace import run_trace
+
+    kw: dict[str, Any] = dict(max_tokens=2000, plots=False)
+    run_trace("demo", "demo", tmp_path / "whole", stream=False, **kw)
+    run_trace("demo", "demo", tmp_path / "mapped", device_map="auto", max_memory="cpu=3MiB", **kw)
+    for name in ("expert_load.csv", "coactivation.csv"):
+        assert (tmp_path / "whole" / name).read_text() == (tmp_path / "mapped" / name).read_text(), name
+    summary = json.loads((tmp_path / "mapped" / "summary.json").read_text())
+    assert summary["execution"]["mode"] == "device_map"
