@@ -176,11 +176,11 @@ def plan_tensors(
         layer = families.layer_of(info.name)
         block = layout.layers.get(layer) if layer is not None else None
         if layer is None or block is None or not info.name.startswith(block):
-            out[info.file.name].append(OutTensor.whole(info))
+            out[str(info.file)].append(OutTensor.whole(info))
             continue
         sliced = _block_tensor(info, block, sorted(kept[layer]), layout, record)
         if sliced is not None:
-            out[info.file.name].append(sliced)
+            out[str(info.file)].append(sliced)
     return out
 
 

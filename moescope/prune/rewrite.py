@@ -68,7 +68,7 @@ class OutTensor:
     @classmethod
     def whole(cls, info: Any, name: str | None = None) -> OutTensor:
         """``info`` copied unchanged (under ``name`` when given)."""
-        return cls(name or info.name, info.dtype, info.shape, ((info.start, info.nbytes),))
+        return cls(name or info.name, info.dtype, info.shape, ((info.offset, info.nbytes),))
 
     @classmethod
     def rows(cls, info: Any, groups: int, kept: Sequence[int]) -> OutTensor:
@@ -93,7 +93,7 @@ def row_ranges(info: Any, groups: int, kept: Sequence[int]) -> tuple[tuple[int, 
     slab = info.nbytes // groups
     merged: list[list[int]] = []
     for j in kept:
-        start = info.start + j * slab
+        start = info.offset + j * slab
         if merged and merged[-1][0] + merged[-1][1] == start:
             merged[-1][1] += slab
         else:

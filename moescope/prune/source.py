@@ -13,21 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import CheckpointError, ModelNotFoundError
+from moescope.inventory import TensorInfo  # the one tensor type: file relative, offset absolute
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as stored in a safetensors file (header only)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset in the file
-    nbytes: int
 
 
 @dataclass
@@ -92,42 +80,27 @@ def resolve_checkpoint_dir(ref: str, revision: str | None = None) -> Path:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read ``config.json`` and every shard header of a safetensors checkpoint directory.
 
+    Headers are read by the one validated reader (:func:`moescope.checkpoint.open_checkpoint`:
+    offsets in bounds and non-overlapping, index paths inside the checkpoint, a tensor in two
+    shards refused); each :class:`~moescope.inventory.TensorInfo` keeps its shard (relative)
+    and absolute byte offset, which is all the rewriter needs to copy or slice it.
+
     Raises:
-        CheckpointError: no config, no safetensors weights, a missing shard, or a header
-            whose offsets do not match its shapes.
+        CheckpointError: no config, no safetensors weights, a missing shard, or a bad header.
     """
-    from moescope.checkpoint import index_shards, load_json, read_safetensors_header, safe_child
+    from moescope.checkpoint import open_checkpoint as open_source
     from moescope.validate import validate_config
 
     root = Path(path)
-    cfg_path = root / "config.json"
-    if not cfg_path.exists():
+    if not (root / "config.json").exists():
         raise CheckpointError(f"{root} has no config.json; pass a save_pretrained directory or a hub id.")
-    config = load_json(cfg_path)
-    validate_config(config, str(cfg_path))
-    index = root / INDEX_NAME
-    if index.exists():
-        shards = index_shards(root, index)
-    elif (root / SINGLE_NAME).exists():
-        shards = [SINGLE_NAME]
-    else:
-        found = sorted(p.name for p in root.glob("*.safetensors"))
-        if not found:
-            raise CheckpointError(
-                f"{root} has no safetensors weights (pickled .bin weights are not read); convert it "
-                "with save_pretrained(safe_serialization=True)."
-            )
-        shards = found
-    tensors: dict[str, TensorInfo] = {}
-    metadata: dict[str, dict[str, str]] = {}
-    for shard in shards:
-        file = safe_child(root, shard, f"{INDEX_NAME} shard")
-        if not file.exists():
-            raise CheckpointError(f"{file}: shard listed in the index is missing; download it again.")
-        data_start, header = read_safetensors_header(file)
-        metadata[shard] = header.pop("__metadata__", None) or {}
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            shape = tuple(int(s) for s in info["shape"])
-            tensors[name] = TensorInfo(name, info["dtype"], shape, file, data_start + begin, end - begin)
-    return Checkpoint(root, config, shards, tensors, metadata)
+    source = open_source(str(root))
+    if source.config is None or not source.files:
+        raise CheckpointError(
+            f"{root} has no safetensors weights (pickled .bin weights are not read); convert it "
+            "with save_pretrained(safe_serialization=True)."
+        )
+    validate_config(source.config, str(root / "config.json"))
+    tensors = {t.name: t for t in source.tensors}
+    metadata = {shard: dict(source.tensors.metadata.get(shard) or {}) for shard in source.files}
+    return Checkpoint(root, source.config, list(source.files), tensors, metadata)
