@@ -189,14 +189,31 @@ def capture_inputs(
         for h in handles:
             h.remove()
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for layer, chunks in pool.items():
-        if not chunks:
-            continue
-        allx = torch.cat(chunks)
-        idx = torch.randperm(allx.shape[0], generator=gen)[:samples]
-        out[layer] = allx[idx.sort().values]
-    return out
+    return {layer: _sample(chunks, gen, samples) for layer, chunks in pool.items() if chunks}
+
+
+def _sample(chunks: list[Any], gen: Any, samples: int) -> Any:
+    """A seeded random subset of ``samples`` captured rows, in their original order."""
+    import torch
+
+    allx = torch.cat(chunks)
+    idx = torch.randperm(allx.shape[0], generator=gen)[:samples]
+    return allx[idx.sort().values]
+
+
+def _capture_hook(pool: list[Any], seen: list[int], cap: int) -> Callable[..., None]:
+    """A pre-hook keeping at most ``cap`` input rows of a MoE block."""
+
+    def fn(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+        hidden = args[0] if args else (kwargs or {}).get("hidden_states")
+        if hidden is None or seen[0] >= cap:
+            return
+        flat = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
+        take = flat[: cap - seen[0]]
+        pool.append(take)
+        seen[0] += take.shape[0]
+
+    return fn
 
 
 def expert_outputs(experts: Any, x: Any, num_experts: int, *, chunk: int = 256) -> Any:
@@ -275,9 +292,13 @@ def similarity_report(
         TraceError: the trace's experts or layers do not match the model.
     """
     from moescope.routing import require_moe_sites
+    from moescope.stream import StreamedModel
 
+    skeleton = model.model if isinstance(model, StreamedModel) else model
     sites = [
-        s for s in require_moe_sites(model, model_ref or "the model") if not s.stack or s.stack == "decoder"
+        s
+        for s in require_moe_sites(skeleton, model_ref or "the model")
+        if not s.stack or s.stack == "decoder"
     ]
     if trace is not None:
         layers = sorted(s.layer for s in sites)
@@ -286,29 +307,85 @@ def similarity_report(
                 f"{trace.path} was traced on a model with {trace.num_experts} experts in layers {trace.layers}; "
                 f"{model_ref} has {sites[0].num_experts} in {layers}; re-run `moescope trace {model_ref} ...`."
             )
+    if isinstance(model, StreamedModel):
+        return _streamed_report(model, sites, model_ref, batches, samples, trace, seed, progress)
     inputs = capture_inputs(model, sites, batches, samples=samples, seed=seed) if batches is not None else {}
-    out: list[LayerSimilarity] = []
-    used = 0
+    out = []
     for i, site in enumerate(sites):
-        num = site.num_experts
-        ls = LayerSimilarity(site.layer, num)
-        ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
-        if site.family is not None:
-            rows = router_rows(site.block, num, site.family)
-        else:
-            rows = router_rows(site.router if site.router is not None else site.block, num)
-        if rows is not None:
-            ls.matrices["router"] = cosine_matrix(rows)
-        x = inputs.get(site.layer)
-        if x is not None and site.kind in ("fused", "dbrx"):
-            ls.matrices["outputs"] = output_similarity(expert_outputs(site.experts, x, num))
-            used = max(used, int(x.shape[0]))
-        if trace is not None:
-            ls.matrices["coactivation"] = coactivation_similarity(trace, site.layer, num)
-        out.append(ls)
+        out.append(_layer_similarity(site, inputs.get(site.layer), trace))
         if progress:
             progress(i + 1, len(sites))
+    used = max((int(x.shape[0]) for x in inputs.values()), default=0)
     return SimilarityReport(model_ref, out, used, str(trace.path) if trace is not None else None)
+
+
+def _layer_similarity(site: Any, x: Any | None, trace: Any | None) -> LayerSimilarity:
+    """Every measure of one MoE layer (its weights must be resident)."""
+    num = site.num_experts
+    ls = LayerSimilarity(site.layer, num)
+    ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
+    if site.family is not None:
+        rows = router_rows(site.block, num, site.family)
+    else:
+        rows = router_rows(site.router if site.router is not None else site.block, num)
+    if rows is not None:
+        ls.matrices["router"] = cosine_matrix(rows)
+    if x is not None and site.kind in ("fused", "dbrx"):
+        ls.matrices["outputs"] = output_similarity(expert_outputs(site.experts, x, num))
+    if trace is not None:
+        ls.matrices["coactivation"] = coactivation_similarity(trace, site.layer, num)
+    return ls
+
+
+def _streamed_report(
+    sm: Any,
+    sites: Sequence[Any],
+    model_ref: str,
+    batches: Iterable[Any] | None,
+    samples: int,
+    trace: Any | None,
+    seed: int,
+    progress: Callable[[int, int], None] | None,
+) -> SimilarityReport:
+    """The report of a model streamed layer by layer: each layer is measured while resident.
+
+    The sampled inputs and the seeded subset are the in-memory path's (same batches, same
+    generator consumed in layer order), so the matrices are the same.
+    """
+    import torch
+
+    by_layer = {s.layer: s for s in sites}
+    cap = 4 * samples
+    pools: dict[int, list[Any]] = {s.layer: [] for s in sites}
+    seen: dict[int, list[int]] = {s.layer: [0] for s in sites}
+    handles = [s.block.register_forward_pre_hook(_capture_hook(pools[s.layer], seen[s.layer], cap), with_kwargs=True) for s in sites]  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    done: list[LayerSimilarity] = []
+    used = [0]
+
+    def measure(layer: int) -> None:
+        site = by_layer.get(layer)
+        if site is None:
+            return
+        x = _sample(pools[layer], gen, samples) if pools[layer] else None
+        done.append(_layer_similarity(site, x, trace))
+        used[0] = max(used[0], int(x.shape[0]) if x is not None else 0)
+        if progress:
+            progress(len(done), len(sites))
+
+    inputs = [{"input_ids": ids} for ids in (batches or [])]
+    try:
+        if inputs:
+            sm.run(inputs, on_layer_done=measure)
+        else:  # weights and router only: load each MoE layer once
+            for layer in sorted(by_layer):
+                sm.load_layer(layer)
+                measure(layer)
+    finally:
+        for h in handles:
+            h.remove()
+        sm.close()
+    return SimilarityReport(model_ref, done, used[0], str(trace.path) if trace is not None else None)
 
 
 def token_batches(
@@ -445,8 +522,15 @@ def similarity(
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> SimilarityReport:
     """Load a model (and trace, corpus), compute the report, write it to ``out`` (the CLI's API).
+
+    A model that does not fit ``max_memory`` is streamed: each MoE layer is measured while it
+    is the one layer in memory (:mod:`moescope.stream`).
 
     Args:
         model_ref: ``demo``, a checkpoint directory or a hub id.
@@ -465,12 +549,17 @@ def similarity(
         revision: hub revision.
         trust_remote_code: allow the checkpoint's own modelling code.
         progress: per-layer callback.
+        max_memory: memory budget (default about 85% of what is available).
+        stream: True streams, False loads whole, None decides by size.
+        device_map: ``auto``: accelerate's placement.
+        on_plan: receives the line saying how the model runs and why.
 
     Returns:
         The :class:`SimilarityReport`.
     """
+    from moescope.execution import load_runner, plan_execution
     from moescope.identity import check_trace_model, fingerprint_ref
-    from moescope.model import load_model, parse_model_ref
+    from moescope.model import parse_model_ref
     from moescope.tracedir import read_trace_dir
 
     mref = parse_model_ref(model_ref, revision)
@@ -488,8 +577,19 @@ def similarity(
             raise TraceError(
                 f"{tr.path} was traced on {tr.model}, not {model_ref}; re-run `moescope trace {model_ref} ...`."
             )
-    model, tokenizer = load_model(
-        model_ref, revision=revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    plan = plan_execution(
+        model_ref,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        stream=stream,
+        device_map=device_map,
+    )
+    if on_plan is not None:
+        on_plan(plan.message)
+    model, tokenizer = load_runner(
+        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
     )
     batches = None
     if outputs:
@@ -497,7 +597,9 @@ def similarity(
 
         docs = read_corpus(list(corpus), split=split)
         # Enough sequences for a random subset of `samples` tokens from varied text.
-        batches = token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
+        batches = list(
+            token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
+        )
     report = similarity_report(
         model, model_ref=model_ref, batches=batches, samples=samples, trace=tr, seed=seed, progress=progress
     )

@@ -120,10 +120,6 @@ def decoder_layers(model: Any, num_layers: int) -> Any:
     )
 
 
-class _Stop(Exception):
-    """Raised by a capture hook to end a forward pass early."""
-
-
 class StreamedModel:
     """A causal LM whose decoder layers are materialised one at a time.
 
@@ -293,24 +289,18 @@ class StreamedModel:
                 with contextlib.suppress(AttributeError):
                     del layer.forward
 
-    def _returns_tuple(self, batch: dict[str, Any]) -> bool:
-        """Whether the decoder layers return a tuple (older families) or a tensor."""
-        captured: dict[str, Any] = {}
-
-        def grab(i: int, hidden: Any, kwargs: dict[str, Any]) -> Any:
-            captured["hidden"], captured["kwargs"] = hidden, kwargs
-            raise _Stop
-
-        with self._stubbed(grab), contextlib.suppress(_Stop):
-            self._base_forward(batch)
-        self.load_layer(0)
-        out = self._call_layer(0, captured["hidden"], captured["kwargs"])
-        return isinstance(out, tuple)
-
     def _call_layer(self, i: int, hidden: Any, kwargs: dict[str, Any]) -> Any:
         kw = dict(kwargs)
         extra = kw.pop("_args", ())
-        return self.layers[i](hidden, *extra, **kw)
+        out = self.layers[i](hidden, *extra, **kw)
+        if isinstance(out, tuple):
+            # transformers 5 decoder layers return the hidden states; the stubs do the same
+            # (probing a real layer first would fire the caller's hooks one extra time)
+            raise MoescopeError(
+                f"{self.path}: this architecture's decoder layers return tuples, which streaming does "
+                "not handle; pass --no-stream."
+            )
+        return out
 
     def _base_forward(self, batch: dict[str, Any]) -> Any:
         base = getattr(self.model, "base_model", self.model)
@@ -324,6 +314,7 @@ class StreamedModel:
         logits: Callable[[int, Any], None] | None = None,
         max_hidden_bytes: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_layer_done: Callable[[int], None] | None = None,
     ) -> None:
         """Run ``batches`` (dicts with ``input_ids`` and ``attention_mask``) layer-major.
 
@@ -335,16 +326,17 @@ class StreamedModel:
             max_hidden_bytes: hidden states kept between layers at most; batches beyond
                 are run in further chunks (each re-reads the weights).
             progress: called as ``progress(layers_done, layers_total)`` per layer and chunk.
+            on_layer_done: called as ``on_layer_done(layer)`` once every batch of the chunk
+                ran through ``layer``, while its weights are still resident.
         """
         import torch
 
         if not batches:
             return
         with torch.inference_mode():
-            as_tuple = self._returns_tuple(batches[0])
             for start, stop in self._chunks(batches, max_hidden_bytes):
                 self.passes += 1
-                self._run_chunk(batches, start, stop, as_tuple, after_layer, logits, progress)
+                self._run_chunk(batches, start, stop, after_layer, logits, progress, on_layer_done)
 
     def _chunks(self, batches: Sequence[dict[str, Any]], limit: int | None) -> list[tuple[int, int]]:
         hidden = int(self.model.config.get_text_config().hidden_size)
@@ -366,10 +358,10 @@ class StreamedModel:
         batches: Sequence[dict[str, Any]],
         start: int,
         stop: int,
-        as_tuple: bool,
         after_layer: Callable[[int, int], None] | None,
         logits: Callable[[int, Any], None] | None,
         progress: Callable[[int, int], None] | None,
+        on_layer_done: Callable[[int], None] | None = None,
     ) -> None:
         hidden: dict[int, Any] = {}
         kwargs: dict[tuple[int, int], dict[str, Any]] = {}
@@ -379,7 +371,7 @@ class StreamedModel:
             if i == 0:
                 hidden[current[0]] = h
             kwargs[(i, current[0])] = kw
-            return (h,) if as_tuple else h
+            return h
 
         with self._stubbed(capture):
             for b in range(start, stop):
@@ -389,9 +381,11 @@ class StreamedModel:
             self.load_layer(i)
             for b in range(start, stop):
                 out = self._call_layer(i, hidden[b], kwargs.pop((i, b)))
-                hidden[b] = out[0] if isinstance(out, tuple) else out
+                hidden[b] = out
                 if after_layer is not None:
                     after_layer(i, b)
+            if on_layer_done is not None:
+                on_layer_done(i)
             if progress is not None:
                 progress(i + 1, self.num_layers)
         if self._resident is not None:
@@ -403,7 +397,7 @@ class StreamedModel:
 
             def tail(i: int, h: Any, kw: dict[str, Any], _f: Any = final) -> Any:
                 out = _f if i == self.num_layers - 1 else h
-                return (out,) if as_tuple else out
+                return out
 
             with self._stubbed(tail):
                 batch = {k: v.to(self.device) for k, v in batches[b].items()}

@@ -188,3 +188,22 @@ def test_device_map_auto_with_disk_offload_equals_whole(tmp_path: Path) -> None:
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "mapped" / name).read_text(), name
     summary = json.loads((tmp_path / "mapped" / "summary.json").read_text())
     assert summary["execution"]["mode"] == "device_map"
+
+
+def test_streamed_similarity_equals_in_memory() -> None:
+    """Each MoE layer is measured while it is the one resident layer: same matrices."""
+    import numpy as np
+
+    from moescope.similarity import similarity
+
+    whole = similarity("demo", None, samples=48, seq_len=32, stream=False)
+    streamed = similarity("demo", None, samples=48, seq_len=32, stream=True)
+    assert streamed.samples == whole.samples == 48
+    for a, b in zip(whole.layers, streamed.layers, strict=True):
+        assert a.layer == b.layer and sorted(a.matrices) == sorted(b.matrices) == [
+            "outputs",
+            "router",
+            "weights",
+        ]
+        for name in a.matrices:
+            assert np.array_equal(a.matrices[name], b.matrices[name]), (a.layer, name)

@@ -15,10 +15,13 @@ import typer
 
 from moescope.cli._errors import friendly
 from moescope.cli._options import (
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     RevisionOpt,
     SplitOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
 )
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt
@@ -67,6 +70,9 @@ def similarity_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled tokens.")] = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
+    max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
+    device_map: DeviceMapOpt = None,
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
@@ -98,6 +104,10 @@ def similarity_cmd(
             revision=revision,
             trust_remote_code=trust_remote_code,
             progress=update,
+            max_memory=max_memory,
+            stream=stream,
+            device_map=device_map,
+            on_plan=output.info,
         )
     pairs = report.pairs()
     if output.machine:
