@@ -242,15 +242,17 @@ def _add_expert_parallel(st: TraceState, g: _Group) -> None:
     """Contiguous placement: distinct devices per token, and each batch's busiest device."""
     import torch
 
+    n_l, n_tok = g.ids_v.shape[:2]
     for j, deg in enumerate(EP_DEGREES):
         if g.n_e % deg:
             continue
         per = g.n_e // deg
-        devs = torch.where(g.routed, g.ids_v // per, torch.full_like(g.ids_v, -1)).sort(dim=-1).values
-        distinct = (devs[..., 0] >= 0).long() + (
-            (devs[..., 1:] != devs[..., :-1]) & (devs[..., 1:] >= 0)
-        ).sum(dim=-1)
-        st.ep_distinct[:, j] += distinct.sum(dim=-1).cpu().numpy()
+        # distinct devices per token: count each token's experts per device, then the nonzero
+        # devices (a scatter-add over a [L, N, deg] grid is cheaper than sorting the top-k)
+        devs = torch.where(g.routed, g.ids_v // per, torch.zeros_like(g.ids_v))
+        hits = torch.zeros((n_l, n_tok, deg), dtype=torch.int32, device=devs.device)
+        hits.scatter_add_(2, devs, g.routed.to(torch.int32))
+        st.ep_distinct[:, j] += (hits > 0).sum(dim=(1, 2)).cpu().numpy()
         st.ep_batch_max[:, j] += (
             g.counts_g.reshape(g.n_g, g.n_l, deg, per).sum(axis=3).max(axis=2).sum(axis=0)
         )
