@@ -321,21 +321,18 @@ def evaluate(
         An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
     """
     from moescope.corpus import read_corpus
-    from moescope.execution import HIDDEN_SHARE, load_runner, plan_execution
+    from moescope.execution import HIDDEN_SHARE, open_model
 
-    plan = plan_execution(
+    plan, model, tokenizer = open_model(
         model_ref,
         revision=revision,
         dtype=dtype,
         device=device,
+        trust_remote_code=trust_remote_code,
         max_memory=max_memory,
         stream=stream,
         device_map=device_map,
-    )
-    if on_plan is not None:
-        on_plan(plan.message)
-    model, tokenizer = load_runner(
-        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
+        on_plan=on_plan,
     )
     for line in context_warnings(model.config, seq_len, model_ref):
         if on_warning is not None:

@@ -196,3 +196,37 @@ def load_runner(
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def open_model(
+    model_ref: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+    on_plan: Any = None,
+) -> tuple[Execution, Any, Any]:
+    """Plan the execution, say it (``on_plan(line)``), and load: ``(plan, model, tokenizer)``.
+
+    The model is a :class:`moescope.stream.StreamedModel` when the plan streams; the caller
+    closes it.
+    """
+    plan = plan_execution(
+        model_ref,
+        revision=revision,
+        dtype=dtype,
+        device=device,
+        max_memory=max_memory,
+        stream=stream,
+        device_map=device_map,
+    )
+    if on_plan is not None:
+        on_plan(plan.message)
+    model, tokenizer = load_runner(
+        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
+    )
+    return plan, model, tokenizer

@@ -557,7 +557,7 @@ def similarity(
     Returns:
         The :class:`SimilarityReport`.
     """
-    from moescope.execution import load_runner, plan_execution
+    from moescope.execution import open_model
     from moescope.identity import check_trace_model, fingerprint_ref
     from moescope.model import parse_model_ref
     from moescope.tracedir import read_trace_dir
@@ -577,19 +577,16 @@ def similarity(
             raise TraceError(
                 f"{tr.path} was traced on {tr.model}, not {model_ref}; re-run `moescope trace {model_ref} ...`."
             )
-    plan = plan_execution(
+    plan, model, tokenizer = open_model(
         model_ref,
         revision=revision,
         dtype=dtype,
         device=device,
+        trust_remote_code=trust_remote_code,
         max_memory=max_memory,
         stream=stream,
         device_map=device_map,
-    )
-    if on_plan is not None:
-        on_plan(plan.message)
-    model, tokenizer = load_runner(
-        model_ref, plan.mode, revision, dtype, device, trust_remote_code, max_memory, device_map
+        on_plan=on_plan,
     )
     batches = None
     if outputs:
