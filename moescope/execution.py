@@ -113,6 +113,13 @@ def plan_execution(
         stream: ``--stream``/``--no-stream``; None decides by size.
         device_map: ``auto`` hands placement to accelerate.
     """
+    if device_map is not None and stream:
+        from moescope.errors import MoescopeError
+
+        raise MoescopeError(
+            "--stream and --device-map auto are two ways to fit a model: pass one (streaming reads each "
+            "weight once per pass; accelerate re-reads offloaded weights every forward)."
+        )
     single = max_memory is not None and "=" not in max_memory
     budget = parse_size(max_memory) if single and max_memory else default_budget(device)
     size = weight_bytes_of(ref, revision, dtype)
