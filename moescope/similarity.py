@@ -35,6 +35,7 @@ import pandas as pd
 from moescope import __version__
 from moescope.errors import TraceError
 from moescope.outdir import atomic_output, check_destination, resolve_output, write_json_atomic
+from moescope.packing import resolve_split, token_batches  # one packing rule (trace, eval)
 from moescope.routing import expert_weight_vectors, router_rows
 
 MEASURES = ("weights", "router", "outputs", "coactivation")
@@ -388,36 +389,6 @@ def _streamed_report(
     return SimilarityReport(model_ref, done, used[0], str(trace.path) if trace is not None else None)
 
 
-def token_batches(
-    tokenizer: Any, texts: Iterable[str], *, seq_len: int = 128, batch_size: int = 4, max_tokens: int = 8192
-) -> Iterable[Any]:
-    """Yield ``[B, seq_len]`` token-id tensors from texts (documents joined by EOS)."""
-    import torch
-
-    buf: list[int] = []
-    rows: list[list[int]] = []
-    total = 0
-    eos = getattr(tokenizer, "eos_token_id", None)
-    for text in texts:
-        buf.extend(tokenizer(text)["input_ids"])
-        if eos is not None:
-            buf.append(int(eos))
-        while len(buf) >= seq_len and total < max_tokens:
-            rows.append(buf[:seq_len])
-            buf = buf[seq_len:]
-            total += seq_len
-            if len(rows) == batch_size:
-                yield torch.tensor(rows)
-                rows = []
-        if total >= max_tokens:
-            break
-    if len(buf) > 1 and total < max_tokens:
-        rows.append(buf[:seq_len])
-    if rows:
-        width = min(len(r) for r in rows)
-        yield torch.tensor([r[:width] for r in rows])
-
-
 def write_report(
     report: SimilarityReport, out: str | Path, *, plots: bool = True, inputs: Sequence[str | Path] = ()
 ) -> list[Path]:
@@ -592,7 +563,7 @@ def similarity(
     if outputs:
         from moescope.corpus import read_corpus
 
-        docs = read_corpus(list(corpus), split=split)
+        docs = read_corpus(list(corpus), split=resolve_split(list(corpus), split))
         # Enough sequences for a random subset of `samples` tokens from varied text.
         batches = list(
             token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
