@@ -334,25 +334,27 @@ def evaluate(
         device_map=device_map,
         on_plan=on_plan,
     )
-    for line in context_warnings(model.config, seq_len, model_ref):
-        if on_warning is not None:
-            on_warning(line)
-        else:
-            warnings.warn(line, UserWarning, stacklevel=2)
-    docs = read_corpus(list(corpus), split=resolve_split(corpus, split))
-    result = perplexity(
-        model,
-        tokenizer,
-        docs,
-        seq_len=seq_len,
-        stride=stride,
-        max_tokens=max_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        hidden_budget=int(plan.budget * HIDDEN_SHARE) if plan.mode == "stream" else None,
-    )
-    if plan.mode == "stream":
-        model.close()
+    try:
+        for line in context_warnings(model.config, seq_len, model_ref):
+            if on_warning is not None:
+                on_warning(line)
+            else:
+                warnings.warn(line, UserWarning, stacklevel=2)
+        docs = read_corpus(list(corpus), split=resolve_split(corpus, split))
+        result = perplexity(
+            model,
+            tokenizer,
+            docs,
+            seq_len=seq_len,
+            stride=stride,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            hidden_budget=int(plan.budget * HIDDEN_SHARE) if plan.mode == "stream" else None,
+        )
+    finally:
+        if plan.mode == "stream":
+            model.close()  # on error too: release the resident layer and the open shard files
     return EvalResult(
         result.perplexity,
         result.loss,
