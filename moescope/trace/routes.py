@@ -1,13 +1,25 @@
 """Per-token routes of a trace (``--save-routes``): Parquet chunks under ``routes/``.
 
 What: :class:`RoutesWriter` buffers, for every real (non-padding) token of the traced
-batches, its window, position, document, token id and, per MoE layer, the top-k expert
-ids and gate weights, and writes them as ``routes/part-NNNNNNN.parquet`` chunks;
+batches, its window, position, document, domain, token id and, per MoE layer, the top-k
+expert ids and gate weights, and writes them as ``routes/part-NNNNNNN.parquet`` chunks;
 :func:`merge_routes` copies the chunks of shard traces into one directory.
 
 How: a chunk is named by the global index of its first batch, so shard chunks never
 collide and a merged directory holds exactly the chunks of an unsharded run's batches.
 Buffers are flushed every ``chunk_tokens`` tokens, so memory stays bounded.
+
+Columns (plain Parquet, queryable as is by DuckDB, polars or pandas): ``window`` int64,
+``position`` int32, ``doc`` int64, ``domain`` string (null without domains), ``token_id``
+int64, then per MoE layer ``L``: ``layer{L}_experts`` (list of k int16 logical expert ids,
+top-1 first) and ``layer{L}_weights`` (list of k float32 gate weights). For example, the
+tokens per domain, layer and expert in DuckDB::
+
+    WITH long AS (UNPIVOT (SELECT domain, COLUMNS('^layer[0-9]+_experts$')
+                           FROM 'routes/*.parquet')
+                  ON COLUMNS('^layer[0-9]+_experts$') INTO NAME col VALUE experts)
+    SELECT domain, CAST(regexp_extract(col, '[0-9]+') AS INT) AS layer,
+           UNNEST(experts) AS expert, count(*) AS tokens FROM long GROUP BY ALL
 """
 
 from __future__ import annotations
@@ -26,7 +38,15 @@ from moescope.tracedir import ROUTE_CHUNK, ROUTE_GLOB, ROUTES
 class RoutesWriter:
     """Buffers per-token routes and writes them as Parquet chunks under ``routes/``."""
 
-    def __init__(self, folder: Path, layers: list[int], top_k: int, chunk_tokens: int = 65536) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        layers: list[int],
+        top_k: int,
+        chunk_tokens: int = 65536,
+        domains: Sequence[str] | None = None,
+    ) -> None:
+        self.domains = domains  # the trace's domain names (grows as the corpus is read)
         self.folder = folder
         self.layers = layers
         self.top_k = top_k
@@ -37,9 +57,17 @@ class RoutesWriter:
         folder.mkdir(parents=True, exist_ok=True)
 
     def add(
-        self, batch_index: int, window0: int, tokens: Any, mask: Any, doc: Any, records: Sequence[Any]
+        self,
+        batch_index: int,
+        window0: int,
+        tokens: Any,
+        mask: Any,
+        doc: Any,
+        records: Sequence[Any],
+        domains: Any = None,
     ) -> None:
-        """Buffer one batch (``window0``: global index of its first window)."""
+        """Buffer one batch (``window0``: global index of its first window; ``domains``: the
+        batch's domain indices into the writer's ``domains`` names, ``-1`` for none)."""
         import pyarrow as pa
         import torch
 
@@ -52,8 +80,12 @@ class RoutesWriter:
             "window": pa.array(win.numpy().astype(np.int64)),
             "position": pa.array(pos.numpy().astype(np.int32)),
             "doc": pa.array(doc.reshape(-1).cpu()[vidx].numpy().astype(np.int64)),
-            "token_id": pa.array(tokens.reshape(-1).cpu()[vidx].numpy().astype(np.int64)),
         }
+        if domains is not None and self.domains is not None:
+            idx = domains.reshape(-1).cpu()[vidx].numpy()
+            names = np.array([*self.domains, None], dtype=object)  # -1 picks the None
+            cols["domain"] = pa.array(names[idx], type=pa.string())
+        cols["token_id"] = pa.array(tokens.reshape(-1).cpu()[vidx].numpy().astype(np.int64))
         for layer, rec in zip(self.layers, records, strict=True):
             ids = rec.ids.reshape(bsz * seq, -1).cpu()[vidx].numpy().astype(np.int16).reshape(-1)
             w = rec.weights.reshape(bsz * seq, -1).float().cpu()[vidx].numpy().astype(np.float32).reshape(-1)

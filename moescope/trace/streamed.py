@@ -59,7 +59,7 @@ def run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, s
             b, w0, batch = mine[i]
             reducer.update(records, batch.mask, batch.docs, batch.domains)
             if loop.routes is not None:
-                loop.routes.add(b, w0, batch.tokens, batch.mask, batch.docs, records)
+                loop.routes.add(b, w0, batch.tokens, batch.mask, batch.docs, records, batch.domains)
             if loop.progress is not None:
                 loop.traced += int(batch.mask.sum())
                 loop.progress(loop.traced, None)
