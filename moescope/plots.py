@@ -1,25 +1,82 @@
 """Plots of a trace: per-layer load bars, layer × expert heatmap, co-activation, domains, capacity.
 
-What: :func:`write_plots` draws PNGs from a :class:`moescope.tracedir.TraceState` into a
-folder and returns their paths. Each figure has a title that says what it shows, labelled
-axes and a colour-bar label, so it reads without the data.
+What: :func:`write_plots` draws the figures of a :class:`moescope.tracedir.TraceState`
+into a folder as PNG (default), SVG or PDF (:data:`PLOT_FORMATS`, ``--plot-format``) and
+returns their paths; :func:`figures` yields the same figures for other writers (the HTML
+report inlines them with :func:`figure_svg`). Each figure has a title that says what it
+shows, labelled axes and a colour-bar label, so it reads without the data. A figure whose
+data the trace lacks (``lacks`` in its meta, e.g. imported routing without co-activation)
+is left out rather than drawn from zeros.
 
 How: matplotlib with the non-interactive Agg backend (no display needed), imported inside
-the function. Large models get a readable subset: at most 12 layers in the bar grid and 4
-in the co-activation grid, spread evenly across depth. One function per figure; this
-module imports only :mod:`moescope.stats` and :mod:`moescope.tracedir`.
+the functions. Large models get a readable subset: at most 12 layers in the bar grid and 4
+in the co-activation grid, spread evenly across depth. One function per figure. SVG and
+PDF carry no creation date and SVG element ids are salted with the figure's name, so the
+same trace gives the same bytes and several SVGs can share one HTML page. This module
+imports only :mod:`moescope.stats` and :mod:`moescope.tracedir`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moescope import stats as st
-from moescope.tracedir import CAPACITY_FACTORS, TraceState
+from moescope.tracedir import CAPACITY_FACTORS, HIST_BINS, TraceState
+
+#: file formats of ``--plot-format`` (matplotlib writes each without extra dependencies)
+PLOT_FORMATS = ("png", "svg", "pdf")
+#: dots per inch of PNG figures (SVG and PDF are vector; their embedded heatmaps are pixel-exact)
+PNG_DPI = 110
+_NO_DATE = {"svg": {"Date": None}, "pdf": {"CreationDate": None}}
+
+
+def check_plot_format(value: str) -> str:
+    """``png``, ``svg`` or ``pdf`` (any case), or ``ValueError`` naming the valid ones."""
+    fmt = str(value).strip().lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise ValueError(f"unknown plot format {value!r}; use {', '.join(PLOT_FORMATS)}.")
+    return fmt
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int = PNG_DPI, tight: bool = True) -> Path:
+    """Save ``fig`` in the format named by ``path``'s suffix (no dates: reproducible bytes), then close it."""
+    import matplotlib
+
+    fmt = check_plot_format(path.suffix)
+    with matplotlib.rc_context({"svg.hashsalt": path.stem}):
+        fig.savefig(
+            path, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None, metadata=_NO_DATE.get(fmt)
+        )
+    pyplot().close(fig)
+    return path
+
+
+def figure_svg(fig: Any, name: str) -> str:
+    """``fig`` as an SVG element to inline in HTML (no XML prolog; ids salted with ``name``), then closed."""
+    import io
+
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": name, "svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata=_NO_DATE["svg"])
+    pyplot().close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
 
 
 def _pick(n: int, most: int) -> list[int]:
@@ -133,39 +190,76 @@ def _capacity(plt: Any, state: TraceState) -> Any:
     return fig
 
 
-#: file name -> figure function, in drawing order
+def _confidence(plt: Any, state: TraceState) -> Any:
+    """Histogram of the top-1 share (largest gate weight / the token's gate-weight sum) per layer."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    edges = np.arange(HIST_BINS + 1) / HIST_BINS
+    centres = (edges[:-1] + edges[1:]) / 2
+    for i in _pick(len(state.layers), 8):
+        hist = state.top1_hist[i].astype(np.float64)
+        share = hist / hist.sum() * 100 if hist.sum() else hist
+        ax.plot(centres, share, marker=".", lw=1, label=f"layer {state.layers[i]}")
+    ax.axvline(1.0 / state.top_k, color="gray", lw=1, ls="--", label=f"1/k = {1 / state.top_k:.2f}")
+    ax.set_xlabel("top-1 share of the token's gate weight")
+    ax.set_ylabel("tokens (%)")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"Router confidence (dashed: an even split over k)\n{_subtitle(state)}", fontsize=10)
+    return fig
+
+
+#: figure name (the file name without its extension) -> figure function, in drawing order
 FIGURES: dict[str, Callable[[Any, TraceState], Any]] = {
-    "load_bars.png": _load_bars,
-    "load_heatmap.png": _load_heatmap,
-    "coactivation.png": _coactivation,
-    "domain_heatmap.png": _domain_heatmap,
-    "capacity.png": _capacity,
+    "load_bars": _load_bars,
+    "load_heatmap": _load_heatmap,
+    "coactivation": _coactivation,
+    "domain_heatmap": _domain_heatmap,
+    "capacity": _capacity,
+}
+#: figures drawn only on request (the HTML report), not written into a trace directory
+EXTRA_FIGURES: dict[str, Callable[[Any, TraceState], Any]] = {"confidence": _confidence}
+#: figure name -> ``lacks`` entries (``summary.json``) any one of which leaves it out
+FIGURE_NEEDS: dict[str, tuple[str, ...]] = {
+    "coactivation": ("coactivation", "per_token"),
+    "domain_heatmap": ("domains",),
+    "capacity": ("per_token", "batches"),
+    "confidence": ("gate_weights", "per_token"),
 }
 
 
-def write_plots(state: TraceState, folder: Path) -> list[Path]:
+def figures(state: TraceState, names: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(name, matplotlib figure)`` for each figure the trace has data for; the caller closes them.
+
+    Args:
+        state: trace sums (``state.meta["lacks"]`` leaves figures out, see :data:`FIGURE_NEEDS`).
+        names: figures to draw, from :data:`FIGURES` and :data:`EXTRA_FIGURES` (default: :data:`FIGURES`).
+    """
+    plt = pyplot()
+    lacks = set(state.meta.get("lacks") or [])
+    draw_by_name = {**FIGURES, **EXTRA_FIGURES}
+    for name in names if names is not None else FIGURES:
+        if lacks.intersection(FIGURE_NEEDS.get(name, ())):
+            continue
+        fig = draw_by_name[name](plt, state)
+        if fig is not None:
+            yield name, fig
+
+
+def write_plots(state: TraceState, folder: Path, fmt: str = "png") -> list[Path]:
     """Draw every plot for ``state`` into ``folder``.
 
     Args:
         state: trace sums.
         folder: created if missing.
+        fmt: ``png``, ``svg`` or ``pdf`` (:data:`PLOT_FORMATS`).
 
     Returns:
-        Paths of the PNGs written.
+        Paths of the files written (``<name>.<fmt>``).
+
+    Raises:
+        ValueError: an unknown ``fmt``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    fmt = check_plot_format(fmt)
     folder.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, draw in FIGURES.items():
-        fig = draw(plt, state)
-        if fig is None:
-            continue
-        path = folder / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
+    return [save_figure(fig, folder / f"{name}.{fmt}") for name, fig in figures(state)]

@@ -390,7 +390,12 @@ def _streamed_report(
 
 
 def write_report(
-    report: SimilarityReport, out: str | Path, *, plots: bool = True, inputs: Sequence[str | Path] = ()
+    report: SimilarityReport,
+    out: str | Path,
+    *,
+    plots: bool = True,
+    inputs: Sequence[str | Path] = (),
+    plot_format: str = "png",
 ) -> list[Path]:
     """Write ``pairs.csv``, ``layers.csv``, ``similarity.json`` and ``plots/*.png`` to ``out``.
 
@@ -403,6 +408,7 @@ def write_report(
         out: the directory.
         plots: also draw heatmaps.
         inputs: paths read (model directory, trace, corpus); ``out`` may not contain them.
+        plot_format: ``png``, ``svg`` or ``pdf`` (:data:`moescope.plots.PLOT_FORMATS`).
 
     Returns:
         The files written (at their final paths).
@@ -411,12 +417,14 @@ def write_report(
         OutputError: ``out`` is refused.
     """
     with atomic_output(out, "similarity", inputs=inputs) as tmp:
-        written = _write_report_files(report, tmp, plots=plots)
+        written = _write_report_files(report, tmp, plots=plots, plot_format=plot_format)
     dest = resolve_output(out)
     return [dest / p.relative_to(tmp) for p in written]
 
 
-def _write_report_files(report: SimilarityReport, root: Path, *, plots: bool) -> list[Path]:
+def _write_report_files(
+    report: SimilarityReport, root: Path, *, plots: bool, plot_format: str = "png"
+) -> list[Path]:
     written = []
     pairs = report.pairs()
     layers = report.layer_scores()
@@ -439,41 +447,46 @@ def _write_report_files(report: SimilarityReport, root: Path, *, plots: bool) ->
         },
     }
     if plots:
-        written.extend(plot_heatmaps(report, root / "plots"))
+        written.extend(plot_heatmaps(report, root / "plots", plot_format))
     write_json_atomic(root / "similarity.json", meta)  # the marker, last
     written.append(root / "similarity.json")
     return written
 
 
-def plot_heatmaps(report: SimilarityReport, out: Path) -> list[Path]:
-    """One PNG per layer: a heatmap per measure plus the combined redundancy."""
-    import matplotlib
+def heatmap_figure(report: SimilarityReport, ls: LayerSimilarity) -> Any:
+    """The matplotlib figure of one layer: a heatmap per measure plus the combined redundancy."""
+    from moescope.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    panels = [(m, ls.matrices[m]) for m in MEASURES if m in ls.matrices]
+    panels.append(("redundancy", ls.redundancy()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for ax, (name, mat) in zip(axes[0], panels, strict=True):
+        shown = mat.copy()
+        np.fill_diagonal(shown, np.nan)
+        im = ax.imshow(shown, cmap="viridis", vmin=min(0.0, float(np.nanmin(shown))), vmax=1.0)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel("expert", fontsize=8)
+        ax.tick_params(labelsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(f"{report.model} layer {ls.layer}: expert similarity", fontsize=10)
+    fig.tight_layout()
+    return fig
 
+
+def plot_heatmaps(report: SimilarityReport, out: Path, fmt: str = "png") -> list[Path]:
+    """One figure per layer (:func:`heatmap_figure`) as ``similarity_layerNNN.<fmt>`` (png, svg or pdf)."""
+    from moescope.plots import check_plot_format, save_figure
+
+    fmt = check_plot_format(fmt)
     out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for ls in report.layers:
-        panels = [(m, ls.matrices[m]) for m in MEASURES if m in ls.matrices]
-        panels.append(("redundancy", ls.redundancy()))
-        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-        for ax, (name, mat) in zip(axes[0], panels, strict=True):
-            shown = mat.copy()
-            np.fill_diagonal(shown, np.nan)
-            im = ax.imshow(shown, cmap="viridis", vmin=min(0.0, float(np.nanmin(shown))), vmax=1.0)
-            ax.set_title(name, fontsize=9)
-            ax.set_xlabel("expert", fontsize=8)
-            ax.set_ylabel("expert", fontsize=8)
-            ax.tick_params(labelsize=6)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-        fig.suptitle(f"{report.model} layer {ls.layer}: expert similarity", fontsize=10)
-        fig.tight_layout()
-        path = out / f"similarity_layer{ls.layer:03d}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        files.append(path)
-    return files
+    return [
+        save_figure(
+            heatmap_figure(report, ls), out / f"similarity_layer{ls.layer:03d}.{fmt}", dpi=90, tight=False
+        )
+        for ls in report.layers
+    ]
 
 
 def similarity(
@@ -487,6 +500,7 @@ def similarity(
     seq_len: int = 128,
     outputs: bool = True,
     plots: bool = True,
+    plot_format: str = "png",
     seed: int = 0,
     dtype: str = "auto",
     device: str = "cpu",
@@ -514,6 +528,7 @@ def similarity(
         seq_len: tokens per sampled sequence.
         outputs: measure ``outputs`` (runs the model on the corpus).
         plots: write heatmaps.
+        plot_format: their file format, ``png``, ``svg`` or ``pdf``.
         seed: seed of the sampled tokens.
         dtype: model dtype.
         device: torch device.
@@ -537,6 +552,10 @@ def similarity(
     inputs = [*corpus, *([mref.path_or_id] if mref.is_local else []), *([trace] if trace else [])]
     if out is not None:
         check_destination(out, "similarity", inputs=inputs)
+        if plots:
+            from moescope.plots import check_plot_format
+
+            plot_format = check_plot_format(plot_format)  # before the model runs
     tr = read_trace_dir(trace) if trace is not None else None
     proven = tr is not None and check_trace_model(
         tr.summary.get("fingerprint"), fingerprint_ref(model_ref, revision), str(tr.path), model_ref
@@ -572,5 +591,5 @@ def similarity(
         model, model_ref=model_ref, batches=batches, samples=samples, trace=tr, seed=seed, progress=progress
     )
     if out is not None:
-        write_report(report, out, plots=plots, inputs=inputs)
+        write_report(report, out, plots=plots, inputs=inputs, plot_format=plot_format)
     return report

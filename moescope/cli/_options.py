@@ -12,6 +12,7 @@ spelling (``bf16`` arrives as ``bfloat16``).
   against this torch and machine (torch is imported only for those values).
 - :data:`SplitOpt`: ``train`` or ``heldout``, the splits of the built-in corpus.
 - :data:`CriterionOpt`: the pruning criteria of :data:`moescope.prune.CRITERIA`.
+- :data:`PlotFormatOpt`: ``png``, ``svg`` or ``pdf``, the plot files' format.
 """
 
 from __future__ import annotations
@@ -205,5 +206,29 @@ DeviceMapOpt = Annotated[
         help="auto: let accelerate place the model across GPUs, CPU and disk (re-reads offloaded "
         "weights every forward; --stream reads them once per pass).",
         callback=check_device_map,
+    ),
+]
+
+
+#: plot file formats; equal to ``moescope.plots.PLOT_FORMATS`` (tested), spelled out here so
+#: that parsing the command line does not import numpy and pandas
+PLOT_FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
+
+
+def check_plot_format(value: str) -> str:
+    """One of :data:`PLOT_FORMATS` (any case), else a usage error naming them."""
+    fmt = value.strip().lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise typer.BadParameter(f"unknown plot format {value!r}; use {', '.join(PLOT_FORMATS)}.")
+    return fmt
+
+
+PlotFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--plot-format",
+        callback=check_plot_format,
+        metavar="FORMAT",
+        help="File format of the plots: png, svg or pdf (vector, for publication figures).",
     ),
 ]

@@ -19,6 +19,7 @@ from moescope.cli._options import (
     DeviceOpt,
     DtypeOpt,
     MaxMemoryOpt,
+    PlotFormatOpt,
     RevisionOpt,
     SplitOpt,
     StreamOpt,
@@ -33,6 +34,7 @@ Examples:
   moescope trace demo demo --out trace/ && moescope similarity demo --trace trace/ --out sim/
   moescope similarity demo --samples 256 --corpus demo:code --json
   moescope similarity org/name --no-outputs --out sim/   (weights and router only: no forward passes)
+  moescope similarity demo --no-outputs --plot-format pdf --out sim-pdf/   (heatmaps as PDF, for a paper)
 
 --dtype auto (the default) runs the model in the checkpoint's own dtype (torch_dtype in its
 config.json); --dtype float32 computes the measures in full precision.
@@ -67,6 +69,7 @@ def similarity_cmd(
     ] = True,
     top: Annotated[int, typer.Option("--top", help="Pairs per layer in the table.")] = 3,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write heatmaps to OUT/plots.")] = True,
+    plot_format: PlotFormatOpt = "png",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampled tokens.")] = 0,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
@@ -98,6 +101,7 @@ def similarity_cmd(
             seq_len=seq_len,
             outputs=outputs,
             plots=plots,
+            plot_format=plot_format,
             seed=seed,
             dtype=dtype,
             device=device,

@@ -20,6 +20,7 @@ from moescope.cli._options import (
     DeviceOpt,
     DtypeOpt,
     MaxMemoryOpt,
+    PlotFormatOpt,
     RevisionOpt,
     SplitOpt,
     StreamOpt,
@@ -32,6 +33,7 @@ Examples:
 
   moescope trace demo demo --out traces/demo
   moescope trace demo demo:code demo:prose --max-tokens 20000 --save-routes --out traces/demo
+  moescope trace demo demo:code --max-tokens 4000 --plot-format svg --out traces/code   # vector plots
   moescope trace org/name notes.jsonl --seq-len 1024 --batch-size 4 --dtype bfloat16 --out traces/run
   moescope trace org/name corpus/ --shard 0/4 --out traces/s0   # then: moescope merge traces/s* --out traces/all
   moescope trace org/name corpus/ --max-memory 20GiB --out traces/run   # streams layer by layer if it does not fit
@@ -88,6 +90,7 @@ def trace_cmd(
         typer.Option("--shard", help="i/n: trace batches b with b mod n == i; merge with `moescope merge`."),
     ] = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip plots/*.png.")] = False,
+    plot_format: PlotFormatOpt = "png",
     revision: RevisionOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json_out: JsonOpt = False,
@@ -125,6 +128,7 @@ def trace_cmd(
             shard=shard_t,
             save_routes=save_routes,
             plots=not no_plots,
+            plot_format=plot_format,
             progress=on_progress,
             max_memory=max_memory,
             stream=stream,

@@ -248,7 +248,7 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
                 raise TraceError(f"{loop.model_ref}: a MoE layer did not run in the forward pass.")
             reducer.update(records, batch.mask, batch.docs, batch.domains)
             if loop.routes is not None:
-                loop.routes.add(b, window0, batch.tokens, batch.mask, batch.docs, records)
+                loop.routes.add(b, window0, batch.tokens, batch.mask, batch.docs, records, batch.domains)
             window0 += len(group)
             if loop.progress is not None:
                 loop.traced += int(batch.mask.sum())
@@ -288,6 +288,7 @@ def trace_model(
     shard: tuple[int, int] = (0, 1),
     save_routes: bool = False,
     plots: bool = True,
+    plot_format: str = "png",
     meta: dict[str, Any] | None = None,
     corpus_stats: Any | None = None,
     progress: Callable[[int, int | None], None] | None = None,
@@ -314,6 +315,7 @@ def trace_model(
         shard: ``(i, n)``: run only batches ``b`` with ``b mod n == i``.
         save_routes: also write per-token routes as Parquet under ``routes/``.
         plots: write ``plots/*.png``.
+        plot_format: ``png``, ``svg`` or ``pdf``: the format of those plots.
         meta: extra run description stored in the state and summary.
         corpus_stats: a ``CorpusStats`` filled while ``documents`` is consumed.
         progress: called as ``progress(tokens_done, total_or_None)`` after every batch.
@@ -335,6 +337,10 @@ def trace_model(
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError("seq_len and batch_size must be positive.")
+    if plots:
+        from moescope.plots import check_plot_format
+
+        plot_format = check_plot_format(plot_format)  # before the corpus runs, not after
     name_or_path = str(getattr(model, "name_or_path", "") or "")
     inputs = [*inputs, *([name_or_path] if name_or_path else [])]
     out = check_destination(out_dir, KIND, inputs=inputs)
@@ -352,7 +358,7 @@ def trace_model(
         loop = _Loop(target, state, ranks or shard, pad_token_id(tokenizer), model_ref, progress=progress)
         loop.hidden_budget = hidden_budget
         if save_routes:
-            loop.routes = RoutesWriter(tmp / ROUTES, target.layers, target.top_k)
+            loop.routes = RoutesWriter(tmp / ROUTES, target.layers, target.top_k, domains=state.domains)
         windows = pack_windows(
             documents,
             tokenizer,
@@ -375,7 +381,7 @@ def trace_model(
             timings = combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
             if ranks[0] != 0:
                 return TraceResult.of(out, state, seconds, {})
-        summary = write_trace_dir(tmp, state, timings=timings, plots=plots)
+        summary = write_trace_dir(tmp, state, timings=timings, plots=plots, plot_format=plot_format)
     return TraceResult.of(out, state, seconds, summary)
 
 

@@ -2,7 +2,7 @@
 
 What: :func:`write_trace_dir` writes every file a trace directory holds (contract in
 ``DESIGN.md``, names in :mod:`moescope.tracedir`): ``state.npz``, the CSV tables,
-``plots/*.png`` and, last, ``summary.json`` with per-layer imbalance and dead experts.
+``plots/*.png`` (or ``.svg``/``.pdf``) and, last, ``summary.json`` with per-layer imbalance and dead experts.
 Tracing, merging and importing routing all end here, so a directory is always derived
 the same way from its sums.
 
@@ -36,7 +36,12 @@ def layer_records(state: TraceState) -> list[dict[str, Any]]:
 
 
 def write_trace_dir(
-    folder: Path, state: TraceState, *, timings: dict[str, Any], plots: bool = True
+    folder: Path,
+    state: TraceState,
+    *,
+    timings: dict[str, Any],
+    plots: bool = True,
+    plot_format: str = "png",
 ) -> dict[str, Any]:
     """Write every derived file from ``state`` into ``folder``; ``summary.json`` goes last.
 
@@ -44,7 +49,8 @@ def write_trace_dir(
         folder: destination (normally a temporary directory renamed afterwards).
         state: the raw sums (domains are put in canonical order first).
         timings: recorded in the summary (the only part not derived from ``state``).
-        plots: also draw ``plots/*.png``.
+        plots: also draw ``plots/*.<plot_format>``.
+        plot_format: ``png``, ``svg`` or ``pdf`` (:data:`moescope.plots.PLOT_FORMATS`).
 
     Returns:
         The summary written.
@@ -55,7 +61,7 @@ def write_trace_dir(
     if plots:
         from moescope.plots import write_plots
 
-        files += [f"{PLOTS}/{p.name}" for p in write_plots(state, folder / PLOTS)]
+        files += [f"{PLOTS}/{p.name}" for p in write_plots(state, folder / PLOTS, plot_format)]
     summary = build_summary(state, layers=layer_records(state), timings=timings, files=files)
     write_summary(folder, summary)
     return summary
