@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "moescope.cli.trace",
     "moescope.cli.report",
     "moescope.cli.merge",
+    "moescope.cli.import_",
     "moescope.cli.similarity",
     "moescope.cli.prune",
     "moescope.cli.eval",
