@@ -502,6 +502,7 @@ def test_cli_dry_run_json(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     data = json.loads(res.stdout)
     assert set(data) == _PRUNE_JSON_KEYS
+    assert data["method"] == "drop" and data["merge"] is None
     assert data["dry_run"] is True and data["num_experts_after"] == 2
     # nothing written: the result fields are null
     assert all(data[k] is None for k in ("out", "bytes_in", "bytes_out", "config_fields", "verified"))
@@ -527,6 +528,8 @@ _PRUNE_JSON_KEYS = {
     "bytes_out",
     "config_fields",
     "verified",
+    "method",
+    "merge",
 }
 
 

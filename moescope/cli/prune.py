@@ -32,7 +32,19 @@ Examples:
   moescope prune demo --trace trace/ --drop 2 --criterion reap --out demo-6e/
   moescope prune demo --trace trace/ --keep 4 --criterion frequency --balance-domains --out demo-4e/
   moescope prune demo --trace trace/ --ratio 0.5 --device cpu --dtype float32 --out demo-4e-fp32/
+  moescope prune demo --trace trace/ --ratio 0.25 --method merge --out demo-6e-merged/
+  moescope similarity demo --out sim/
+  moescope prune demo --trace trace/ --ratio 0.25 --method merge --similarity sim/ --dry-run
   moescope eval demo-6e/ demo
+
+--method merge folds each dropped expert into the kept expert most similar to it instead of
+deleting it: by the output cosine of a `moescope similarity` report (--similarity DIR; the
+default when given), else by the weight cosine after aligning hidden neurons (--merge-by
+weight). The partner's hidden neurons are permuted to match the kept expert's (a linear
+assignment), then the weights are averaged with the experts' routing frequencies in the
+trace as weights. Router rows (--merge-router): `mean` (default) gives the merged expert the
+same weighted average of the members' rows and biases; `kept` keeps the kept expert's row,
+so tokens are routed exactly as with --method drop.
 
 The verification reload uses --dtype auto (the default: the checkpoint's own dtype) on
 --device; --no-verify skips it.
@@ -42,9 +54,13 @@ shape with or without --dry-run:
   {"dry_run": bool, "criterion": str, "num_experts_before": int, "num_experts_after": int,
    "layers": {"<layer>": {"kept": [0, 3, ...]}},   (old ids of the kept experts)
    "plan": [{"layer", "expert", "score", "rank", "action": "keep"|"drop", "new_expert"}, ...],
-   "out": str, "bytes_in": int, "bytes_out": int, "config_fields": {...}, "verified": bool}
+   "out": str, "bytes_in": int, "bytes_out": int, "config_fields": {...}, "verified": bool,
+   "method": "drop"|"merge", "merge": null | {"by", "router", "align", "layers": {"<layer>":
+     [{"kept", "new_expert", "members": [{"expert", "weight", "alignment", "raw_cosine",
+     "similarity"}, ...]}]}}}
 where out, bytes_in, bytes_out, config_fields and verified are null on --dry-run (nothing
-is written). --csv prints the plan records (one row per layer and expert) in both cases.
+is written). --csv prints the plan records (one row per layer and expert) in both cases;
+with --method merge they have a merged_into column (the kept expert's old id).
 """
 
 
@@ -88,12 +104,39 @@ def prune_cmd(
     dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            help="drop: remove the dropped experts; merge: fold each into the most similar kept expert.",
+        ),
+    ] = "drop",
+    merge_by: Annotated[
+        str | None,
+        typer.Option(
+            "--merge-by",
+            help="Merge partners by output (needs --similarity) or weight (aligned cosine). "
+            "Default: output with --similarity, else weight.",
+        ),
+    ] = None,
+    similarity: Annotated[
+        Path | None,
+        typer.Option(
+            "--similarity", help="A `moescope similarity` output directory (for --merge-by output)."
+        ),
+    ] = None,
+    merge_router: Annotated[
+        str,
+        typer.Option(
+            "--merge-router", help="Router rows of a merged expert: mean (of the members') or kept."
+        ),
+    ] = "mean",
     json_out: JsonOpt = False,
     csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Drop experts per MoE layer by a routing criterion and write a checkpoint that loads and runs."""
-    from moescope.prune import CRITERIA, prune
+    from moescope.prune import CRITERIA, METHODS, ROUTER_RULES, prune
 
     output = Output.from_flags(json_out, csv_out, quiet)
     if sum(v is not None for v in (drop, keep, ratio)) != 1:
@@ -102,6 +145,12 @@ def prune_cmd(
         raise typer.BadParameter(f"unknown --criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
     if out is None and not dry_run:
         raise typer.BadParameter("--out DIR is required unless --dry-run.")
+    if method not in METHODS:
+        raise typer.BadParameter(f"unknown --method {method!r}; use one of {', '.join(METHODS)}.")
+    if merge_router not in ROUTER_RULES:
+        raise typer.BadParameter(
+            f"unknown --merge-router {merge_router!r}; use one of {', '.join(ROUTER_RULES)}."
+        )
     with output.progress("writing shards") as update:
 
         def on_shard(shard: str, done: int, total: int) -> None:
@@ -125,6 +174,10 @@ def prune_cmd(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             progress=on_shard,
+            method=method,
+            merge_by=merge_by,
+            similarity=similarity,
+            merge_router=merge_router,
         )
     _emit(output, plan, result, criterion)
 
@@ -134,7 +187,7 @@ def _emit(output: Output, plan: Any, result: Any | None, criterion: str) -> None
     if output.fmt == "json":
         output.json(prune_record(plan, result, criterion))
     elif output.fmt == "csv":
-        output.csv(plan.records(), PLAN_COLUMNS)
+        output.csv(plan.records(), PLAN_COLUMNS + (("merged_into",) if plan.merge is not None else ()))
     elif result is None:
         _print_plan(output, plan, criterion)
     else:
@@ -159,6 +212,8 @@ def prune_record(plan: Any, result: Any | None, criterion: str) -> dict[str, Any
         "bytes_out": None if result is None else result.bytes_out,
         "config_fields": None if result is None else result.config_fields,
         "verified": None if result is None else result.verified,
+        "method": plan.method,
+        "merge": plan.merge.to_dict() if plan.merge is not None else None,
     }
 
 
@@ -169,23 +224,40 @@ def _print_plan(output: Output, plan: Any, criterion: str) -> None:
     for layer in plan.kept:
         recs = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["rank"])
         drops = [f"{r['expert']} ({r['score']:.4g})" for r in recs if r["action"] == "drop"]
-        rows.append([layer, " ".join(str(e) for e in plan.kept[layer]), ", ".join(drops)])
+        rows.append(
+            [layer, " ".join(str(e) for e in plan.kept[layer]), ", ".join(drops), *_merge_cells(plan, layer)]
+        )
     output.table(
         rows,
-        ["layer", "keep", "drop (score)"],
+        ["layer", "keep", "drop (score)", *_MERGE_HEADER[: plan.merge is not None]],
         title=f"Pruning plan: {criterion}, {plan.num_experts} -> {plan.keep} experts per layer (dry run)",
-        justify_right=[True, False, False],
+        justify_right=[True, False, False, False][: 3 + (plan.merge is not None)],
     )
+
+
+_MERGE_HEADER = ["merged: dropped -> kept (aligned cosine)"]
+
+
+def _merge_cells(plan: Any, layer: int) -> list[str]:
+    """With --method merge, one cell naming each dropped expert's kept partner; else none."""
+    if plan.merge is None:
+        return []
+    parts = [
+        f"{m.expert}->{g.kept} ({m.alignment:.2f})" for g in plan.merge.groups[layer] for m in g.members[1:]
+    ]
+    return [", ".join(parts)]
 
 
 def _print_result(output: Output, plan: Any, result: Any, criterion: str) -> None:
     """What was written: the kept experts per layer, and the sizes on stderr."""
-    rows = [[layer, " ".join(map(str, kept))] for layer, kept in plan.kept.items()]
+    rows = [
+        [layer, " ".join(map(str, kept)), *_merge_cells(plan, layer)] for layer, kept in plan.kept.items()
+    ]
     output.table(
         rows,
-        ["layer", "kept experts (old ids; new ids count from 0)"],
-        title=f"{criterion}: {plan.num_experts} -> {plan.keep} experts per layer",
-        justify_right=[True, False],
+        ["layer", "kept experts (old ids; new ids count from 0)", *_MERGE_HEADER[: plan.merge is not None]],
+        title=f"{criterion}{', merge' if plan.merge is not None else ''}: {plan.num_experts} -> {plan.keep} experts per layer",
+        justify_right=[True, False, False][: 2 + (plan.merge is not None)],
     )
     verified = "reloaded and ran a forward pass" if result.verified else "not verified"
     output.note(

@@ -10,6 +10,10 @@
    registry says where the experts live and what each tensor becomes (:func:`detect_layout`,
    :func:`plan_tensors`, :func:`updated_config`); a family-agnostic writer streams the
    safetensors shards, slicing dimension 0 by byte ranges (peak memory far below one tensor).
+   With ``method="merge"`` (:mod:`~moescope.prune.merge`), each dropped expert is instead
+   folded into the kept expert most similar to it (:func:`merge_experts`): hidden neurons
+   aligned (:mod:`moescope.align`), weights averaged by routing frequency, router rows by a
+   documented rule; the merged tensors of one layer at a time go through a scratch file.
 4. **verify** (:mod:`~moescope.prune.verify`): :func:`verify_checkpoint` reloads the result
    with transformers (device and dtype of your choice) and runs a forward pass, inside
    :func:`prune_checkpoint`'s temporary directory, before the output is swapped into place
@@ -31,6 +35,17 @@ from moescope.prune.layout import (
     plan_tensors,
     prunable_family,
     updated_config,
+)
+from moescope.prune.merge import (
+    MERGE_BY,
+    METHODS,
+    ROUTER_RULES,
+    Member,
+    MergeGroup,
+    MergeOptions,
+    MergePlan,
+    merge_experts,
+    read_similarity,
 )
 from moescope.prune.plan import (
     PrunePlan,
@@ -63,6 +78,13 @@ __all__ = [
     "CRITERIA",
     "EXTRA_FILES",
     "MANIFEST",
+    "MERGE_BY",
+    "METHODS",
+    "ROUTER_RULES",
+    "Member",
+    "MergeGroup",
+    "MergeOptions",
+    "MergePlan",
     "Checkpoint",
     "MoELayout",
     "OutTensor",
@@ -78,6 +100,7 @@ __all__ = [
     "copy_extra_files",
     "detect_layout",
     "expert_scores",
+    "merge_experts",
     "model_card",
     "open_checkpoint",
     "plan_prune",
@@ -86,6 +109,7 @@ __all__ = [
     "prune",
     "prune_checkpoint",
     "read_trace",
+    "read_similarity",
     "removed_share",
     "resolve_checkpoint_dir",
     "resolve_keep",

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from moescope.errors import PruneError
 from moescope.outdir import check_destination
 from moescope.prune.layout import detect_layout
+from moescope.prune.merge import (
+    METHODS,
+    ROUTER_RULES,
+    MergeOptions,
+    merge_experts,
+    read_similarity,
+    resolve_merge_by,
+)
 from moescope.prune.plan import PrunePlan, check_trace_matches, plan_prune, resolve_keep
 from moescope.prune.score import CRITERIA, expert_scores
 from moescope.prune.source import open_checkpoint, resolve_checkpoint_dir
@@ -34,6 +43,11 @@ def prune(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    method: str = "drop",
+    merge_by: str | None = None,
+    similarity: str | Path | None = None,
+    merge_router: str = "mean",
+    merge_align: bool = True,
 ) -> tuple[PrunePlan, PruneResult | None]:
     """Score, plan and (unless ``dry_run``) write and verify a pruned checkpoint.
 
@@ -55,16 +69,25 @@ def prune(
         device: torch device of the verification reload.
         dtype: dtype of the verification reload (``auto``: the checkpoint's own).
         trust_remote_code: allow the checkpoint's own modelling code in the reload.
-        progress: per-shard callback.
+        progress: per-shard (and, merging, per-layer) callback.
+        method: ``drop`` removes the dropped experts; ``merge`` folds each into the kept
+            expert most similar to it (:mod:`moescope.prune.merge`).
+        merge_by: ``output`` (the ``outputs`` measure of ``similarity``) or ``weight`` (the
+            aligned weight cosine); default ``output`` when ``similarity`` is given, else ``weight``.
+        similarity: a ``moescope similarity`` output directory (for ``merge_by="output"``).
+        merge_router: ``mean`` or ``kept`` (:data:`moescope.prune.merge.ROUTER_RULES`).
+        merge_align: align hidden neurons before averaging (leave on; off shows why).
 
     Returns:
-        ``(plan, result)``; ``result`` is None for a dry run.
+        ``(plan, result)``; ``result`` is None for a dry run. With ``method="merge"`` the
+        plan's ``merge`` holds the partners, weights and alignment scores (also on a dry run).
 
     Raises:
         PruneError, TraceError, CheckpointError, NotMoEError: see the message.
     """
     if criterion not in CRITERIA:
         raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
+    merge = _merge_options(method, merge_by, similarity, merge_router, merge_align)
     if not dry_run:
         check_destination(out, "prune", inputs=[trace, model], replace=overwrite)
     tr = read_trace_dir(trace)
@@ -84,6 +107,14 @@ def prune(
         balance_domains=balance_domains,
     )
     if dry_run:
+        if merge is not None:
+            sim = (
+                read_similarity(merge.similarity, layout)
+                if merge.similarity and merge.by == "output"
+                else None
+            )
+            mplan, _ = merge_experts(ckpt, layout, plan, tr.expert_load, **merge.kwargs(), similarity=sim)
+            plan = replace(plan, merge=mplan)
         return plan, None
     result = prune_checkpoint(
         ckpt,
@@ -98,5 +129,25 @@ def prune(
         verify=verify,
         verify_options={"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code},
         progress=progress,
+        merge=merge,
     )
-    return plan, result
+    return result.plan, result
+
+
+def _merge_options(
+    method: str, by: str | None, similarity: str | Path | None, router: str, align: bool
+) -> MergeOptions | None:
+    """The merge asked for (None for ``drop``), checked before any work.
+
+    Raises:
+        PruneError: an unknown method or router rule, or merge options with ``drop``.
+    """
+    if method not in METHODS:
+        raise PruneError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}.")
+    if method == "drop":
+        if by is not None or similarity is not None:
+            raise PruneError("--merge-by and --similarity apply to --method merge; add --method merge.")
+        return None
+    if router not in ROUTER_RULES:
+        raise PruneError(f"unknown --merge-router {router!r}; use one of {', '.join(ROUTER_RULES)}.")
+    return MergeOptions(resolve_merge_by(by, similarity), router, align, similarity)

@@ -48,6 +48,8 @@ def manifest(
         "trace_fingerprint": summary.get("fingerprint"),
         "trace_corpus": summary.get("corpus"),
         "trace_tokens": summary.get("tokens"),
+        "method": plan.method,
+        "merge": plan.merge.to_dict() if plan.merge is not None else None,
         "criterion": plan.criterion,
         "seed": plan.seed if plan.criterion == "random" else None,
         "balance_domains": plan.balance_domains,
@@ -106,7 +108,8 @@ def model_card(manifest: dict[str, Any]) -> str:
         "  - mixture-of-experts",
         "---",
         "",
-        f"# {m['model']}, pruned to {m['num_experts_after']} of {m['num_experts_before']} experts per layer",
+        f"# {m['model']}, {'merged' if m.get('merge') else 'pruned'} to {m['num_experts_after']} of "
+        f"{m['num_experts_before']} experts per layer",
         "",
         f"Written by moescope {m['moescope_version']} (`moescope prune`). The experts each MoE layer kept and",
         "dropped are listed below and in `prune_manifest.json`. This card replaces the base model's: its",
@@ -119,6 +122,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         f"- trace: `{m['source_trace']}` over {m.get('trace_tokens') or '?'} tokens of "
         f"{m.get('trace_corpus') or '?'}, fingerprint `{m.get('trace_fingerprint')}`",
         f"- experts per token (top-k): {m['top_k']}; config fields updated: {', '.join(m['config_fields_updated'])}",
+        _method_line(m),
     ]
     check = m.get("verification")
     if check:
@@ -144,6 +148,7 @@ def model_card(manifest: dict[str, Any]) -> str:
             f"| {layer} | {', '.join(map(str, rec['dropped'])) or '-'} | "
             f"{'-' if tok is None else f'{tok:.2%}'} | {'-' if wgt is None else f'{wgt:.2%}'} |"
         )
+    lines += _merge_table(m.get("merge"))
     lines += [
         "",
         "Quality on text is not measured by `prune`; compare perplexities with",
@@ -151,3 +156,48 @@ def model_card(manifest: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines) + "\n"
+
+
+_BY = {"weight": "aligned weight cosine", "output": "output cosine of the similarity report"}
+_ROUTER = {
+    "mean": "the merged expert's router row (and bias) is the same weighted average of the members' rows",
+    "kept": "the kept expert's router row is unchanged, the dropped experts' rows are removed",
+}
+
+
+def _method_line(m: dict[str, Any]) -> str:
+    merge = m.get("merge")
+    if not merge:
+        return "- method: `drop` (the dropped experts and their router rows are removed)"
+    return (
+        f"- method: `merge`: each dropped expert was folded into the kept expert most similar to it "
+        f"({_BY.get(merge['by'], merge['by'])}), "
+        + (
+            "its hidden neurons aligned to the kept expert's, "
+            if merge.get("align", True)
+            else "without alignment, "
+        )
+        + f"weights averaged with the routing frequencies as weights; {_ROUTER.get(merge['router'], merge['router'])}"
+    )
+
+
+def _merge_table(merge: dict[str, Any] | None) -> list[str]:
+    if not merge:
+        return []
+    lines = [
+        "",
+        "## Merged experts",
+        "",
+        "Each merged expert (new id) with its members: old id, weight in the average, cosine with the kept",
+        "expert after neuron alignment.",
+        "",
+        "| layer | new expert | members (old id: weight, aligned cosine) |",
+        "|---|---|---|",
+    ]
+    for layer, groups in merge["layers"].items():
+        for g in groups:
+            if len(g["members"]) < 2:
+                continue
+            parts = ", ".join(f"{x['expert']}: {x['weight']:.2f}, {x['alignment']:.2f}" for x in g["members"])
+            lines.append(f"| {layer} | {g['new_expert']} | {parts} |")
+    return lines

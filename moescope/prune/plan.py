@@ -46,6 +46,8 @@ class PrunePlan:
         n_group: routing groups respected (1 when routing is not group-limited).
         seed: seed of the ``random`` criterion.
         balance_domains: whether scores were averaged over domains.
+        merge: with ``--method merge``, the :class:`moescope.prune.merge.MergePlan` (which
+            kept expert each dropped one was folded into); None when experts are dropped.
     """
 
     criterion: str
@@ -57,27 +59,44 @@ class PrunePlan:
     n_group: int = 1
     seed: int = 0
     balance_domains: bool = False
+    merge: Any = None
+
+    @property
+    def method(self) -> str:
+        """``merge`` when dropped experts are folded into kept ones, else ``drop``."""
+        return "drop" if self.merge is None else "merge"
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per (layer, expert): ``layer, expert, score, rank, action, new_expert``."""
+        """One record per (layer, expert): ``layer, expert, score, rank, action, new_expert``.
+
+        With a merge, every record also has ``merged_into``: the old id of the kept expert a
+        dropped one was folded into (its own id when kept).
+        """
         out: list[dict[str, Any]] = []
         for layer, scores in self.scores.items():
             order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
             rank = {e: i + 1 for i, e in enumerate(order)}
             kept = self.kept[layer]
+            into = self._merged_into(layer)
             for expert in range(len(scores)):
                 keep = expert in kept
-                out.append(
-                    {
-                        "layer": layer,
-                        "expert": expert,
-                        "score": float(scores[expert]),
-                        "rank": rank[expert],
-                        "action": "keep" if keep else "drop",
-                        "new_expert": kept.index(expert) if keep else None,
-                    }
-                )
+                rec = {
+                    "layer": layer,
+                    "expert": expert,
+                    "score": float(scores[expert]),
+                    "rank": rank[expert],
+                    "action": "keep" if keep else "drop",
+                    "new_expert": kept.index(expert) if keep else None,
+                }
+                if self.merge is not None:
+                    rec["merged_into"] = into.get(expert)
+                out.append(rec)
         return out
+
+    def _merged_into(self, layer: int) -> dict[int, int]:
+        if self.merge is None:
+            return {}
+        return {m.expert: g.kept for g in self.merge.groups.get(layer, []) for m in g.members}
 
 
 def resolve_keep(num_experts: int, *, drop: int | None, keep: int | None, ratio: float | None) -> int:

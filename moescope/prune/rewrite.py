@@ -53,12 +53,15 @@ class OutTensor:
         dtype: safetensors dtype (unchanged from the source).
         shape: output shape.
         ranges: ``(absolute offset, length)`` in the source file, in order.
+        source: the file the ranges are in, when not the shard's own source (merged
+            experts are computed into a scratch file, :mod:`moescope.prune.merge`).
     """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]
+    source: Path | None = None
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +131,8 @@ def write_safetensors(
 ) -> int:
     """Stream a safetensors file from byte ranges of ``source``; returns bytes of tensor data.
 
+    A tensor with its own :attr:`OutTensor.source` is copied from that file instead.
+
     Tensors are ordered by item size (largest first), then name, so every tensor stays
     aligned to its item size, as safetensors' own writer does.
     """
@@ -145,18 +150,22 @@ def write_safetensors(
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    src = os.open(source, os.O_RDONLY)
+    fds: dict[Path | None, int] = {None: os.open(source, os.O_RDONLY)}
     try:
+        for t in ordered:
+            if t.source is not None and t.source not in fds:
+                fds[t.source] = os.open(t.source, os.O_RDONLY)
         dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(dst, struct.pack("<Q", len(blob)) + blob)
             for t in ordered:
                 for start, length in t.ranges:
-                    _copy_range(src, dst, start, length)
+                    _copy_range(fds[t.source], dst, start, length)
         finally:
             os.close(dst)
     finally:
-        os.close(src)
+        for fd in fds.values():
+            os.close(fd)
     return offset
 
 

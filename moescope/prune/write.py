@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from moescope.outdir import atomic_output, check_destination, resolve_output, wr
 from moescope.prune.card import manifest as _manifest
 from moescope.prune.card import model_card, removed_share
 from moescope.prune.layout import MoELayout, plan_tensors, updated_config
+from moescope.prune.merge import MergeOptions, merge_experts, read_similarity
 from moescope.prune.plan import PrunePlan
-from moescope.prune.rewrite import INDEX_NAME, rewrite_shards
+from moescope.prune.rewrite import INDEX_NAME, OutTensor, rewrite_shards
 from moescope.prune.source import Checkpoint
 from moescope.prune.verify import verify_checkpoint
 
@@ -70,6 +71,7 @@ def prune_checkpoint(
     verify: bool = False,
     verify_options: dict[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    merge: MergeOptions | None = None,
 ) -> PruneResult:
     """Write the pruned checkpoint to ``out``: built aside, verified there, then swapped in.
 
@@ -89,7 +91,10 @@ def prune_checkpoint(
             swapped in (a checkpoint that fails is never put in place).
         verify_options: keyword arguments of :func:`verify_checkpoint` (``device``, ``dtype``,
             ``trust_remote_code``).
-        progress: called as ``progress(shard, done, total)`` after each shard.
+        progress: called as ``progress(shard, done, total)`` after each shard (and
+            ``progress("layer N", done, total)`` after each merged layer).
+        merge: fold the dropped experts into kept ones (:mod:`moescope.prune.merge`) instead
+            of dropping them; the result's plan carries the :class:`MergePlan`.
 
     Returns:
         A :class:`PruneResult`.
@@ -99,21 +104,37 @@ def prune_checkpoint(
         PruneError: the plan is inconsistent with the checkpoint.
         CheckpointError: the source layout is not prunable or the output fails validation.
     """
-    inputs = [ckpt.path, trace_path]
+    inputs = [ckpt.path, trace_path, *([merge.similarity] if merge and merge.similarity else [])]
     check_destination(out, "prune", inputs=inputs, replace=overwrite)
     new_config, fields = updated_config(ckpt.config, plan.keep, layout.num_experts)
     per_shard = plan_tensors(ckpt, layout, plan.kept)
+    sim = (
+        read_similarity(merge.similarity, layout)
+        if merge and merge.by == "output" and merge.similarity
+        else None
+    )
     verified: bool | None = None
     with atomic_output(out, "prune", inputs=inputs, replace=overwrite) as tmp:
-        weight_map, bytes_out = rewrite_shards(
-            ckpt.path,
-            ckpt.shards,
-            per_shard,
-            tmp,
-            metadata=ckpt.metadata,
-            indexed=(ckpt.path / INDEX_NAME).exists(),
-            progress=progress,
-        )
+        scratch = tmp / ".merge-scratch"
+        try:
+            if merge is not None:
+                mplan, merged = merge_experts(
+                    ckpt, layout, plan, trace_load, **merge.kwargs(), similarity=sim, scratch=scratch,
+                    progress=progress,
+                )  # fmt: skip
+                per_shard = _substitute(per_shard, merged)
+                plan = replace(plan, merge=mplan)
+            weight_map, bytes_out = rewrite_shards(
+                ckpt.path,
+                ckpt.shards,
+                per_shard,
+                tmp,
+                metadata=ckpt.metadata,
+                indexed=(ckpt.path / INDEX_NAME).exists(),
+                progress=progress,
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         _validate_experts(weight_map, layout, plan.keep)
         copied = copy_extra_files(ckpt.path, tmp, remote_code="auto_map" in ckpt.config)
         write_json_atomic(tmp / "config.json", new_config, sort_keys=True)
@@ -127,6 +148,35 @@ def prune_checkpoint(
     bytes_in = sum(t.nbytes for t in ckpt.tensors.values())
     n_out = sum(len(v) for v in per_shard.values())
     return PruneResult(resolve_output(out), plan, bytes_in, bytes_out, n_out, fields, verified)
+
+
+def _substitute(
+    per_shard: dict[str, list[OutTensor]], merged: dict[str, OutTensor]
+) -> dict[str, list[OutTensor]]:
+    """The planned tensors with the merged ones read from the scratch file instead.
+
+    Raises:
+        CheckpointError: a merged tensor the plan does not write, or of another shape (a bug).
+    """
+    out: dict[str, list[OutTensor]] = {}
+    seen = set()
+    for shard, tensors in per_shard.items():
+        out[shard] = []
+        for t in tensors:
+            new = merged.get(t.name, t)
+            if new.shape != t.shape or new.dtype != t.dtype:
+                raise CheckpointError(
+                    f"merged {t.name} is {new.dtype}{list(new.shape)}, planned "
+                    f"{t.dtype}{list(t.shape)}; this is a moescope bug, please report."
+                )
+            seen.add(t.name)
+            out[shard].append(new)
+    missing = sorted(set(merged) - seen)
+    if missing:
+        raise CheckpointError(
+            f"merged tensors {missing[:3]} are not in the pruned checkpoint; this is a moescope bug."
+        )
+    return out
 
 
 # Files copied from the source checkpoint besides the rewritten weights and config: what a
