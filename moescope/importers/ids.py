@@ -53,10 +53,13 @@ def read_npy(path: Path, shape: ModelShape) -> Piece:
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode=None)
     except ValueError as exc:
-        raise RoutingImportError(
-            f"{path}: not a plain numeric .npy array ({' '.join(str(exc).split())[:120]}); save the ids "
-            "with np.save as an integer array [tokens, layers, k]."
-        ) from None
+        text = " ".join(str(exc).split())
+        if "allow_pickle" in text:
+            raise RoutingImportError(
+                f"{path}: not a plain numeric .npy array (it holds Python objects, which are never "
+                "unpickled); save the ids with np.save as an integer array [tokens, layers, k]."
+            ) from None
+        raise RoutingImportError(f"{path}: unreadable .npy file ({text[:120]}); truncated?") from None
     except (OSError, EOFError) as exc:
         raise RoutingImportError(f"{path}: unreadable .npy file ({exc}); truncated?") from None
     where = str(path)

@@ -64,25 +64,40 @@ def load_dump(path: Path) -> dict[str, Any]:
 
     import torch
 
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip (torch.save) or legacy pickle
+        raise RoutingImportError(f"{path}: not a torch.save file (it starts with {head!r}); {_FIX_DUMP}.")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = next(
-            (ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), ""
-        )
+        lines = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
+        if not lines:
+            raise RoutingImportError(
+                f"{path}: not a readable torch.save file ({_gist(exc)}); {_FIX_DUMP}."
+            ) from None
         raise RoutingImportError(
-            f"{path}: refused to load: the file needs arbitrary Python objects "
-            f"({first or 'not allowed by weights_only'}), which could run code; moescope loads only "
-            f"tensors, numbers, lists and dicts (torch.load weights_only=True) — {_FIX_DUMP}."
+            f"{path}: refused to load: the file needs arbitrary Python objects ({lines[0]}), which could "
+            "run code; moescope loads only tensors, numbers, strings, lists and dicts "
+            f"(torch.load weights_only=True) — {_FIX_DUMP}."
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as exc:
-        text = " ".join(str(exc).split())[:160]
         raise RoutingImportError(
-            f"{path}: not a readable torch.save file ({type(exc).__name__}: {text}); {_FIX_DUMP}."
+            f"{path}: not a readable torch.save file ({type(exc).__name__}: {_gist(exc)}); truncated? "
+            f"{_FIX_DUMP}."
         ) from None
     if not isinstance(data, dict):
         raise RoutingImportError(f"{path}: holds a {type(data).__name__}, not a dict; {_FIX_DUMP}.")
     return data
+
+
+def _gist(exc: BaseException) -> str:
+    """The first line of an exception's text that says something, shortened."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Weights only load failed", "Check the documentation")):
+            return line[:160]
+    return type(exc).__name__
 
 
 def dump_mode(data: dict[str, Any], path: Path) -> str:
@@ -225,7 +240,7 @@ def stat_counts(
             )
         if (lc < 0).any():
             raise RoutingImportError(f"{where}: negative counts; the dump is corrupt.")
-        per_step = to_moe_layers(lc.transpose(0, 2, 1), shape, where).transpose(0, 2, 1)  # [S, L, E]
+        per_step = to_moe_layers(lc, shape, where)  # [steps, MoE layers, E]
         counts += per_step.sum(axis=0).astype(np.int64)
         sums = per_step.sum(axis=2).max(axis=1) if per_step.size else np.zeros(0, dtype=np.int64)
         tokens += int((-(-sums // k)).sum())
