@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import sys
 import types
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: typing and inspect stay out of `import moescope` (issue 9)
+if TYPE_CHECKING:
+    import inspect
+    from typing import Any
 
 __version__ = "0.1.0"
 
@@ -91,6 +94,8 @@ class CallableModule(types.ModuleType):
     @property
     def __signature__(self) -> inspect.Signature | None:
         """The API function's signature (for ``help()``, IPython's ``?`` and tab completion)."""
+        import inspect
+
         try:
             return inspect.signature(api_function(self.__name__.rpartition(".")[2]))
         except (AttributeError, TypeError, ValueError):
