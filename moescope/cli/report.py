@@ -5,6 +5,9 @@ confidence, reuse and co-activation; capacity drops; expert-parallel load and tr
 most co-activated pairs; domain specialisation) or, with ``--json``, one object holding
 every table as a list of records, or, with ``--csv``, the per-layer table (the ``layers``
 records of ``--json``). Output goes through :class:`moescope.cli._output.Output`.
+``--html FILE`` also writes the whole report as one self-contained page
+(:func:`moescope.report_html.write_html_report`), with ``--similarity`` and
+``--prune-manifest`` adding the redundant pairs and the pruning plan.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from moescope.cli._errors import friendly
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 if TYPE_CHECKING:
+    from moescope.report_html import HtmlReport
     from moescope.stats import Report
 
 EXAMPLES = """
@@ -28,10 +32,14 @@ Examples:
   moescope report traces/demo --json | jq '.capacity[] | select(.capacity_factor == 1.25)'
   moescope report traces/run --dtype-bytes 1      # all-to-all estimate for FP8 dispatch
   moescope report traces/demo --csv > layers.csv   # the per-layer table as CSV
+  moescope report traces/demo --html report.html -q   # one self-contained page: tables, plots, definitions
+  moescope similarity demo --no-outputs --out sim/ -q && moescope report traces/demo --html report.html --similarity sim/ --prune-manifest pruned/prune_manifest.json
 
 Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
 
 Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy LPT on the traced loads); a token-expert assignment crosses devices with probability (D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
+
+HTML: --html FILE writes every table, plot and definition into one page that opens offline (inline SVG and CSS, no scripts, no external requests); --similarity DIR adds the redundant expert pairs of `moescope similarity`, --prune-manifest FILE the plan of `moescope prune`. FILE is replaced only when it is a moescope HTML report.
 
 Output: rich tables (per layer, capacity, expert parallelism, top pairs, domains). --json prints one object: model, corpus, tokens, num_experts, top_k, moe_layers, dead_experts (layer -> dead, near_dead) and every table as an array of records: layers, capacity, expert_parallel, coactivation_top, domains, confidence_histogram. --csv prints the per-layer table only (the "layers" records of --json, one row per MoE layer: layer, tokens, imbalance_max_mean, cv, entropy_norm, dead, near_dead, mean_top1_weight, reuse_rate, reuse_chance, reuse_ratio, coact_max_ratio, domain_jsd, router_dropped; empty cells where a value is undefined); use --json for the other tables.
 """
@@ -53,6 +61,20 @@ def report_cmd(
             "--dtype-bytes", help="Bytes per activation element for all-to-all (default: traced dtype)."
         ),
     ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write the report as one self-contained HTML page to this file."),
+    ] = None,
+    similarity: Annotated[
+        Path | None,
+        typer.Option(
+            "--similarity", help="With --html: a `moescope similarity` directory (redundant pairs)."
+        ),
+    ] = None,
+    prune_manifest: Annotated[
+        Path | None,
+        typer.Option("--prune-manifest", help="With --html: a prune_manifest.json (the pruning plan)."),
+    ] = None,
     json_out: JsonOpt = False,
     csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
@@ -63,6 +85,9 @@ def report_cmd(
     out = Output.from_flags(json_out, csv_out, quiet)
     if dtype_bytes is not None and dtype_bytes < 1:
         raise typer.BadParameter("--dtype-bytes must be at least 1.")
+    if html is None and (similarity is not None or prune_manifest is not None):
+        raise typer.BadParameter("--similarity and --prune-manifest go into the page: add --html FILE.")
+    page = _write_html(out, trace, html, similarity, prune_manifest, dtype_bytes) if html else None
     rep = build_report(trace, dtype_bytes=dtype_bytes)
     if out.fmt == "json":
         out.json(rep.to_dict())
@@ -76,6 +101,29 @@ def report_cmd(
     _print_pairs(out, rep)
     _print_domains(out, rep)
     out.note("--json prints every table, including the confidence histogram and per-layer EP rows.")
+    if page is not None:
+        out.note(
+            f"wrote {html} ({human(page.bytes, 'B')}, {len(page.figures)} figures, {page.seconds:.1f} s)"
+        )
+
+
+def _write_html(
+    out: Output,
+    trace: Path,
+    html: Path,
+    similarity: Path | None,
+    manifest: Path | None,
+    dtype_bytes: int | None,
+) -> HtmlReport:
+    """Write the page before printing (a refused destination fails before any table is shown)."""
+    from moescope.report_html import write_html_report
+
+    page = write_html_report(
+        trace, html, similarity=similarity, prune_manifest=manifest, dtype_bytes=dtype_bytes
+    )
+    for warning in page.warnings:
+        out.warn(warning)
+    return page
 
 
 def _print_layers(out: Output, rep: Report) -> None:
