@@ -32,6 +32,7 @@ _COMMAND_MODULES = [
     "moescope.cli.similarity",
     "moescope.cli.prune",
     "moescope.cli.eval",
+    "moescope.cli.sweep",
 ]
 
 for _name in _COMMAND_MODULES:
