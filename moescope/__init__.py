@@ -61,7 +61,7 @@ API: dict[str, tuple[str, str]] = {
     "prune": ("moescope.api", "prune"),
     "evaluate": ("moescope.api", "evaluate"),
     "import_routes": ("moescope.importers", "import_routes"),
-    "sweep": ("moescope.sweep", "sweep"),
+    "sweep": ("moescope.api", "sweep"),
 }
 
 __all__ = ["API", "CallableModule", "__version__", *API]

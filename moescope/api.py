@@ -16,7 +16,7 @@ which change nothing but the call and the result's shape:
   ``out`` is given, and returns a :class:`Similarity` (``pairs()``, ``layer_scores()``);
 - :func:`prune` runs :func:`moescope.prune.prune` and returns one :class:`PruneRun`
   (plan, result, ``table`` DataFrame) instead of a tuple; a dry run needs no ``out``;
-- :func:`evaluate` accepts one corpus spec as a string.
+- :func:`evaluate` and :func:`sweep` accept one corpus spec as a string.
 
 How: the result classes subclass the library's dataclasses (so every field and method is
 still there) and add ``to_dict``, which turns paths, numpy values, DataFrames and nested
@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,9 @@ from moescope.stats import Report, build_report
 from moescope.trace.run import TraceResult
 from moescope.tracedir import TraceDir, read_trace_dir
 
+if TYPE_CHECKING:
+    from moescope.sweep import SweepResult
+
 __all__ = [
     "PruneRun",
     "Similarity",
@@ -54,6 +57,7 @@ __all__ = [
     "load_trace",
     "prune",
     "similarity",
+    "sweep",
     "trace",
 ]
 
@@ -303,5 +307,16 @@ def evaluate(model: str, corpus: str | Sequence[str], **options: Any) -> EvalRes
     :func:`moescope.evaluate.evaluate` with its options; returns its ``EvalResult``.
     """
     from moescope.evaluate import evaluate as run
+
+    return run(model, [corpus] if isinstance(corpus, str) else list(corpus), **options)
+
+
+def sweep(model: str, corpus: str | Sequence[str], **options: Any) -> SweepResult:
+    """Perplexity and cost of ``model`` at several routing settings (:func:`moescope.sweep.sweep`).
+
+    ``corpus`` is one spec or several; ``**options`` are the library function's (``top_k``,
+    ``top_p``, ``max_tokens``, ...).
+    """
+    from moescope.sweep import sweep as run
 
     return run(model, [corpus] if isinstance(corpus, str) else list(corpus), **options)

@@ -156,6 +156,24 @@ def test_functions_of_other_commands(name: str) -> None:
     assert callable(fn) and callable(getattr(moescope, name))
 
 
+def test_corpus_may_be_one_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``evaluate`` and ``sweep`` take ``"demo"`` as one spec, not the specs d, e, m, o."""
+    import moescope.evaluate
+
+    calls: list[Any] = []
+    monkeypatch.setattr(moescope.evaluate, "evaluate", lambda model, corpus, **kw: calls.append(corpus))
+    moescope.evaluate("demo", "demo")
+    moescope.evaluate("demo", ("demo:code", "demo:prose"))
+    assert calls == [["demo"], ["demo:code", "demo:prose"]]
+    try:
+        import moescope.sweep
+    except ImportError:
+        return
+    monkeypatch.setattr(moescope.sweep, "sweep", lambda model, corpus, **kw: calls.append(corpus))
+    moescope.sweep("demo", "demo", top_k="1,2")
+    assert calls[-1] == ["demo"]
+
+
 # --------------------------------------------------------------------------- results = CLI --json
 
 
