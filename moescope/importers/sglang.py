@@ -175,6 +175,11 @@ def read_dump(
         phys_map = None if phys is None else _array(phys, "last_physical_to_logical_map", str(path))
         for i, rec in enumerate(records):
             where = f"{path} record {i}"
+            if isinstance(rec, dict) and "topk_ids_of_layer" not in rec and "global_physical_count" in rec:
+                raise RoutingImportError(
+                    f"{where}: a per_pass record (physical counts, no token ids); record with "
+                    "--expert-distribution-recorder-mode per_token (or stat for counts)."
+                )
             if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
                 raise RoutingImportError(f"{where}: expected a dict with topk_ids_of_layer; {_FIX_DUMP}.")
             topk = _array(rec["topk_ids_of_layer"], "topk_ids_of_layer", where)
