@@ -1,10 +1,15 @@
 """Expert-to-expert similarity per MoE layer: which experts are redundant.
 
-Four measures, each an ``[E, E]`` matrix per layer:
+Five measures, each an ``[E, E]`` matrix per layer:
 
-- ``weights``: cosine of the experts' flattened parameters (every experts tensor whose
+- ``weights``: cosine of the experts' flattened parameters after aligning their hidden
+  neurons (:mod:`moescope.align`: the permutation of B's neurons that best matches A's, a
+  linear assignment, as ``prune --method merge`` uses). Permuting an expert's neurons does
+  not change what it computes, so a permuted copy scores 1 here. Unrelated random experts
+  score about 0.1-0.2, not 0: the best of all permutations is a maximum.
+- ``weight_raw``: the same cosine without alignment, as stored (every experts tensor whose
   first dimension is E, sliced per expert and concatenated; DBRX's packed ``[E*I, H]``
-  rows reshape the same way).
+  rows reshape the same way). A permuted copy scores near 0 here. Not in the redundancy.
 - ``router``: cosine of the router rows (experts the router cannot tell apart).
 - ``outputs``: mean over sampled tokens of the cosine between two experts' outputs on
   the same input. Inputs are hidden states captured by a forward pre-hook at the MoE
@@ -38,7 +43,7 @@ from moescope.outdir import atomic_output, check_destination, resolve_output, wr
 from moescope.packing import resolve_split, token_batches  # one packing rule (trace, eval)
 from moescope.routing import expert_weight_vectors, router_rows
 
-MEASURES = ("weights", "router", "outputs", "coactivation")
+MEASURES = ("weights", "weight_raw", "router", "outputs", "coactivation")
 REDUNDANCY_MEASURES = ("weights", "router", "outputs")
 
 
@@ -273,6 +278,7 @@ def similarity_report(
     trace: Any | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    align_weights: bool = True,
 ) -> SimilarityReport:
     """Compute every available measure for every MoE layer of a loaded model.
 
@@ -284,6 +290,8 @@ def similarity_report(
         trace: a :class:`moescope.tracedir.TraceDir` for ``coactivation`` (None: skip).
         seed: seed of the sampled tokens.
         progress: called as ``progress(layers_done, layers_total)``.
+        align_weights: compute the aligned ``weights`` measure (``E (E - 1) / 2`` linear
+            assignments of size I per layer; off for very large models: ``weight_raw`` stays).
 
     Returns:
         A :class:`SimilarityReport`.
@@ -309,22 +317,45 @@ def similarity_report(
                 f"{model_ref} has {sites[0].num_experts} in {layers}; re-run `moescope trace {model_ref} ...`."
             )
     if isinstance(model, StreamedModel):
-        return _streamed_report(model, sites, model_ref, batches, samples, trace, seed, progress)
+        return _streamed_report(
+            model, sites, model_ref, batches, samples, trace, seed, progress, align_weights
+        )
     inputs = capture_inputs(model, sites, batches, samples=samples, seed=seed) if batches is not None else {}
     out = []
     for i, site in enumerate(sites):
-        out.append(_layer_similarity(site, inputs.get(site.layer), trace))
+        out.append(_layer_similarity(site, inputs.get(site.layer), trace, align_weights))
         if progress:
             progress(i + 1, len(sites))
     used = max((int(x.shape[0]) for x in inputs.values()), default=0)
     return SimilarityReport(model_ref, out, used, str(trace.path) if trace is not None else None)
 
 
-def _layer_similarity(site: Any, x: Any | None, trace: Any | None) -> LayerSimilarity:
+def aligned_weight_similarity(experts: Any, num_experts: int, family: str | None) -> np.ndarray | None:
+    """``[E, E]`` cosine of the flattened experts after neuron alignment (:mod:`moescope.align`).
+
+    Returns None when the experts module's layout is not one :mod:`moescope.align` knows.
+    """
+    from moescope.align import aligned_cosine_matrix, expert_axes, module_experts
+    from moescope.errors import PruneError
+
+    try:
+        experts_list = module_experts(experts, num_experts, family)
+        axes = expert_axes(experts_list[0], family)
+    except PruneError:
+        return None
+    return aligned_cosine_matrix(experts_list, axes)[0]
+
+
+def _layer_similarity(
+    site: Any, x: Any | None, trace: Any | None, align_weights: bool = True
+) -> LayerSimilarity:
     """Every measure of one MoE layer (its weights must be resident)."""
     num = site.num_experts
     ls = LayerSimilarity(site.layer, num)
-    ls.matrices["weights"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
+    aligned = aligned_weight_similarity(site.experts, num, site.family) if align_weights else None
+    if aligned is not None:
+        ls.matrices["weights"] = aligned
+    ls.matrices["weight_raw"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
     if site.family is not None:
         rows = router_rows(site.block, num, site.family)
     else:
@@ -347,6 +378,7 @@ def _streamed_report(
     trace: Any | None,
     seed: int,
     progress: Callable[[int, int], None] | None,
+    align_weights: bool = True,
 ) -> SimilarityReport:
     """The report of a model streamed layer by layer: each layer is measured while resident.
 
@@ -369,7 +401,7 @@ def _streamed_report(
         if site is None:
             return
         x = _sample(pools[layer], gen, samples) if pools[layer] else None
-        done.append(_layer_similarity(site, x, trace))
+        done.append(_layer_similarity(site, x, trace, align_weights))
         used[0] = max(used[0], int(x.shape[0]) if x is not None else 0)
         if progress:
             progress(len(done), len(sites))
@@ -511,6 +543,7 @@ def similarity(
     stream: bool | None = None,
     device_map: str | None = None,
     on_plan: Callable[[str], None] | None = None,
+    align_weights: bool = True,
 ) -> SimilarityReport:
     """Load a model (and trace, corpus), compute the report, write it to ``out`` (the CLI's API).
 
@@ -539,6 +572,7 @@ def similarity(
         stream: True streams, False loads whole, None decides by size.
         device_map: ``auto``: accelerate's placement.
         on_plan: receives the line saying how the model runs and why.
+        align_weights: compute the aligned ``weights`` measure (see :func:`similarity_report`).
 
     Returns:
         The :class:`SimilarityReport`.
@@ -588,7 +622,14 @@ def similarity(
             token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
         )
     report = similarity_report(
-        model, model_ref=model_ref, batches=batches, samples=samples, trace=tr, seed=seed, progress=progress
+        model,
+        model_ref=model_ref,
+        batches=batches,
+        samples=samples,
+        trace=tr,
+        seed=seed,
+        progress=progress,
+        align_weights=align_weights,
     )
     if out is not None:
         write_report(report, out, plots=plots, inputs=inputs, plot_format=plot_format)

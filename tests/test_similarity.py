@@ -75,12 +75,12 @@ def test_planted_duplicate_ranks_first() -> None:
     model = _mixtral()
     _plant(model, layer=0, src=1, dst=3)
     report = S.similarity_report(model, model_ref="tiny", batches=_batches(), samples=100)
-    assert report.measures == ["weights", "router", "outputs"]
+    assert report.measures == ["weights", "weight_raw", "router", "outputs"]
     assert report.samples == 100
     pairs = report.pairs()
     top0 = pairs[(pairs.layer == 0) & (pairs["rank"] == 1)].iloc[0]
     assert (top0.expert_a, top0.expert_b) == (1, 3)
-    for m in ("weights", "router", "outputs", "redundancy"):
+    for m in ("weights", "weight_raw", "router", "outputs", "redundancy"):
         assert top0[m] == pytest.approx(1.0, abs=1e-6)
     # The untouched layer has no such pair: random experts are far from identical.
     top1 = pairs[(pairs.layer == 1) & (pairs["rank"] == 1)].iloc[0]
@@ -137,12 +137,39 @@ def test_coactivation_jaccard(tmp_path: Path) -> None:
 def test_write_report(tmp_path: Path) -> None:
     model = _mixtral()
     report = S.similarity_report(model, model_ref="tiny", batches=None)
-    assert report.measures == ["weights", "router"]
+    assert report.measures == ["weights", "weight_raw", "router"]
     files = S.write_report(report, tmp_path / "sim")
     names = {f.name for f in files}
     assert {"pairs.csv", "layers.csv", "similarity.json", "similarity_layer000.png"} <= names
     data = json.loads((tmp_path / "sim" / "similarity.json").read_text())
     assert len(data["matrices"]["1"]["weights"]) == _EXPERTS
+    assert data["measures"] == ["weights", "weight_raw", "router"]
+    assert "weight_raw" in (tmp_path / "sim" / "pairs.csv").read_text().splitlines()[0].split(",")
+
+
+def test_permuted_copy_scores_one_on_aligned_weights() -> None:
+    """An expert with its hidden neurons permuted computes the same function: weights ~1, weight_raw low."""
+    model = _mixtral(2)
+    experts = model.model.layers[0].mlp.experts
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # by hand: gate rows, up rows and down columns move together
+        gate, up = experts.gate_up_proj[1].chunk(2, dim=0)
+        experts.gate_up_proj[3] = torch.cat([gate[perm], up[perm]])
+        experts.down_proj[3] = experts.down_proj[1][:, perm]
+    x = torch.randn(6, 32)
+    outs = S.expert_outputs(experts, x, _EXPERTS)
+    torch.testing.assert_close(outs[3], outs[1], rtol=1e-5, atol=1e-6)  # the same function
+    report = S.similarity_report(model, model_ref="tiny", batches=None)
+    pairs = report.pairs().set_index(["layer", "expert_a", "expert_b"])
+    assert pairs.loc[(0, 1, 3), "weights"] >= 0.99
+    assert pairs.loc[(0, 1, 3), "weight_raw"] < 0.3
+    assert pairs.loc[(0, 1, 3), "rank"] == 1  # the aligned measure finds it
+    assert (pairs["weights"] >= pairs["weight_raw"] - 1e-9).all()  # identity is one permutation
+    raw_only = S.similarity_report(model, model_ref="tiny", batches=None, align_weights=False)
+    assert raw_only.measures == ["weight_raw", "router"]
+    np.testing.assert_allclose(
+        raw_only.layers[0].matrices["weight_raw"], report.layers[0].matrices["weight_raw"]
+    )
 
 
 @pytest.fixture(scope="module")

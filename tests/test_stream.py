@@ -203,6 +203,7 @@ def test_streamed_similarity_equals_in_memory() -> None:
         assert a.layer == b.layer and sorted(a.matrices) == sorted(b.matrices) == [
             "outputs",
             "router",
+            "weight_raw",
             "weights",
         ]
         for name in a.matrices:

@@ -39,10 +39,15 @@ Examples:
 --dtype auto (the default) runs the model in the checkpoint's own dtype (torch_dtype in its
 config.json); --dtype float32 computes the measures in full precision.
 
+weights is the cosine of two experts' weights after aligning their hidden neurons (a
+permuted copy of an expert scores 1; unrelated experts about 0.1-0.2); weight_raw is the
+cosine as stored. --no-align-weights skips the alignment (E(E-1)/2 assignments per layer,
+slow for hundreds of wide experts) and reports weight_raw only.
+
 Output: two tables (the --top most redundant pairs per layer; the per-layer redundancy
 score); --json prints every pair as an array of records (layer, expert_a, expert_b, rank,
-redundancy and one value per measure: weights, router, outputs, coactivation), most
-redundant first within each layer; --csv the same records with a header row. Without
+redundancy and one value per measure: weights, weight_raw, router, outputs, coactivation),
+most redundant first within each layer; --csv the same records with a header row. Without
 --out, --json or --csv is required.
 """
 
@@ -66,6 +71,12 @@ def similarity_cmd(
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sampled sequence.")] = 128,
     outputs: Annotated[
         bool, typer.Option("--outputs/--no-outputs", help="Measure output similarity (runs the model).")
+    ] = True,
+    align_weights: Annotated[
+        bool,
+        typer.Option(
+            "--align-weights/--no-align-weights", help="Align hidden neurons for the weights measure."
+        ),
     ] = True,
     top: Annotated[int, typer.Option("--top", help="Pairs per layer in the table.")] = 3,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write heatmaps to OUT/plots.")] = True,
@@ -112,6 +123,7 @@ def similarity_cmd(
             stream=stream,
             device_map=device_map,
             on_plan=output.info,
+            align_weights=align_weights,
         )
     pairs = report.pairs()
     if output.machine:
