@@ -35,7 +35,7 @@ Examples:
   moescope sweep demo demo --top-p 0.5,0.7,0.9 --max-tokens 3000 --json
   moescope sweep demo demo:code --top-k '0-1:1,2-:2' --top-k '0-1:2,2-:1' --max-tokens 2000 --csv
   moescope sweep demo demo --top-k 1,2,4 --top-p 0.9 --max-tokens 3000 --plot sweep.png
-  moescope sweep org/name notes.jsonl --top-k 4,8 --max-memory 20GiB
+  moescope sweep org/name notes.jsonl --top-k 4,8 --max-memory 20GiB --max-tokens 4000
 
 Settings: --top-k 1,2,4 is three settings, each applied to every MoE layer; a per-layer
 setting names inclusive layer ranges (checkpoint numbering, 'A-' runs to the last layer):
