@@ -181,31 +181,44 @@ def permute_expert(
     return {name: permute(t, axes[name], perm) for name, t in tensors.items()}
 
 
-def features(tensors: Mapping[str, Any], axes: Mapping[str, NeuronAxis | None]) -> tuple[Any, Any]:
-    """``(rows [I, D], rest [R])`` of one expert in float64: per-neuron rows and the rest.
+@dataclass(frozen=True)
+class Features:
+    """One expert as :func:`align_features` reads it (float64 numpy).
 
-    Tensors are taken in sorted name order, so two experts of a layer line up.
+    Attributes:
+        rows: ``[I, D]``, one row per hidden neuron (every neuron-indexed tensor, sorted by name).
+        rest: the tensors with no neuron axis, flattened.
+        sq: the expert's squared norm (rows and rest).
     """
-    import torch
 
+    rows: np.ndarray
+    rest: np.ndarray
+    sq: float
+
+
+def features(tensors: Mapping[str, Any], axes: Mapping[str, NeuronAxis | None]) -> Features:
+    """The :class:`Features` of one expert; tensors in sorted name order, so a layer's experts line up."""
     names = sorted(tensors)
-    rows = [neuron_rows(tensors[n].double(), ax) for n in names if (ax := axes[n]) is not None]
-    rest = [tensors[n].double().reshape(-1) for n in names if axes[n] is None]
-    return torch.cat(rows, dim=1), (torch.cat(rest) if rest else torch.zeros(0, dtype=torch.float64))
+    rows = [
+        neuron_rows(tensors[n].detach().cpu().double(), ax).numpy()
+        for n in names
+        if (ax := axes[n]) is not None
+    ]
+    rest = [tensors[n].detach().cpu().double().reshape(-1).numpy() for n in names if axes[n] is None]
+    r = np.concatenate(rows, axis=1)
+    x = np.concatenate(rest) if rest else np.zeros(0)
+    return Features(r, x, float(np.einsum("ij,ij->", r, r) + x @ x))
 
 
-def align_features(fa: tuple[Any, Any], fb: tuple[Any, Any]) -> Alignment:
+def align_features(fa: Features, fb: Features) -> Alignment:
     """The :class:`Alignment` of B to A from their :func:`features`."""
     from scipy.optimize import linear_sum_assignment
 
-    (ra, xa), (rb, xb) = fa, fb
-    score = (ra @ rb.T).cpu().numpy()
+    score = fa.rows @ fb.rows.T
     rows, cols = linear_sum_assignment(score, maximize=True)
     perm = cols[np.argsort(rows)]
-    const = float(xa @ xb)
-    norm = math.sqrt(
-        float(ra.square().sum() + xa.square().sum()) * float(rb.square().sum() + xb.square().sum())
-    )
+    const = float(fa.rest @ fb.rest)
+    norm = math.sqrt(fa.sq * fb.sq)
     if norm == 0.0:
         return Alignment(perm, 0.0, 0.0)
     aligned = (float(score[np.arange(len(perm)), perm].sum()) + const) / norm
