@@ -25,10 +25,9 @@ from moescope.definitions import DEFINITIONS, WHY
 from moescope.stats import MIN_PAIR_COUNT, Report
 from moescope.tracedir import TraceState
 
-#: per-layer column -> header
+#: per-layer column -> header (``tokens``, the same in every row, is in the summary)
 LAYER_COLUMNS: dict[str, str] = {
     "layer": "layer",
-    "tokens": "tokens",
     "imbalance_max_mean": "max/mean",
     "cv": "cv",
     "entropy_norm": "entropy",
@@ -53,7 +52,7 @@ main{max-width:1280px;margin:0 auto;padding:8px 28px 30px}
 section{border-bottom:1px solid var(--line);padding:10px 0 18px}h2{font-size:18px;margin:12px 0 8px;
 color:var(--accent)}h3{font-size:15px;margin:14px 0 6px}
 .cols{display:flex;gap:26px;align-items:flex-start;flex-wrap:wrap}.main{flex:1 1 640px;min-width:0}
-aside.defs{flex:0 1 300px;background:var(--band);border-left:3px solid var(--accent);padding:8px 14px;
+aside.defs{flex:0 1 270px;background:var(--band);border-left:3px solid var(--accent);padding:8px 14px;
 font-size:13px}aside.defs dt{font-weight:600;margin-top:6px}aside.defs dd{margin:0 0 4px}
 table{border-collapse:collapse;margin:4px 0 10px;font-size:13px}th,td{padding:3px 7px;
 border-bottom:1px solid var(--line);text-align:left;vertical-align:top}th{background:var(--band)}
@@ -254,9 +253,8 @@ def headline(ctx: Context) -> str:
 def layers_section(ctx: Context) -> tuple[str, str, str]:
     """The per-layer table, dead experts, load bars and the layer × expert heatmap."""
     layers = ctx.rep.layers
-    cols = [c for c in LAYER_COLUMNS if c in layers.columns] + [
-        c for c in layers.columns if c not in LAYER_COLUMNS
-    ]
+    cols = [c for c in LAYER_COLUMNS if c in layers.columns]
+    cols += [c for c in layers.columns if c not in LAYER_COLUMNS and c != "tokens"]
     rows = [
         [ctx.value(c, rec[c], ".2f" if c in ("imbalance_max_mean", "reuse_ratio") else ".3f") for c in cols]
         for rec in layers.to_dict(orient="records")

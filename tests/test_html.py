@@ -541,6 +541,9 @@ def test_refuses_what_it_did_not_write(tmp_path: Path) -> None:
     ours.write_bytes(first.replace(b"synthetic", b"edited"))
     write_html_report(trace, ours)  # its own report: replaced
     assert ours.read_bytes() == first
+    res = invoke(["report", trace, "--html", ours])  # and through the CLI, tables still printed
+    assert res.exit_code == 0 and "max/mean" in res.stdout and f"wrote {ours}" in res.stderr, res.stderr
+    assert ours.read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "notes.html", "ours.html", "t"]
 
 

@@ -32,7 +32,7 @@ Examples:
   moescope report traces/demo --json | jq '.capacity[] | select(.capacity_factor == 1.25)'
   moescope report traces/run --dtype-bytes 1      # all-to-all estimate for FP8 dispatch
   moescope report traces/demo --csv > layers.csv   # the per-layer table as CSV
-  moescope report traces/demo --html report.html -q   # one self-contained page: tables, plots, definitions
+  moescope report traces/demo --html report.html   # one self-contained page: tables, plots, definitions
   moescope similarity demo --no-outputs --out sim/ -q && moescope report traces/demo --html report.html --similarity sim/ --prune-manifest pruned/prune_manifest.json
 
 Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
