@@ -51,11 +51,12 @@ DEFINITIONS: dict[str, str] = {
     "all-to-all": "Tokens are spread evenly over the D devices, so an assignment is remote with "
     "probability (D−1)/D and moves hidden_size × dtype bytes there and back (×2); dedup sends a "
     "token once per distinct remote device (contiguous placement).",
-    "redundancy": "Mean of the available measures among weights (cosine of the flattened expert "
-    "parameters), router (cosine of the router rows) and outputs (mean cosine of two experts' "
-    "outputs on the same sampled tokens). Co-activation (Jaccard overlap of the tokens two experts "
-    "serve) is shown, not averaged in. A layer's score is the mean over experts of each one's "
-    "highest redundancy with another expert.",
+    "redundancy": "Mean of the available measures among weights (cosine of two experts' parameters after "
+    "aligning their hidden neurons, so a permuted copy scores 1), router (cosine of the router rows) "
+    "and outputs (mean cosine of two experts' outputs on the same sampled tokens). weight_raw (the "
+    "cosine without alignment) and co-activation (Jaccard overlap of the tokens two experts serve) "
+    "are shown, not averaged in. A layer's score is the mean over experts of each one's highest "
+    "redundancy with another expert.",
     "pruning plan": "Experts kept and dropped per layer, the criterion's score of each expert (higher "
     "is more worth keeping) and the share of the trace's routed tokens and gate weight that went to "
     "the dropped experts.",
@@ -72,9 +73,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "coactivation": ("coactivation", "per_token"),
     "domain_jsd": ("domains",),
     "domains": ("domains",),
-    "capacity": ("per_token", "batches"),
-    "batch_imbalance": ("per_token", "batches"),
-    "bytes_per_token_dedup": ("per_token", "batches"),
+    "capacity": ("capacity", "per_token", "batches"),
+    "batch_imbalance": ("expert_parallel", "per_token", "batches"),
+    "bytes_per_token_dedup": ("expert_parallel", "per_token", "batches"),
 }
 
 #: ``lacks`` entry -> why the data is missing
@@ -86,6 +87,9 @@ WHY: dict[str, str] = {
     "coactivation": "only per-expert counts were recorded, not which experts each token chose together",
     "per_token": "only per-expert counts were recorded, not each token's choice",
     "batches": "the routing was recorded without batch boundaries",
+    "capacity": "the routing was recorded as counts only, so per-batch drops at a capacity cannot be counted",
+    "expert_parallel": "the routing was recorded as counts only, so per-batch device loads and "
+    "per-token traffic cannot be counted",
 }
 
 

@@ -228,7 +228,7 @@ EXTRA_FIGURES: dict[str, Callable[[Any, TraceState], Any]] = {"confidence": _con
 FIGURE_NEEDS: dict[str, tuple[str, ...]] = {
     "coactivation": ("coactivation", "per_token"),
     "domain_heatmap": ("domains",),
-    "capacity": ("per_token", "batches"),
+    "capacity": ("capacity", "per_token", "batches"),
     "confidence": ("gate_weights", "per_token"),
 }
 

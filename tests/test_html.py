@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope.definitions import DEFINITIONS
+from moescope.definitions import DEFINITIONS, WHY
 from moescope.errors import OutputError
 from moescope.plots import FIGURES, PLOT_FORMATS, write_plots
 from moescope.report_html import write_html_report
@@ -513,6 +513,26 @@ def test_missing_data_reads_not_available(tmp_path: Path) -> None:
     assert "max/mean" in layers and layers["max/mean"].iloc[0] != "not available"  # counts still shown
     assert not {"confidence", "coactivation", "domain_heatmap"} & set(result.figures)
     assert {"mean_top1_weight", "reuse_ratio", "coactivation", "domains"} <= set(result.unavailable)
+
+
+def test_counts_only_import_reads_not_available(tmp_path: Path) -> None:
+    """SGLang ``stat`` dumps (counts only): capacity, per-batch EP, co-activation, confidence say why."""
+    from moescope.importers import common
+    from moescope.importers.api import STAT_LACKS
+
+    names = {v for k, v in vars(common).items() if k.startswith("LACKS_")}
+    assert names <= set(WHY), names - set(WHY)  # every lack the importers record is explained
+    out = tmp_path / "r.html"
+    result = write_html_report(_write(tmp_path, _synthetic({"lacks": list(STAT_LACKS)}, domains=())), out)
+    page = _Page(out.read_text())
+    ep = page.table("ep", 0)
+    assert set(ep["per batch"]) == {"not available"} and set(ep["dedup a2a/token"]) == {"not available"}
+    assert ep["imbalance (mean)"].str.match(r"^\d+\.\d\d$").all()  # from counts: still shown
+    assert "capacity" not in page.tables and "capacity" not in result.figures
+    text = " ".join(" ".join(page.text).split())
+    assert f"not available: {WHY['capacity']}" in text and f"not available: {WHY['gate_weights']}" in text
+    assert {"load_bars", "load_heatmap"} <= set(result.figures)
+    assert not {"confidence", "coactivation", "capacity", "domain_heatmap"} & set(result.figures)
 
 
 # --------------------------------------------------------------------------- destinations
