@@ -58,12 +58,17 @@ SUPPORTED = [
 
 
 def _build(family: str, **overrides: Any) -> Any:
+    """A tiny model with eager experts, random router biases and peaked routers (a random
+    tiny router is near uniform: every token would take the same number of experts)."""
     torch.manual_seed(0)
     model = tiny_model(family, **overrides)
     if families.lookup(family).experts_implementation:  # type: ignore[union-attr]
         model.set_experts_implementation("eager")
     with torch.no_grad():
         for site in find_moe_sites(model):
+            for name, param in site.block.named_parameters():
+                if name in ("gate.weight", "router.weight", "router.layer.weight"):
+                    param.mul_(10)
             gate = getattr(site.block, "gate", None)
             if gate is not None and hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.copy_(torch.randn(site.num_experts) * 0.3)
@@ -170,6 +175,8 @@ def test_override_selects_what_the_rule_says(family: str, rule: LayerRule) -> No
         for a, b in zip(seen, want, strict=True):
             for j in a:
                 assert a[j] == pytest.approx(b[j], rel=1e-5, abs=1e-6)
+        if rule.top_p in (0.6, 0.9):  # dynamic: tokens take different numbers of experts
+            assert len({len(t) for t in seen}) > 1, (family, rule)
         # experts per token = the mean of the selections the experts received
         mean = sum(len(t) for t in seen) / len(seen)
         assert ov.counts[site.layer].mean == pytest.approx(mean)
@@ -239,6 +246,23 @@ def test_padding_adds_nothing(family: str) -> None:
             ]
         )
     torch.testing.assert_close(batched.reshape(alone.shape), alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_padding_under_every_experts_implementation(family: str) -> None:
+    """grouped_mm and batched_mm (told to mask id E) compute what the eager loop does."""
+    model = _build(family)
+    sites = find_moe_sites(model)
+    rules = {s.layer: LayerRule(top_p=0.8) for s in sites}
+    out = {}
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        model.set_experts_implementation(impl)
+        with torch.no_grad(), RoutingOverride(sites, rules) as ov:
+            out[impl] = model(input_ids=_ids()).logits
+        assert 1 < ov.counts[sites[0].layer].mean < sites[0].num_experts
+    assert not any(s.experts._is_expert_parallel for s in sites)  # restored
+    for impl in ("grouped_mm", "batched_mm"):
+        torch.testing.assert_close(out[impl], out["eager"], atol=1e-5, rtol=1e-5)
 
 
 def test_group_limited_k_beyond_the_kept_groups_is_refused() -> None:
