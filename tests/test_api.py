@@ -253,14 +253,12 @@ def test_evaluate_is_what_the_cli_prints() -> None:
 
 
 def _readme_example() -> str:
-    """The ```python block under the README's "## Python API" heading (until it is pasted
-    there: docs/python_api_example.py, the same code)."""
+    """The ```python block under the README's "## Python API" heading."""
     readme = (ROOT / "README.md").read_text()
     section = re.search(r"^## Python API\n(.*?)(?=^## |\Z)", readme, re.S | re.M)
     block = section and re.search(r"```python\n(.*?)```", section.group(1), re.S)
-    if block:
-        return block.group(1)
-    return (ROOT / "docs" / "python_api_example.py").read_text()
+    assert block, "README.md has no ```python block under '## Python API'"
+    return block.group(1)
 
 
 def test_readme_example_runs(tmp_path: Path) -> None:
