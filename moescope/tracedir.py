@@ -48,6 +48,7 @@ from moescope.tracestate import (
     STATE_ARRAYS,
     STATE_VERSION,
     TraceState,
+    group_drops,
 )
 
 __all__ = [
@@ -155,12 +156,25 @@ def domain_load(state: TraceState) -> pd.DataFrame:
 
 
 def capacity(state: TraceState) -> pd.DataFrame:
-    """``capacity.csv``: share of token-expert assignments dropped at each capacity factor, per layer."""
+    """``capacity.csv``: share of token-expert assignments dropped at each capacity factor, per layer.
+
+    Drops are counted per capacity group of ``state.capacity_group`` consecutive tokens
+    (:mod:`moescope.trace.reduce`). Groups a shard saw only in part count at the size seen
+    (a merge of every shard counts them whole).
+    """
     rows = []
     assignments = state.counts.sum(axis=1)
+    dropped_all = state.cap_dropped
+    if state.cap_open:
+        dropped_all = dropped_all + group_drops(
+            np.stack([c for _t, c in state.cap_open.values()]),
+            [t for t, _c in state.cap_open.values()],
+            state.top_k,
+            state.num_experts,
+        )
     for i, layer in enumerate(state.layers):
         for j, cf in enumerate(CAPACITY_FACTORS):
-            dropped = int(state.cap_dropped[i, j])
+            dropped = int(dropped_all[i, j])
             rows.append(
                 {
                     "layer": layer,
@@ -200,7 +214,16 @@ def build_summary(
     """
     meta = state.meta
     keys_from_meta = ("model", "fingerprint", "corpus_fingerprint", "model_type", "corpus", "split")
-    settings = ("packing", "seq_len", "batch_size", "max_tokens", "dtype", "device", "hidden_size")
+    settings = (
+        "packing",
+        "seq_len",
+        "batch_size",
+        "max_tokens",
+        "dtype",
+        "checkpoint_dtype",
+        "device",
+        "hidden_size",
+    )
     rate = state.tokens / timings["trace_seconds"] if timings.get("trace_seconds") else None
     return {
         "tool": "moescope",
@@ -217,6 +240,9 @@ def build_summary(
         "documents": meta.get("corpus_stats", {}).get("documents_used"),
         "corpus_stats": meta.get("corpus_stats"),
         **{key: meta.get(key) for key in settings},
+        # tokens per capacity group of the capacity what-if (null: version 1, per batch)
+        "capacity_group": state.capacity_group or None,
+        "state_version": state.version,
         "moe_layers": state.layers,
         "num_experts": state.num_experts,
         "top_k": state.top_k,

@@ -16,6 +16,7 @@ checks the version, the scale and every array's shape. The trace directory aroun
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,27 @@ import numpy as np
 
 from moescope.errors import TraceError
 
-#: capacity factors whose drops are counted online (what-if, per batch)
+#: capacity factors whose drops are counted online (what-if, per capacity group)
 CAPACITY_FACTORS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0)
+#: tokens per capacity group (GShard's "group"), in corpus order, by default
+CAPACITY_GROUP = 4096
 #: expert-parallel degrees tracked online (contiguous placement)
 EP_DEGREES: tuple[int, ...] = (2, 4, 8)
 #: bins of the top-1 share histogram over [0, 1]
 HIST_BINS = 20
 #: fixed-point scale of float sums in the state
 FIXED_SCALE = float(2**20)
-STATE_VERSION = 1
+#: 2: capacity per fixed token group (``cap_open_*``), per-half counts (``half_counts``);
+#: version 1 states (capacity per trace batch) still load, read-only (:data:`OLD_VERSIONS`)
+STATE_VERSION = 2
+OLD_VERSIONS = (1,)
+#: the two corpus halves of ``half_counts``: documents with an even / odd index
+HALVES = 2
+#: arrays of the still-open capacity groups (variable length ``G``; see :meth:`TraceState.add_open`)
+OPEN_ARRAYS = ("cap_open_ids", "cap_open_tokens", "cap_open_counts")
 
 #: every state array and its axes: L layers, E experts, D domains, C capacity factors,
-#: P expert-parallel degrees, H histogram bins (the order is the order in ``state.npz``)
+#: P expert-parallel degrees, H histogram bins, S corpus halves (the order is the order in ``state.npz``)
 STATE_ARRAYS: dict[str, tuple[str, ...]] = {
     "counts": ("L", "E"),
     "weight_fx": ("L", "E"),
@@ -52,7 +62,10 @@ STATE_ARRAYS: dict[str, tuple[str, ...]] = {
     "router_dropped": ("L",),
     "dom_counts": ("D", "L", "E"),
     "dom_weight_fx": ("D", "L", "E"),
+    "half_counts": ("S", "L", "E"),
 }
+#: arrays added in each version (absent from older states: zeros, and their statistics unavailable)
+ADDED_IN = {"half_counts": 2, "cap_open_ids": 2, "cap_open_tokens": 2, "cap_open_counts": 2}
 
 _RETRACE = "rerun `moescope trace`"
 
@@ -86,13 +99,23 @@ class TraceState:
         top1_hist: ``[L, HIST_BINS]`` histogram of top-1 weight / sum of the token's weights.
         reuse / reuse_pairs: ``[L]`` experts shared by adjacent tokens of one document and
             window, and the number of such adjacent pairs.
-        cap_dropped: ``[L, len(CAPACITY_FACTORS)]`` assignments over capacity, per batch.
+        cap_dropped: ``[L, len(CAPACITY_FACTORS)]`` assignments over capacity, summed over the
+            closed capacity groups (``capacity_group`` consecutive tokens in corpus order;
+            version 1: per trace batch).
         ep_distinct: ``[L, len(EP_DEGREES)]`` sum over tokens of distinct devices hit
             (contiguous placement).
         ep_batch_max: ``[L, len(EP_DEGREES)]`` sum over batches of the busiest device's
             load (contiguous placement).
         router_dropped: ``[L]`` tokens the model itself dropped (switch capacity).
         dom_counts / dom_weight_fx: ``[D, L, E]`` per-domain counts and weight sums.
+        half_counts: ``[2, L, E]`` counts of the tokens of even- and odd-indexed documents
+            (the held-out split of the balanced expert-parallel placement).
+        version: the state version it was written with (:data:`OLD_VERSIONS` load read-only).
+        capacity_group: tokens per capacity group (0: version 1, per batch).
+        cap_open: capacity groups seen only in part (by a shard, or the last one of a
+            stream not yet closed): group index → (tokens seen, ``[L, E]`` counts). Merging
+            adds the parts (:meth:`add_open`); :meth:`close_groups` counts the rest into
+            ``cap_dropped`` once the trace is whole. In ``state.npz``: :data:`OPEN_ARRAYS`.
     """
 
     layers: list[int]
@@ -118,6 +141,10 @@ class TraceState:
     router_dropped: np.ndarray = _ZEROS
     dom_counts: np.ndarray = _ZEROS
     dom_weight_fx: np.ndarray = _ZEROS
+    half_counts: np.ndarray = _ZEROS
+    version: int = STATE_VERSION
+    capacity_group: int = CAPACITY_GROUP
+    cap_open: dict[int, tuple[int, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, shape in self.shapes().items():
@@ -133,6 +160,7 @@ class TraceState:
             "C": len(CAPACITY_FACTORS),
             "P": len(EP_DEGREES),
             "H": HIST_BINS,
+            "S": HALVES,
         }
         return {name: tuple(size[a] for a in axes) for name, axes in STATE_ARRAYS.items()}
 
@@ -174,8 +202,23 @@ class TraceState:
                 f"(layers/experts/top-k {self.layers}/{self.num_experts}/{self.top_k} vs "
                 f"{other.layers}/{other.num_experts}/{other.top_k}); merge shards of one run."
             )
+        if other.version != self.version:
+            raise TraceError(
+                f"cannot merge trace states of versions {self.version} and {other.version}; "
+                "retrace the older shards with this moescope."
+            )
+        if other.capacity_group != self.capacity_group:
+            raise TraceError(
+                f"cannot merge traces with capacity groups of {self.capacity_group} and "
+                f"{other.capacity_group} tokens; trace every shard with one --capacity-group."
+            )
         for name in other.domains:
             self.domain_index(name)
+        self.add_open(
+            list(other.cap_open),
+            [t for t, _c in other.cap_open.values()],
+            [c for _t, c in other.cap_open.values()],
+        )
         for name, axes in STATE_ARRAYS.items():
             if axes[0] != "D":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -187,10 +230,55 @@ class TraceState:
         self.windows += other.windows
         self.batches += other.batches
 
+    def add_open(self, ids: Any, tokens: Any, counts: Any) -> None:
+        """Add parts of capacity groups; a group whose parts reach ``capacity_group`` tokens closes.
+
+        Args:
+            ids: ``[G]`` group indices (global token index // ``capacity_group``).
+            tokens: ``[G]`` tokens of each part.
+            counts: ``[G, L, E]`` expert counts of each part.
+        """
+        done_tok, done_cnt = [], []
+        for gid, tok, cnt in zip(ids, tokens, counts, strict=True):
+            gid, tok = int(gid), int(tok)
+            if gid in self.cap_open:
+                prev_tok, prev_cnt = self.cap_open.pop(gid)
+                tok, cnt = tok + prev_tok, cnt + prev_cnt
+            if tok >= self.capacity_group:
+                done_tok.append(tok)
+                done_cnt.append(cnt)
+            else:
+                self.cap_open[gid] = (tok, np.asarray(cnt, dtype=np.int64))
+        if done_tok:
+            self.cap_dropped += group_drops(np.stack(done_cnt), done_tok, self.top_k, self.num_experts)
+
+    def close_groups(self) -> None:
+        """The trace is whole: count the open capacity groups at the size they have (the last is short)."""
+        if self.cap_open:
+            tok = [t for t, _c in self.cap_open.values()]
+            cnt = np.stack([c for _t, c in self.cap_open.values()])
+            self.cap_dropped += group_drops(cnt, tok, self.top_k, self.num_experts)
+            self.cap_open = {}
+
+    def open_arrays(self) -> dict[str, np.ndarray]:
+        """The open capacity groups as the arrays of ``state.npz`` (:data:`OPEN_ARRAYS`), by group index."""
+        ids = sorted(self.cap_open)
+        shape = (0, len(self.layers), self.num_experts)
+        return {
+            "cap_open_ids": np.array(ids, dtype=np.int64),
+            "cap_open_tokens": np.array([self.cap_open[g][0] for g in ids], dtype=np.int64),
+            "cap_open_counts": (
+                np.stack([self.cap_open[g][1] for g in ids]).astype(np.int32)
+                if ids
+                else np.zeros(shape, np.int32)
+            ),
+        }
+
     def save(self, path: Path) -> None:
         """Write the state as one ``.npz`` (arrays plus a JSON header)."""
         header = {
-            "version": STATE_VERSION,
+            "version": self.version,
+            "capacity_group": self.capacity_group,
             "layers": self.layers,
             "num_experts": self.num_experts,
             "top_k": self.top_k,
@@ -204,7 +292,7 @@ class TraceState:
             "hist_bins": HIST_BINS,
             "fixed_scale": FIXED_SCALE,
         }
-        arrays = {name: getattr(self, name) for name in STATE_ARRAYS}
+        arrays = {name: getattr(self, name) for name in STATE_ARRAYS} | self.open_arrays()
         with open(path, "wb") as fh:
             np.savez_compressed(fh, header=np.array(json.dumps(header, sort_keys=True)), **arrays)
 
@@ -218,7 +306,12 @@ class TraceState:
         try:
             with np.load(path, allow_pickle=False) as data:
                 header = json.loads(str(data["header"]))
-                arrays = {name: data[name] for name in STATE_ARRAYS}
+                version = header.get("version") if isinstance(header, dict) else None
+                arrays = {
+                    name: data[name]
+                    for name in (*STATE_ARRAYS, *OPEN_ARRAYS)
+                    if name in data.files or ADDED_IN.get(name, 1) <= (version or 0)
+                }
         except FileNotFoundError:
             raise TraceError(
                 f"{path.parent}: no {path.name}; it is not a complete trace — {_RETRACE}."
@@ -229,7 +322,10 @@ class TraceState:
             ) from None
         if not isinstance(header, dict):
             raise TraceError(f"{path}: corrupt trace state header; {_RETRACE}.")
-        if header.get("version") != STATE_VERSION or header.get("fixed_scale") != FIXED_SCALE:
+        if (
+            header.get("version") not in (STATE_VERSION, *OLD_VERSIONS)
+            or header.get("fixed_scale") != FIXED_SCALE
+        ):
             raise TraceError(
                 f"{path}: trace state version {header.get('version')} is not supported; retrace."
             )
@@ -243,10 +339,47 @@ class TraceState:
                 tokens=int(header["tokens"]),
                 windows=int(header["windows"]),
                 batches=int(header["batches"]),
+                version=int(header["version"]),
+                cap_open=_open_dict(
+                    arrays.pop("cap_open_ids", None),
+                    arrays.pop("cap_open_tokens", None),
+                    arrays.pop("cap_open_counts", None),
+                ),
+                capacity_group=int(header.get("capacity_group", 0)),
                 **arrays,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TraceError(f"{path}: corrupt trace state header ({exc}); {_RETRACE}.") from None
-        if any(getattr(state, n).shape != shape for n, shape in state.shapes().items()):
+        if any(getattr(state, n).shape != shape for n, shape in state.shapes().items()) or any(
+            c.shape != (len(state.layers), state.num_experts) for _t, c in state.cap_open.values()
+        ):
             raise TraceError(f"{path}: trace state arrays do not match its header; {_RETRACE}.")
         return state
+
+
+def _open_dict(ids: Any, tokens: Any, counts: Any) -> dict[int, tuple[int, np.ndarray]]:
+    """``state.npz``'s open-group arrays as :attr:`TraceState.cap_open` (absent: none)."""
+    if ids is None or tokens is None or counts is None:
+        return {}
+    if not len(ids) == len(tokens) == len(counts):
+        raise ValueError("open capacity group arrays differ in length")
+    return {
+        int(g): (int(t), np.asarray(c, dtype=np.int64)) for g, t, c in zip(ids, tokens, counts, strict=True)
+    }
+
+
+def group_drops(counts: np.ndarray, tokens: Any, top_k: int, num_experts: int) -> np.ndarray:
+    """``[L, len(CAPACITY_FACTORS)]`` assignments over capacity in groups of ``tokens[g]`` tokens.
+
+    In a group of ``n`` tokens each expert takes at most ``ceil(C · n · k / E)`` assignments.
+
+    Args:
+        counts: ``[G, L, E]`` expert counts per group.
+        tokens: ``[G]`` tokens per group.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    out = np.zeros((counts.shape[1], len(CAPACITY_FACTORS)), dtype=np.int64)
+    for j, cf in enumerate(CAPACITY_FACTORS):
+        cap = np.array([math.ceil(cf * int(n) * top_k / num_experts) for n in tokens], dtype=np.int64)
+        out[:, j] = np.clip(counts - cap[:, None, None], 0, None).sum(axis=(0, 2))
+    return out

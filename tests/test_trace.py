@@ -27,6 +27,8 @@ from moescope.trace import CAPACITY_FACTORS, EP_DEGREES, TraceState, load_trace,
 
 _H, _E, _K, _VOCAB = 32, 4, 2, 99
 _SEQ, _BATCH = 16, 3
+#: tokens per capacity group in these tests: groups straddle batches (3 x 16 tokens)
+_GROUP = 40
 
 
 def _tokenizer() -> Any:
@@ -87,7 +89,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def full_trace(tiny: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
     model, tok = tiny
     out = tmp_path_factory.mktemp("traces") / "full"
-    trace_model(model, tok, _docs(), out, seq_len=_SEQ, batch_size=_BATCH, save_routes=True, plots=False)
+    trace_model(
+        model, tok, _docs(), out, seq_len=_SEQ, batch_size=_BATCH, save_routes=True, plots=False,
+        capacity_group=_GROUP,
+    )  # fmt: skip
     return out
 
 
@@ -146,15 +151,23 @@ def test_aggregates_equal_recomputation_from_routes(full_trace: Path) -> None:
         overlap = sum(len(set(ids[t + 1]) & set(ids[t])) for t in np.nonzero(adj)[0])
         assert int(state.reuse[li]) == overlap
         assert int(state.reuse_pairs[li]) == int(adj.sum())
-        # capacity drops, batch by batch (a batch is _BATCH consecutive windows)
-        batch = routes["window"].to_numpy() // _BATCH
+        # capacity drops, group by group (_GROUP consecutive tokens of the stream; the last is short)
+        group = np.arange(len(ids)) // _GROUP
+        assert group.max() >= 3 and len(ids) % _GROUP, "several groups, the last one short"
         for j, cf in enumerate(CAPACITY_FACTORS):
             dropped = 0
-            for b in np.unique(batch):
-                sel = ids[batch == b]
+            for g in np.unique(group):
+                sel = ids[group == g]
                 cap = math.ceil(cf * len(sel) * _K / _E)
                 dropped += sum(max(0, int((sel == e).sum()) - cap) for e in range(_E))
             assert int(state.cap_dropped[li, j]) == dropped
+        assert not state.cap_open and summary["capacity_group"] == _GROUP
+        # counts per corpus half (document parity)
+        parity = routes["doc"].to_numpy() % 2
+        for h in (0, 1):
+            assert state.half_counts[h, li].tolist() == [
+                int((ids[parity == h] == e).sum()) for e in range(_E)
+            ]
         # distinct devices per token under contiguous placement
         for j, deg in enumerate(EP_DEGREES):
             if _E % deg == 0:
@@ -225,11 +238,12 @@ def test_merge_of_shards_equals_unsharded_run(
     for i in range(2):
         d = tmp_path / f"s{i}"
         trace_model(model, tok, _docs(), d, seq_len=_SEQ, batch_size=_BATCH, shard=(i, 2), save_routes=True,
-                    plots=False)  # fmt: skip
+                    plots=False, capacity_group=_GROUP)  # fmt: skip
         shards.append(d)
     s0, _ = load_trace(shards[0])
     s1, _ = load_trace(shards[1])
     assert 0 < s0.tokens and 0 < s1.tokens  # both shards did work
+    assert s0.cap_open and s1.cap_open  # groups straddle the shards' batches: each saw parts
     merged = tmp_path / "merged"
     merge_traces(shards, merged, plots=False)
     for name in ("expert_load.csv", "coactivation.csv", "domain_load.csv", "capacity.csv"):
@@ -237,7 +251,7 @@ def test_merge_of_shards_equals_unsharded_run(
     a, sa = load_trace(merged)
     b, sb = load_trace(full_trace)
     for field in ("counts", "weight_fx", "out_norm_fx", "wout_norm_fx", "coact", "top1_hist", "cap_dropped",
-                  "ep_distinct", "ep_batch_max", "reuse", "dom_counts"):  # fmt: skip
+                  "ep_distinct", "ep_batch_max", "reuse", "dom_counts", "half_counts"):  # fmt: skip
         assert np.array_equal(getattr(a, field), getattr(b, field)), field
     skip = {"timings", "shard", "files", "owned_files", "run_id", "merged_run_ids"}
     assert {k: v for k, v in sa.items() if k not in skip} == {k: v for k, v in sb.items() if k not in skip}

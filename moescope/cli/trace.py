@@ -76,6 +76,14 @@ def trace_cmd(
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
+    capacity_group: Annotated[
+        int,
+        typer.Option(
+            "--capacity-group",
+            help="Tokens per group of the capacity-factor what-if (GShard's group; consecutive tokens "
+            "of the corpus, so the drops do not depend on --batch-size).",
+        ),
+    ] = 4096,
     split: SplitOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
@@ -105,6 +113,8 @@ def trace_cmd(
         raise typer.BadParameter("--seq-len and --batch-size must be at least 1.")
     if max_tokens is not None and max_tokens < 1:
         raise typer.BadParameter("--max-tokens must be at least 1.")
+    if capacity_group < 1:
+        raise typer.BadParameter("--capacity-group must be at least 1 token.")
     shard_t, out, device = _placement(shard, out, device)
     with output.progress("tracing", total=max_tokens) as update:
         start = time.perf_counter()
@@ -124,6 +134,7 @@ def trace_cmd(
             trust_remote_code=trust_remote_code,
             seq_len=seq_len,
             batch_size=batch_size,
+            capacity_group=capacity_group,
             max_tokens=max_tokens,
             shard=shard_t,
             save_routes=save_routes,

@@ -6,8 +6,11 @@ the raw sums and writes the merged directory with
 :func:`~moescope.trace.write.write_trace_dir`, route chunks copied alongside.
 
 How: every shard reads the same token stream and runs the batches ``b`` with
-``b mod n == i``; integer and fixed-point sums add exactly, so the merged files equal an
-unsharded run's byte for byte (timings and run ids aside).
+``b mod n == i``; integer and fixed-point sums add exactly, and the capacity groups each
+shard saw only in part are added up and then closed
+(:meth:`~moescope.tracedir.TraceState.close_groups`), so the merged files equal an
+unsharded run's byte for byte (timings and run ids aside). Shards of different state
+versions (an older moescope) or capacity groups are refused.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from moescope.errors import TraceError
 from moescope.outdir import atomic_output, check_destination
 from moescope.trace.routes import merge_routes
 from moescope.trace.write import write_trace_dir
-from moescope.tracedir import KIND, ROUTES, TraceDir, TraceState, read_trace_dir
+from moescope.tracedir import KIND, ROUTES, STATE_VERSION, TraceDir, TraceState, read_trace_dir
 
 #: settings that must agree between the traces merged
 MERGE_KEYS = (
@@ -36,6 +39,7 @@ MERGE_KEYS = (
     "max_tokens",
     "dtype",
     "packing",
+    "capacity_group",
 )
 
 
@@ -62,6 +66,17 @@ def _check_mergeable(trace_dirs: Sequence[Path], states: Sequence[TraceState]) -
     """Refuse duplicates, overlaps and mixed runs; return the merged ``shard`` record."""
     _check_distinct(trace_dirs, states)
     first = states[0]
+    versions = sorted({s.version for s in states})
+    if versions != [STATE_VERSION]:
+        detail = (
+            "mix state versions " + " and ".join(map(str, versions))
+            if len(versions) > 1
+            else (f"have state version {versions[0]}")
+        )
+        raise TraceError(
+            f"the traces {detail}, and merge needs version {STATE_VERSION} (older versions counted "
+            "capacity per batch); retrace every shard with this moescope."
+        )
     for d, s in zip(trace_dirs[1:], states[1:], strict=True):
         for key in MERGE_KEYS:
             a, b = s.meta.get(key), first.meta.get(key)
@@ -123,9 +138,15 @@ def merge_traces(
     states = [t.state for t in traces]
     merged_shard = _check_mergeable(dirs, states)
     first = states[0]
-    total = TraceState(layers=list(first.layers), num_experts=first.num_experts, top_k=first.top_k)
+    total = TraceState(
+        layers=list(first.layers),
+        num_experts=first.num_experts,
+        top_k=first.top_k,
+        capacity_group=first.capacity_group,
+    )
     for s in states:
         total.add(s)
+    total.close_groups()  # every shard's parts are in: the groups are whole
     meta = dict(first.meta)
     meta["shard"] = merged_shard
     meta["run_id"] = uuid.uuid4().hex

@@ -1,8 +1,9 @@
 """torchrun: combine the ranks of one trace into what a single process would have written.
 
 Every rank runs batches ``b mod n == rank`` of the same stream; :func:`combine_ranks`
-all-reduces the integer sums (exact) and gathers the route chunks on rank 0, which alone
-writes the output directory.
+all-reduces the integer sums (exact) and gathers on rank 0 the route chunks and each
+rank's open capacity groups (the parts of token groups it saw), which rank 0 adds and
+closes as one process would; rank 0 alone writes the output directory.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def combine_ranks(state: TraceState, timings: dict[str, Any], routes: Path | Non
     """All-reduce the sums into every rank's ``state``; rank 0 also receives every rank's routes.
 
     Integer sums are exact, so the result is a single-process run's. Timings are the
-    slowest rank's (the wall time of the run).
+    slowest rank's (the wall time of the run). Capacity drops of the groups no rank saw
+    whole are only complete on rank 0 (the one that writes).
     """
     from moescope import distributed
     from moescope.tracestate import STATE_ARRAYS
@@ -51,12 +53,18 @@ def combine_ranks(state: TraceState, timings: dict[str, Any], routes: Path | Non
         {
             "timings": timings,
             "lacks": state.meta.get("lacks", []),
+            "open_groups": state.open_arrays(),
             "routes": {p.name: p.read_bytes() for p in sorted(routes.glob("*.parquet"))} if routes else {},
         }
     )
     state.meta["shard"] = {"index": 0, "count": 1}  # the whole corpus, as one process would
     if gathered is None:
         return timings
+    state.cap_open = {}
+    for g in gathered:  # every rank's parts of the capacity groups: together they are whole
+        parts = g["open_groups"]
+        state.add_open(parts["cap_open_ids"], parts["cap_open_tokens"], parts["cap_open_counts"])
+    state.close_groups()
     state.meta["lacks"] = sorted({x for g in gathered for x in g["lacks"]})
     state.meta["execution"] = {**state.meta.get("execution", {}), "ranks": len(gathered)}
     if routes is not None:

@@ -8,15 +8,25 @@ memory does not grow with the corpus.
 How: batches are queued and reduced ``group`` at a time with vectorised ``bincount``
 calls (all layers at once), so the fixed cost of the ~50 small tensor ops is paid once per
 group. Sums are still binned per batch (the batch is part of every bincount code), so
-per-batch quantities (capacity drops, busiest device) and fixed-point rounding are exactly
-what reducing each batch alone would give: float sums are accumulated per batch in
-float64 and added as fixed-point integers (:data:`~moescope.tracedir.FIXED_SCALE`), so
-addition is associative and merging shards reproduces an unsharded run bit for bit.
+per-batch quantities (the busiest device) and fixed-point rounding are exactly what
+reducing each batch alone would give: float sums are accumulated per batch in float64
+and added as fixed-point integers (:data:`~moescope.tracedir.FIXED_SCALE`), so addition
+is associative and merging shards reproduces an unsharded run bit for bit.
+
+Capacity drops are counted per *capacity group*: ``capacity_group`` consecutive real
+tokens of the corpus stream (token ``t`` is in group ``t // capacity_group``), whatever
+the batch size. Each batch says where it starts in the stream (``token0``; by default
+right after the previous batch), its tokens' expert counts are binned per group, and
+:meth:`~moescope.tracedir.TraceState.add_open` closes a group once all its tokens are in;
+a group that straddles batches waits open, in the state, for the rest. A shard sees only
+its batches, so it keeps the parts it saw open and ``merge`` adds the parts of every
+shard before closing them: the result is the unsharded run's. The last group of the
+stream is shorter and is counted at its size when the trace closes
+(:meth:`~moescope.tracedir.TraceState.close_groups`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import TraceError
-from moescope.tracedir import CAPACITY_FACTORS, EP_DEGREES, FIXED_SCALE, HIST_BINS, TraceState
+from moescope.tracedir import EP_DEGREES, FIXED_SCALE, HIST_BINS, TraceState
 
 
 class Reducer:
@@ -41,15 +51,20 @@ class Reducer:
         self.group = group
         self.lacks_norms = False
         self._pending: list[tuple[Any, ...]] = []
+        self._next_token = 0
 
-    def update(self, records: Sequence[Any], mask: Any, doc: Any, dom: Any) -> None:
+    def update(
+        self, records: Sequence[Any], mask: Any, doc: Any, dom: Any, *, token0: int | None = None
+    ) -> None:
         """Queue one batch (``records`` from :class:`~moescope.routing.RoutingRecorder`).
 
         Args:
             records: one record per MoE layer, in the state's layer order.
-            mask: ``[B, S]`` real (non-padding) tokens.
-            doc: ``[B, S]`` document index per token.
+            mask: ``[B, S]`` real (non-padding) tokens, row-major in corpus order.
+            doc: ``[B, S]`` document index per token (its parity picks the corpus half).
             dom: ``[B, S]`` domain index per token (``-1``: none).
+            token0: index in the corpus stream of the batch's first real token (shards
+                skip batches); default: right after the previous batch.
 
         Raises:
             TraceError: the model routed another number of experts per token than ``top_k``.
@@ -68,8 +83,10 @@ class Reducer:
         wnrm = torch.stack([r.weighted_norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
         if self._pending and self._pending[0][4].shape[1] != seq:
             self.flush()
+        start = self._next_token if token0 is None else int(token0)
+        self._next_token = start + int(mask.sum())
         self._pending.append(
-            (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device))
+            (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device), start)
         )
         if len(self._pending) >= self.group:
             self.flush()
@@ -96,7 +113,9 @@ class _Group:
 
     ``ids4``/``mask``/``doc``/``dom`` keep the padded ``[.., B, S, ..]`` layout (for
     adjacency); ``ids_v``/``w_v`` are ``[L, N, k]``; ``bt`` is each token's batch in the
-    group; ``flat`` the bincount code of every (batch, layer, expert) assignment.
+    group; ``flat`` the bincount code of every (batch, layer, expert) assignment;
+    ``counts_g`` the ``[G, L, E]`` counts per batch and ``counts_h`` the ``[2, L, E]``
+    counts per corpus half; ``token_at`` each token's index in the corpus stream.
     """
 
     n_l: int
@@ -116,6 +135,8 @@ class _Group:
     flat: Any
     n_bins: int
     counts_g: np.ndarray
+    counts_h: np.ndarray
+    token_at: Any
 
     @classmethod
     def gather(cls, st: TraceState, pending: list[tuple[Any, ...]]) -> _Group | None:
@@ -145,9 +166,18 @@ class _Group:
         group = cls(
             n_l, n_e, k, n_g, ids4, mask, torch.cat([p[5] for p in pending]), torch.cat([p[6] for p in pending]),
             vidx, bt, torch.bincount(bt, minlength=n_g).cpu().numpy(), ids_v, w_v, routed, flat, n_bins,
-            np.zeros(0, dtype=np.int64),
+            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None,
         )  # fmt: skip
-        group.counts_g = group.per_batch(None).cpu().numpy().astype(np.int64)  # [G, L, E]
+        # counts per (corpus half, batch, layer, expert): the half is the document's parity
+        half = (group.doc.reshape(-1)[vidx] & 1)[None, :, None]
+        code = torch.where(routed, flat.reshape(n_l, -1, k) + half * n_bins, 2 * n_bins).reshape(-1)
+        binned = torch.bincount(code, minlength=2 * n_bins + 1)[:-1].reshape(2, n_g, n_l, n_e)
+        counts = binned.cpu().numpy().astype(np.int64)
+        group.counts_g, group.counts_h = counts.sum(axis=0), counts.sum(axis=1)
+        tpb = torch.as_tensor(group.tok_per_batch, device=dev)
+        first = torch.cumsum(tpb, 0) - tpb  # each batch's first token in the group
+        token0 = torch.as_tensor([p[7] for p in pending], device=dev)
+        group.token_at = token0[bt] + torch.arange(len(bt), device=dev) - first[bt]
         return group
 
     def per_batch(self, weights: Any | None) -> Any:
@@ -167,6 +197,7 @@ class _Group:
 
 def _reduce(st: TraceState, g: _Group, pending: list[tuple[Any, ...]]) -> None:
     st.counts += g.counts_g.sum(axis=0)
+    st.half_counts += g.counts_h
     st.weight_fx += _fx(g.per_batch(g.w_v.reshape(-1)))
     if all(p[2] is not None for p in pending):
         st.out_norm_fx += _fx(g.per_batch(g.valid([p[2] for p in pending]).reshape(-1)))
@@ -232,10 +263,20 @@ def _add_reuse(st: TraceState, g: _Group) -> None:
 
 
 def _add_capacity(st: TraceState, g: _Group) -> None:
-    """Per batch, capacity = ``ceil(C * tokens * k / E)`` per expert; count what overflows."""
-    for j, cf in enumerate(CAPACITY_FACTORS):
-        cap = np.array([math.ceil(cf * int(n) * g.k / g.n_e) for n in g.tok_per_batch])[:, None, None]
-        st.cap_dropped[:, j] += np.clip(g.counts_g - cap, 0, None).sum(axis=(0, 2))
+    """Expert counts per capacity group (token index // ``capacity_group``), added as open parts."""
+    import torch
+
+    cg = g.token_at // st.capacity_group
+    g0 = int(cg.min())
+    local = cg - g0
+    n_c = int(local.max()) + 1
+    size = g.n_l * g.n_e
+    lidx = (torch.arange(g.n_l, device=local.device) * g.n_e)[:, None, None]
+    code = torch.where(g.routed, (local * size)[None, :, None] + lidx + g.ids_v, n_c * size).reshape(-1)
+    counts = torch.bincount(code, minlength=n_c * size + 1)[:-1].reshape(n_c, g.n_l, g.n_e).cpu().numpy()
+    tokens = torch.bincount(local, minlength=n_c).cpu().numpy()
+    seen = np.nonzero(tokens)[0]
+    st.add_open(seen + g0, tokens[seen], counts[seen].astype(np.int64))
 
 
 def _add_expert_parallel(st: TraceState, g: _Group) -> None:

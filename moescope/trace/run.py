@@ -15,7 +15,10 @@ How:
 - **Batches and shards**: windows are grouped ``batch_size`` at a time; batch ``b`` belongs
   to shard ``b mod n``. Every shard reads and tokenises the whole stream (cheap next to the
   forward passes) but runs only its batches, so each batch is bit-identical to the same
-  batch of an unsharded run and per-batch quantities (capacity drops) merge exactly.
+  batch of an unsharded run and per-batch quantities (the busiest device) merge exactly.
+  Each batch is reduced with its first token's index in the stream, so capacity groups
+  (``capacity_group`` consecutive tokens, :mod:`moescope.trace.reduce`) are the same
+  whatever the batch size or the shard; a whole run closes its last, short group.
 - **Hooks**: :class:`moescope.routing.RoutingRecorder` records each MoE layer's ids,
   weights and routed-expert output norms for one batch; the batch is reduced, then dropped.
 """
@@ -40,6 +43,7 @@ from moescope.trace.reduce import Reducer
 from moescope.trace.routes import RoutesWriter
 from moescope.trace.write import write_trace_dir
 from moescope.tracedir import KIND, ROUTES, TraceState
+from moescope.tracestate import CAPACITY_GROUP
 
 
 @dataclass
@@ -190,7 +194,62 @@ def _run_meta(model: Any, model_ref: str, settings: dict[str, Any], meta: dict[s
     name_or_path = str(getattr(model, "name_or_path", "") or "")
     if run_meta.get("fingerprint") is None and name_or_path and Path(name_or_path).is_dir():
         run_meta["fingerprint"] = model_fingerprint(name_or_path)
+    run_meta.setdefault("checkpoint_dtype", checkpoint_dtype(name_or_path))
     return run_meta
+
+
+#: safetensors dtype names of floating-point activations, as torch names them
+_ST_FLOAT = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(name_or_path: str) -> str | None:
+    """The dtype the checkpoint is stored in, read from disk (a loaded config says the load dtype).
+
+    ``torch_dtype`` (or ``dtype``) of the checkpoint's ``config.json``, else the dtype of its
+    expert weights in the safetensors headers (16- or 32-bit floats only: quantised experts
+    say nothing about activations). A local directory or a hub id already in the local
+    cache; None when neither says.
+    """
+    import json
+
+    root = Path(name_or_path) if name_or_path else None
+    if root is None or not root.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json") if name_or_path else None
+        except Exception:  # not a hub id, or no cache: nothing to read
+            cached = None
+        root = Path(cached).parent if isinstance(cached, str) else None
+    if root is None:
+        return None
+    try:
+        cfg = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    for c in (cfg, cfg.get("text_config") or {}) if isinstance(cfg, dict) else ():
+        value = c.get("torch_dtype") or c.get("dtype") if isinstance(c, dict) else None
+        if value in _ST_FLOAT.values():
+            return str(value)
+    return _safetensors_expert_dtype(root)
+
+
+def _safetensors_expert_dtype(root: Path) -> str | None:
+    """The most common float dtype of the expert tensors in ``root``'s safetensors headers."""
+    from collections import Counter
+
+    from moescope.safetensors_header import read_safetensors_header
+
+    seen: Counter[str] = Counter()
+    for path in sorted(root.glob("*.safetensors"))[:4]:
+        try:
+            _start, header = read_safetensors_header(path)
+        except Exception:  # an unreadable shard leaves the dtype unknown, the trace goes on
+            continue
+        for name, entry in header.items():
+            if "expert" in name and isinstance(entry, dict) and entry.get("dtype") in _ST_FLOAT:
+                seen[_ST_FLOAT[entry["dtype"]]] += 1
+    return seen.most_common(1)[0][0] if seen else None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -226,11 +285,12 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
         return run_batches_streamed(loop, windows, batch_size, seq_len)
     reducer = Reducer(loop.state)
     hasher = StreamHasher(seq_len)
-    window0 = 0
+    window0 = token0 = 0
     with torch.inference_mode(), RoutingRecorder(loop.target.sites) as rec:
         for b, group in enumerate(batched(windows, batch_size)):
             for w in group:
                 hasher.update(w.tokens.tobytes(), w.domains.tobytes())
+            start, token0 = token0, token0 + sum(len(w.tokens) for w in group)
             if b % loop.shard[1] != loop.shard[0]:
                 window0 += len(group)
                 continue
@@ -246,7 +306,7 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
             records = rec.records
             if any(r is None for r in records):
                 raise TraceError(f"{loop.model_ref}: a MoE layer did not run in the forward pass.")
-            reducer.update(records, batch.mask, batch.docs, batch.domains)
+            reducer.update(records, batch.mask, batch.docs, batch.domains, token0=start)
             if loop.routes is not None:
                 loop.routes.add(b, window0, batch.tokens, batch.mask, batch.docs, records, batch.domains)
             window0 += len(group)
@@ -296,6 +356,7 @@ def trace_model(
     inputs: Sequence[str | Path] = (),
     hidden_budget: int | None = None,
     on_start: Callable[[], None] | None = None,
+    capacity_group: int = CAPACITY_GROUP,
 ) -> TraceResult:
     """Run ``model`` over ``documents`` with routing hooks and write a trace directory.
 
@@ -325,6 +386,8 @@ def trace_model(
         hidden_budget: streamed runs keep at most this many bytes of hidden states
             between layers (more batches run in further passes).
         on_start: called once the model is known to be traceable, before the corpus runs.
+        capacity_group: tokens per capacity group of the capacity-factor what-if
+            (consecutive tokens of the stream, whatever the batch size).
 
     Returns:
         A :class:`TraceResult` (on ranks other than 0 of a process group: not written,
@@ -350,9 +413,19 @@ def trace_model(
     ranks = current_ranks()
     if ranks is not None and shard != (0, 1):
         raise TraceError("--shard and torchrun both split the corpus; pass only one of them.")
-    settings = {"seq_len": seq_len, "batch_size": batch_size, "max_tokens": max_tokens, "shard": shard}
+    if capacity_group < 1:
+        raise ValueError("capacity_group must be a positive number of tokens.")
+    settings = {
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "shard": shard,
+        "capacity_group": capacity_group,
+    }
     run_meta = _run_meta(model, model_ref, settings, meta or {})
-    state = TraceState(target.layers, target.num_experts, target.top_k, meta=run_meta)
+    state = TraceState(
+        target.layers, target.num_experts, target.top_k, meta=run_meta, capacity_group=capacity_group
+    )
     writer = atomic_output(out, KIND, inputs=inputs) if ranks is None or ranks[0] == 0 else scratch_dir()
     with writer as tmp:
         loop = _Loop(target, state, ranks or shard, pad_token_id(tokenizer), model_ref, progress=progress)
@@ -381,6 +454,8 @@ def trace_model(
             timings = combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
             if ranks[0] != 0:
                 return TraceResult.of(out, state, seconds, {})
+        elif shard[1] == 1:
+            state.close_groups()  # the whole stream: its last group is complete at its size
         summary = write_trace_dir(tmp, state, timings=timings, plots=plots, plot_format=plot_format)
     return TraceResult.of(out, state, seconds, summary)
 

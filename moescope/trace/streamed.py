@@ -30,19 +30,20 @@ def run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, s
 
     streamer = loop.target.runner
     hasher = StreamHasher(seq_len)
-    mine: list[tuple[int, int, Any]] = []  # (batch index, first window, collated batch)
-    window0 = 0
+    mine: list[tuple[int, int, Any, int]] = []  # (batch index, first window, collated batch, first token)
+    window0 = token0 = 0
     for b, group in enumerate(batched(windows, batch_size)):
         for w in group:
             hasher.update(w.tokens.tobytes(), w.domains.tobytes())
         if b % loop.shard[1] == loop.shard[0]:
-            mine.append((b, window0, collate(group, loop.pad_id)))
+            mine.append((b, window0, collate(group, loop.pad_id), token0))
         window0 += len(group)
+        token0 += sum(len(w.tokens) for w in group)
     reducer = Reducer(loop.state)
     site_of = {site.layer: i for i, site in enumerate(loop.target.sites)}
     last_moe = max(site_of)
     pending: dict[int, list[Any]] = {}
-    inputs = [{"input_ids": x.tokens, "attention_mask": x.mask.long()} for _b, _w, x in mine]
+    inputs = [{"input_ids": x.tokens, "attention_mask": x.mask.long()} for _b, _w, x, _t in mine]
     f0 = time.perf_counter()
     with RoutingRecorder(loop.target.sites) as rec:
 
@@ -56,8 +57,8 @@ def run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, s
             records = pending.pop(i)
             if any(r is None for r in records):
                 raise TraceError(f"{loop.model_ref}: a MoE layer did not run in the forward pass.")
-            b, w0, batch = mine[i]
-            reducer.update(records, batch.mask, batch.docs, batch.domains)
+            b, w0, batch, t0 = mine[i]
+            reducer.update(records, batch.mask, batch.docs, batch.domains, token0=t0)
             if loop.routes is not None:
                 loop.routes.add(b, w0, batch.tokens, batch.mask, batch.docs, records, batch.domains)
             if loop.progress is not None:
