@@ -65,6 +65,48 @@ def regenerate(text: str, cwd: Path) -> str:
     return "".join(parts)
 
 
+def served_responses(cwd: Path) -> None:
+    """Write ``responses.jsonl`` for the import tour: the demo's routing as SGLang returns it.
+
+    The demo is traced with ``--save-routes`` (12,000 tokens) and each document becomes one
+    ``/generate`` response whose ``meta_info.routed_experts`` is base64 of little-endian int32
+    ``[tokens, layers, top_k]``, exactly what ``--enable-return-routed-experts`` gives.
+    """
+    import base64
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    prep = cwd / ".served"
+    cmd = [
+        "trace",
+        "demo",
+        "demo",
+        "--max-tokens",
+        "12000",
+        "--save-routes",
+        "--no-plots",
+        "--out",
+        str(prep),
+        "-q",
+    ]
+    res = subprocess.run([sys.executable, "-m", "moescope", *cmd], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"README tour: preparing responses.jsonl failed:\n{res.stderr}")
+    routes = pd.concat(pd.read_parquet(f) for f in sorted((prep / "routes").glob("*.parquet")))
+    routes = routes.sort_values(["window", "position"], kind="stable")
+    layers = sorted(int(c[5:-8]) for c in routes.columns if c.endswith("_experts"))
+    lines = []
+    for doc, rows in routes.groupby("doc", sort=True):
+        ids = np.stack([np.stack(rows[f"layer{li}_experts"].to_numpy()) for li in layers], axis=1)
+        payload = base64.b64encode(ids.astype("<i4").tobytes()).decode()
+        domain = rows["domain"].iloc[0]
+        lines.append(json.dumps({"text": "", "meta_info": {"id": f"doc{doc}", "routed_experts": payload},
+                                 "domain": domain}))  # fmt: skip
+    (cwd / "responses.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if README.md is not current")
@@ -73,6 +115,7 @@ def main() -> int:
     text = readme.read_text()
     with tempfile.TemporaryDirectory(prefix="moescope-tour-") as tmp:
         (Path(tmp) / "sample_configs").symlink_to(ROOT / "sample_configs")  # the tour names them
+        served_responses(Path(tmp))  # the import tour's input
         new = regenerate(text, Path(tmp))
     if new == text:
         print("README tour is current.")
