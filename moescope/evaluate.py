@@ -276,7 +276,7 @@ def context_warnings(config: Any, seq_len: int, model: str = "the model") -> lis
 
 def evaluate(
     model_ref: str,
-    corpus: Sequence[str],
+    corpus: str | Sequence[str],
     *,
     split: str | None = None,
     seq_len: int = 512,
@@ -320,6 +320,7 @@ def evaluate(
     Returns:
         An :class:`EvalResult` with ``model`` and ``corpus`` filled in.
     """
+    corpus = [corpus] if isinstance(corpus, str) else list(corpus)  # one spec: not its letters
     from moescope.corpus import read_corpus
     from moescope.execution import HIDDEN_SHARE, open_model
 

@@ -202,7 +202,7 @@ class SweepResult:
 
 def sweep(
     model_ref: str,
-    corpus: Sequence[str],
+    corpus: str | Sequence[str],
     *,
     top_k: Any = None,
     top_p: Any = None,
@@ -248,6 +248,7 @@ def sweep(
         RoutingSettingError: a setting that does not fit the model (checked before loading).
         NotMoEError: a dense model.
     """
+    corpus = [corpus] if isinstance(corpus, str) else list(corpus)  # one spec: not its letters
     from moescope.corpus import read_corpus
     from moescope.evaluate import context_warnings, perplexity
     from moescope.execution import HIDDEN_SHARE, open_model
