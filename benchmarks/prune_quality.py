@@ -1,14 +1,20 @@
-"""Held-out perplexity after pruning, by criterion, ratio and domain balancing.
+"""Held-out perplexity after pruning, by method, criterion, ratio and domain balancing.
 
-What: traces the model on the corpus's ``train`` split (the calibration data), then for
-each drop ratio (25% and 50% of experts per layer) and each criterion (``frequency``,
-``soft``, ``reap``, ``ean``; ``frequency`` and ``soft`` also with ``--balance-domains``,
-the only ones the per-domain loads support) writes the pruned checkpoint and measures
-sliding-window perplexity on the ``heldout`` split, overall and per domain. ``random`` is
-run with 5 seeds and reported as mean ± standard deviation. The unpruned model is the
-first row. Prints one table (markdown) to stdout; progress goes to stderr.
+What: traces the model on the corpus's ``train`` split (the calibration data) and measures
+expert similarity on the same split (``moescope similarity``, for merging by outputs), then
+for each drop ratio (25% and 50% of experts per layer), each method (``drop``; ``merge``:
+each dropped expert folded into its most similar kept expert by the ``outputs`` measure,
+neurons aligned, frequency-weighted) and each criterion (``frequency``, ``soft``, ``reap``,
+``ean``; ``frequency`` and ``soft`` also with ``--balance-domains``, the only ones the
+per-domain loads support) writes the pruned checkpoint and measures sliding-window
+perplexity on the ``heldout`` split, overall and per domain. ``random`` is run with 5
+seeds and reported as mean ± standard deviation. Two ablation rows per ratio merge
+``reap``'s plan by the aligned weight cosine instead, and with ``--merge-router kept``.
+The unpruned model is the first row. Prints one table (markdown) to stdout; progress goes
+to stderr.
 
-Run: ``.venv/bin/python benchmarks/prune_quality.py [--model demo] [--corpus demo]``
+Run: ``.venv/bin/python benchmarks/prune_quality.py [--model demo] [--corpus demo]
+[--methods drop,merge]``
 """
 
 from __future__ import annotations
@@ -60,10 +66,13 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=30_000)
     ap.add_argument("--trace-tokens", type=int, default=60_000)
+    ap.add_argument("--methods", default="drop,merge")
+    ap.add_argument("--similarity-samples", type=int, default=512)
     args = ap.parse_args()
 
     from moescope import prune as P
     from moescope.model import load_model
+    from moescope.similarity import similarity
     from moescope.trace import run_trace
 
     scratch = Path(tempfile.mkdtemp(prefix="prune_quality_"))
@@ -75,48 +84,52 @@ def main() -> None:
             run_trace(
                 args.model, [args.corpus], trace, split="train", max_tokens=args.trace_tokens, plots=False
             )
+        methods = args.methods.split(",")
+        sim = scratch / "similarity"
+        if "merge" in methods:
+            print("measuring expert similarity (train split)...", file=sys.stderr)
+            similarity(
+                args.model,
+                sim,
+                corpus=[args.corpus],
+                split="train",
+                samples=args.similarity_samples,
+                plots=False,
+            )
         _, tokenizer = load_model(args.model)
         src = str(P.resolve_checkpoint_dir(args.model))
-        rows: list[tuple[str, str, dict[str, Any]]] = []
+        rows: list[tuple[str, str, str, dict[str, Any]]] = []
         print("evaluating the unpruned model...", file=sys.stderr)
         base = evaluate_dir(src, tokenizer, args.corpus, args)
-        rows.append(("0%", "none (unpruned)", base))
         domains = sorted(base["domains"])
+        rows.append(("0%", "-", "none (unpruned)", base))
         for ratio in (float(r) for r in args.ratios.split(",")):
-            runs: list[tuple[str, bool, int]] = []
-            for crit in ("frequency", "soft", "reap", "ean"):
-                runs.append((crit, False, 0))
-                if crit in ("frequency", "soft"):
-                    runs.append((crit, True, 0))
-            runs += [("random", False, s) for s in range(args.seeds)]
-            randoms: list[dict[str, Any]] = []
-            for crit, balance, seed in runs:
-                out = scratch / "pruned"
-                P.prune(
-                    args.model,
-                    trace,
-                    out,
-                    ratio=ratio,
-                    criterion=crit,
-                    seed=seed,
-                    balance_domains=balance,
-                    verify=False,
-                    overwrite=True,
-                )
-                res = evaluate_dir(str(out), tokenizer, args.corpus, args)
-                label = crit + (" --balance-domains" if balance else "")
-                print(f"  drop {ratio:.0%} {label} seed {seed}: ppl {res['ppl']:.3f}", file=sys.stderr)
-                if crit == "random":
-                    randoms.append(res)
-                else:
-                    rows.append((f"{ratio:.0%}", label, res))
-            if randoms:
-                rows.append((f"{ratio:.0%}", f"random ({len(randoms)} seeds, mean ± sd)", _mean_sd(randoms)))
-        header = ["drop", "criterion", "perplexity", *domains]
+            for method in methods:
+                merge = {"method": "merge", "similarity": sim} if method == "merge" else {}
+                rows += _ratio_rows(P, trace, scratch, tokenizer, args, ratio, method, merge)
+            if "merge" in methods:  # ablations: partners by aligned weights; routing as drop's
+                for label, extra in (
+                    ("reap, partners by weight", {"merge_by": "weight"}),
+                    ("reap, --merge-router kept", {"similarity": sim, "merge_router": "kept"}),
+                ):
+                    res = _run(
+                        P,
+                        trace,
+                        scratch,
+                        tokenizer,
+                        args,
+                        ratio,
+                        "reap",
+                        False,
+                        0,
+                        {"method": "merge", **extra},
+                    )
+                    rows.append((f"{ratio:.0%}", "merge", label, res))
+        header = ["drop", "method", "criterion", "perplexity", *domains]
         print("| " + " | ".join(header) + " |")
         print("|" + "|".join("---" for _ in header) + "|")
-        for drop, label, res in rows:
-            cells = [drop, label, _fmt(res["ppl"])] + [_fmt(res["domains"].get(d)) for d in domains]
+        for drop, method, label, res in rows:
+            cells = [drop, method, label, _fmt(res["ppl"])] + [_fmt(res["domains"].get(d)) for d in domains]
             print("| " + " | ".join(cells) + " |")
         print(
             f"\n{args.model}, held-out split of {args.corpus}, seq_len {args.seq_len}, stride {args.stride}, "
@@ -125,6 +138,71 @@ def main() -> None:
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _ratio_rows(
+    P: Any,
+    trace: Path,
+    scratch: Path,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    ratio: float,
+    method: str,
+    merge: dict[str, Any],
+) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """One row per informed criterion and one for ``random`` (mean ± sd over the seeds)."""
+    runs: list[tuple[str, bool, int]] = []
+    for crit in ("frequency", "soft", "reap", "ean"):
+        runs.append((crit, False, 0))
+        if crit in ("frequency", "soft"):
+            runs.append((crit, True, 0))
+    runs += [("random", False, s) for s in range(args.seeds)]
+    rows: list[tuple[str, str, str, dict[str, Any]]] = []
+    randoms: list[dict[str, Any]] = []
+    for crit, balance, seed in runs:
+        res = _run(P, trace, scratch, tokenizer, args, ratio, crit, balance, seed, merge)
+        if crit == "random":
+            randoms.append(res)
+        else:
+            rows.append((f"{ratio:.0%}", method, crit + (" --balance-domains" if balance else ""), res))
+    if randoms:
+        rows.append((f"{ratio:.0%}", method, f"random ({len(randoms)} seeds, mean ± sd)", _mean_sd(randoms)))
+    return rows
+
+
+def _run(
+    P: Any,
+    trace: Path,
+    scratch: Path,
+    tokenizer: Any,
+    args: argparse.Namespace,
+    ratio: float,
+    crit: str,
+    balance: bool,
+    seed: int,
+    merge: dict[str, Any],
+) -> dict[str, Any]:
+    """Prune (or merge) once and evaluate the result."""
+    out = scratch / "pruned"
+    P.prune(
+        args.model,
+        trace,
+        out,
+        ratio=ratio,
+        criterion=crit,
+        seed=seed,
+        balance_domains=balance,
+        verify=False,
+        overwrite=True,
+        **merge,
+    )
+    res = evaluate_dir(str(out), tokenizer, args.corpus, args)
+    label = f"{merge.get('method', 'drop')} {ratio:.0%} {crit}{' --balance-domains' if balance else ''} seed {seed}"
+    print(
+        f"  {label} {merge.get('merge_by', '')}{merge.get('merge_router', '')}: ppl {res['ppl']:.3f}",
+        file=sys.stderr,
+    )
+    return res
 
 
 def _mean_sd(results: list[dict[str, Any]]) -> dict[str, Any]:

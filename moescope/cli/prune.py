@@ -33,7 +33,7 @@ Examples:
   moescope prune demo --trace trace/ --keep 4 --criterion frequency --balance-domains --out demo-4e/
   moescope prune demo --trace trace/ --ratio 0.5 --device cpu --dtype float32 --out demo-4e-fp32/
   moescope prune demo --trace trace/ --ratio 0.25 --method merge --out demo-6e-merged/
-  moescope similarity demo --out sim/
+  moescope similarity demo --samples 128 --out sim/
   moescope prune demo --trace trace/ --ratio 0.25 --method merge --similarity sim/ --dry-run
   moescope eval demo-6e/ demo
 
