@@ -191,13 +191,15 @@ def _merge_table(merge: dict[str, Any] | None) -> list[str]:
         "Each merged expert (new id) with its members: old id, weight in the average, cosine with the kept",
         "expert after neuron alignment.",
         "",
-        "| layer | new expert | members (old id: weight, aligned cosine) |",
+        "| layer | new expert | members: old id (weight, aligned cosine) |",
         "|---|---|---|",
     ]
     for layer, groups in merge["layers"].items():
         for g in groups:
             if len(g["members"]) < 2:
                 continue
-            parts = ", ".join(f"{x['expert']}: {x['weight']:.2f}, {x['alignment']:.2f}" for x in g["members"])
+            parts = "; ".join(
+                f"{x['expert']} ({x['weight']:.2f}, {x['alignment']:.2f})" for x in g["members"]
+            )
             lines.append(f"| {layer} | {g['new_expert']} | {parts} |")
     return lines
