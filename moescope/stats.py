@@ -16,20 +16,40 @@ and are re-exported here). Definitions, stated where they are computed:
 - load share ``p_e = count_e / Σ count``; imbalance ``max/mean``; ``cv = std/mean``
   (population std); ``entropy_norm = H(p) / ln E`` (1 = perfectly even).
 - dead: count 0; near-dead: fewer than ``NEAR_DEAD_FRACTION`` × the mean count.
-- co-activation ratio: observed pair count / (tokens × q_a × q_b), ``q_e = count_e / tokens``
-  (the count expected if the two choices were independent).
+- co-activation ratio: observed pair count / expected, where expected = ``tokens × π_ab``
+  under the null model of :mod:`moescope.nullmodel`: each token draws ``k`` *distinct*
+  experts at random (successive sampling without replacement, weights fitted so that each
+  expert's inclusion probability is its observed ``q_e = count_e / tokens``) and has no
+  preference for pairs. Random routing scores 1.0 (the former baseline
+  ``tokens × q_a × q_b`` assumed independent choices and scored random routing about 0.57
+  for ``k=2, E=8``).
 - reuse: share of a token's experts also chosen by the previous token of the same document
   and window; chance is ``Σ q_e² / k`` (independent tokens with the same marginals).
-- capacity: per batch, each expert takes at most ``ceil(C · tokens · k / E)`` assignments;
-  the rest are dropped (counted online during the trace).
+- capacity: per capacity group (GShard's group: ``capacity_group`` consecutive tokens of
+  the corpus stream, default 4096, recorded in ``summary.json``; the last group is
+  shorter), each expert takes at most ``ceil(C · group tokens · k / E)`` assignments; the
+  rest are dropped (counted online during the trace; independent of ``--batch-size`` and
+  of sharding). State version 1 traces counted per trace batch (a note says so).
 - expert parallelism with degree D: experts split into D groups of E/D (contiguous:
-  ``e // (E/D)``; balanced: longest-processing-time greedy on the traced loads, E/D experts
-  per device). Imbalance = busiest device / mean device load. Traffic assumes tokens are
-  spread evenly over the D devices (data-parallel attention), so a token-expert assignment
-  goes to a remote device with probability (D−1)/D; each remote assignment moves
-  ``hidden_size × dtype bytes`` for dispatch and the same again for combine (×2). The
-  ``dedup`` variant sends a token once per distinct remote device (contiguous placement,
-  counted online).
+  ``e // (E/D)``; balanced: longest-processing-time greedy on traced loads, E/D experts
+  per device). Imbalance = busiest device / mean device load. The balanced placement is
+  fitted on one half of the corpus and scored on the other (halves: documents with even /
+  odd index), both ways, and ``imbalance`` is the mean of the two held-out scores, so it
+  is not optimistic; ``imbalance_in_sample`` fits and scores on the whole corpus (equal
+  to ``imbalance`` for the contiguous placement, which is not fitted). Traces without
+  halves (state version 1, imported counts) or with an empty half report the in-sample
+  value with a note. Traffic assumes tokens are spread evenly over the D devices
+  (data-parallel attention), so a token-expert assignment goes to a remote device with
+  probability (D−1)/D; each remote assignment moves ``hidden_size × dtype bytes`` for
+  dispatch and the same again for combine (×2). The dtype is the checkpoint's (its
+  config's ``torch_dtype``, else its expert weights' safetensors dtype; recorded at trace
+  time as ``checkpoint_dtype``), not the traced one (float32 on CPU would double the
+  bytes); else the traced dtype; ``dtype_bytes`` overrides both. :attr:`Report.a2a` says
+  which. The ``dedup`` variant sends a token once per distinct remote device (contiguous
+  placement, counted online).
+- unavailable statistics: a trace's ``lacks`` (``summary.json``) names data it could not
+  record; every statistic that needs it (:data:`NEEDS`) is left out (NaN columns, empty
+  tables) and listed in :attr:`Report.unavailable` with the reason, instead of zeros.
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moescope.nullmodel import expected_pairs
 from moescope.tracedir import (
     CAPACITY_FACTORS,
     EP_DEGREES,
@@ -58,11 +79,14 @@ __all__ = [
     "CAPACITY_FACTORS",
     "EP_DEGREES",
     "HIST_BINS",
+    "NEEDS",
     "Report",
+    "a2a_dtype",
     "balanced_placement",
     "build_report",
     "capacity",
     "coactivation",
+    "coactivation_expected",
     "coactivation_ratio",
     "coactivation_top",
     "confidence_histogram",
@@ -76,6 +100,7 @@ __all__ = [
     "layer_stats",
     "load_share",
     "mean_pairwise_jsd",
+    "unavailable_stats",
 ]
 
 #: an expert is near-dead below this fraction of the mean load
@@ -84,6 +109,24 @@ NEAR_DEAD_FRACTION = 0.1
 MIN_PAIR_COUNT = 5
 
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
+
+#: what each statistic needs, as the names a trace's ``lacks`` uses (read generically: a
+#: statistic is unavailable when ``lacks`` names its own key or anything it needs)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "confidence": ("gate_weights", "per_token"),
+    "reuse": ("token_order", "per_token"),
+    "specialisation": ("domains",),
+    "coactivation": ("coactivation", "per_token"),
+    "capacity": ("capacity", "per_token"),
+    "expert_parallel_dedup": ("per_token",),
+}
+#: per-layer columns (``layer_stats``) of each statistic
+_LAYER_COLUMNS = {
+    "confidence": ("mean_top1_weight",),
+    "reuse": ("reuse_rate", "reuse_chance", "reuse_ratio"),
+    "specialisation": ("domain_jsd",),
+    "coactivation": ("coact_max_ratio",),
+}
 
 
 def _safe_div(a: np.ndarray | float, b: np.ndarray | float) -> Any:
@@ -178,11 +221,21 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def coactivation_expected(state: TraceState) -> np.ndarray:
+    """``[L, E, E]`` pair counts expected by chance (:func:`moescope.nullmodel.expected_pairs`; cached)."""
+    key = (state.counts.tobytes(), state.counts.shape, state.top_k)
+    if key not in _EXPECTED:
+        _EXPECTED.clear()  # one trace at a time: the report, its plots and its summary share it
+        _EXPECTED[key] = expected_pairs(state.counts, state.top_k)
+    return _EXPECTED[key]
+
+
+_EXPECTED: dict[Any, np.ndarray] = {}
+
+
 def coactivation_ratio(state: TraceState) -> np.ndarray:
     """``[L, E, E]`` observed / expected pair counts (NaN below :data:`MIN_PAIR_COUNT`)."""
-    q = state.counts / max(state.tokens, 1)
-    expected = state.tokens * q[:, :, None] * q[:, None, :]
-    ratio = _safe_div(state.coact, expected)
+    ratio = _safe_div(state.coact, coactivation_expected(state))
     upper = np.triu(np.ones((state.num_experts, state.num_experts), dtype=bool), 1)
     return np.where(upper[None] & (state.coact >= MIN_PAIR_COUNT), ratio, np.nan)
 
@@ -190,7 +243,7 @@ def coactivation_ratio(state: TraceState) -> np.ndarray:
 def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
     """The pairs that fire together most above chance, ``per_layer`` per layer."""
     ratio = coactivation_ratio(state)
-    q = state.counts / max(state.tokens, 1)
+    expected = coactivation_expected(state)
     rows = []
     for i, layer in enumerate(state.layers):
         a, b = np.nonzero(np.isfinite(ratio[i]))
@@ -203,7 +256,7 @@ def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
                     "expert_a": ea,
                     "expert_b": eb,
                     "count": int(state.coact[i, ea, eb]),
-                    "expected": float(state.tokens * q[i, ea] * q[i, eb]),
+                    "expected": float(expected[i, ea, eb]),
                     "ratio": float(ratio[i, ea, eb]),
                 }
             )
@@ -269,24 +322,50 @@ def balanced_placement(load: np.ndarray, degree: int) -> np.ndarray:
     return device
 
 
+def a2a_dtype(state: TraceState, dtype_bytes: int | None = None) -> dict[str, Any]:
+    """The activation dtype of the all-to-all estimate: ``{"dtype", "bytes", "source"}``.
+
+    ``source`` is ``dtype_bytes`` (given), ``checkpoint`` (the checkpoint's dtype recorded
+    at trace time) or ``traced`` (the dtype the trace ran in; older traces).
+    """
+    if dtype_bytes:
+        return {"dtype": None, "bytes": int(dtype_bytes), "source": "dtype_bytes"}
+    for source, key in (("checkpoint", "checkpoint_dtype"), ("traced", "dtype")):
+        name = state.meta.get(key)
+        if name in _DTYPE_BYTES:
+            return {"dtype": name, "bytes": _DTYPE_BYTES[name], "source": source}
+    return {"dtype": None, "bytes": 2, "source": "default"}
+
+
+def _held_out_imbalance(fit: np.ndarray, score: np.ndarray, degree: int) -> float:
+    """Busiest / mean device load on ``score`` of the balanced placement fitted on ``fit``."""
+    if score.sum() == 0 or fit.sum() == 0:
+        return float("nan")
+    dev = np.bincount(balanced_placement(fit, degree), weights=score, minlength=degree)
+    return float(dev.max() / dev.mean())
+
+
 def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.DataFrame:
     """Per (layer, EP degree, placement): device load imbalance and all-to-all bytes per token.
 
     Args:
         state: trace sums.
-        dtype_bytes: bytes per activation element; defaults to the traced dtype's.
+        dtype_bytes: bytes per activation element; default: the checkpoint's dtype
+            (:func:`a2a_dtype`).
 
     Returns:
         Columns ``layer, degree, placement, experts_per_device, imbalance,
-        batch_imbalance, bytes_per_token, bytes_per_token_dedup``.
+        imbalance_in_sample, batch_imbalance, bytes_per_token, bytes_per_token_dedup``
+        (balanced ``imbalance``: held out, mean of both halves; see the module docstring).
     """
     hidden = state.meta.get("hidden_size") or 0
-    nbytes = dtype_bytes or _DTYPE_BYTES.get(str(state.meta.get("dtype")), 2)
+    nbytes = a2a_dtype(state, dtype_bytes)["bytes"]
     n_e, k = state.num_experts, state.top_k
     tokens = max(state.tokens, 1)
     rows = []
     for i, layer in enumerate(state.layers):
         load = state.counts[i].astype(np.float64)
+        half_a, half_b = state.half_counts[:, i].astype(np.float64)
         assigned = load.sum()
         for j, deg in enumerate(EP_DEGREES):
             if n_e % deg or deg > n_e:
@@ -297,11 +376,15 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
             dedup = state.ep_distinct[i, j] / tokens * remote * hidden * nbytes * 2
             mean_dev = assigned / deg
             contiguous = load.reshape(deg, per).sum(axis=1)
-            bal_dev = balanced_placement(load, deg)
-            balanced = np.bincount(bal_dev, weights=load, minlength=deg)
-            for placement, dev_load, batch_imb, dd in (
-                ("contiguous", contiguous, _safe_div(state.ep_batch_max[i, j], mean_dev), dedup),
-                ("balanced", balanced, float("nan"), float("nan")),
+            in_sample = np.bincount(balanced_placement(load, deg), weights=load, minlength=deg)
+            held = np.mean(
+                [_held_out_imbalance(half_a, half_b, deg), _held_out_imbalance(half_b, half_a, deg)]
+            )
+            bal_in = float(_safe_div(in_sample.max(), mean_dev))
+            cont = float(_safe_div(contiguous.max(), mean_dev))
+            for placement, imb, imb_in, batch_imb, dd in (
+                ("contiguous", cont, cont, _safe_div(state.ep_batch_max[i, j], mean_dev), dedup),
+                ("balanced", held if np.isfinite(held) else bal_in, bal_in, float("nan"), float("nan")),
             ):
                 rows.append(
                     {
@@ -309,7 +392,8 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
                         "degree": deg,
                         "placement": placement,
                         "experts_per_device": per,
-                        "imbalance": float(_safe_div(dev_load.max(), mean_dev)),
+                        "imbalance": float(imb),
+                        "imbalance_in_sample": float(imb_in),
                         "batch_imbalance": float(batch_imb),
                         "bytes_per_token": float(plain),
                         "bytes_per_token_dedup": float(dd),
@@ -330,6 +414,11 @@ def confidence_histogram(state: TraceState) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: the ``to_dict`` key of each statistic's own table (None where it only has layer columns)
+_TABLE_KEYS = {"confidence": "confidence_histogram", "specialisation": "domains",
+               "coactivation": "coactivation_top", "capacity": "capacity"}  # fmt: skip
+
+
 @dataclass
 class Report:
     """Everything ``moescope report`` shows, as DataFrames.
@@ -343,6 +432,10 @@ class Report:
         domains: :func:`domain_specialisation`.
         confidence: :func:`confidence_histogram`.
         dead: ``{layer: {"dead": [...], "near_dead": [...]}}``.
+        unavailable: statistic (a :data:`NEEDS` key) → why it is left out; its table is
+            empty and its per-layer columns NaN (``to_dict``: the table is None).
+        notes: statistic → how it was computed when not the current way (older traces).
+        a2a: the all-to-all dtype used (:func:`a2a_dtype`).
     """
 
     summary: dict[str, Any]
@@ -353,11 +446,16 @@ class Report:
     domains: pd.DataFrame
     confidence: pd.DataFrame
     dead: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    a2a: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: one list of records per table, plus model/corpus/token context."""
+        """JSON-ready: one list of records per table (None when unavailable), plus context."""
 
-        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+        def records(df: pd.DataFrame, stat: str) -> list[dict[str, Any]] | None:
+            if stat in self.unavailable:
+                return None
             out = []
             for rec in df.to_dict(orient="records"):
                 out.append(
@@ -376,39 +474,92 @@ class Report:
             "num_experts": s.get("num_experts"),
             "top_k": s.get("top_k"),
             "moe_layers": s.get("moe_layers"),
-            "layers": records(self.layers),
+            "capacity_group": s.get("capacity_group"),
+            "a2a_dtype": self.a2a,
+            "unavailable": dict(self.unavailable),
+            "notes": dict(self.notes),
+            "layers": records(self.layers, "layers"),
             "dead_experts": {str(k): v for k, v in self.dead.items()},
-            "capacity": records(self.capacity),
-            "expert_parallel": records(self.expert_parallel),
-            "coactivation_top": records(self.coactivation_top),
-            "domains": records(self.domains),
-            "confidence_histogram": records(self.confidence),
+            "capacity": records(self.capacity, "capacity"),
+            "expert_parallel": records(self.expert_parallel, "expert_parallel"),
+            "coactivation_top": records(self.coactivation_top, "coactivation"),
+            "domains": records(self.domains, "specialisation"),
+            "confidence_histogram": records(self.confidence, "confidence"),
         }
 
 
+def unavailable_stats(lacks: list[str]) -> dict[str, str]:
+    """Statistic → reason, for every statistic whose data a trace ``lacks`` (:data:`NEEDS`)."""
+    out = {}
+    for stat, needs in NEEDS.items():
+        hit = [name for name in (stat, *needs) if name in lacks]
+        if hit:
+            out[stat] = f"the trace lacks {', '.join(hit)}"
+    return out
+
+
+def _notes(state: TraceState, rep: Report) -> dict[str, str]:
+    """How statistics were computed where an older or partial trace forces another way."""
+    notes = {}
+    if state.version < 2:
+        notes["capacity"] = (
+            f"state version {state.version}: drops were counted per trace batch, so they depend on "
+            "--batch-size; retrace for drops per capacity group"
+        )
+    if "expert_parallel_dedup" not in rep.unavailable and (state.half_counts.sum(axis=(1, 2)) == 0).any():
+        notes["expert_parallel"] = (
+            "the balanced placement's imbalance is in-sample (fitted and scored on the same tokens): "
+            "the trace has no tokens in one corpus half (older trace, or a single document)"
+        )
+    if rep.a2a["source"] == "traced":
+        notes["a2a_dtype"] = (
+            f"all-to-all bytes use the traced dtype {rep.a2a['dtype']}: the checkpoint's dtype was not "
+            "recorded; pass --dtype-bytes for the serving dtype"
+        )
+    return notes
+
+
 def build_report(trace_dir: str | Path, *, dtype_bytes: int | None = None) -> Report:
-    """Compute every statistic of a trace directory.
+    """Compute every statistic of a trace directory; what the trace ``lacks`` is left out.
 
     Args:
         trace_dir: a complete trace directory.
-        dtype_bytes: bytes per activation element for the all-to-all estimate (default: traced dtype).
+        dtype_bytes: bytes per activation element for the all-to-all estimate
+            (default: the checkpoint's dtype, :func:`a2a_dtype`).
 
     Returns:
-        A :class:`Report`.
+        A :class:`Report` (:attr:`Report.unavailable` lists what was left out, and why).
 
     Raises:
         TraceError: the directory is missing or incomplete.
     """
     trace = read_trace_dir(trace_dir)
     state = trace.state
-    return Report(
+    missing = unavailable_stats(trace.lacks)
+    layers = layer_stats(state)
+    for stat, cols in _LAYER_COLUMNS.items():
+        if stat in missing:
+            layers[list(cols)] = float("nan")
+    ep = expert_parallel(state, dtype_bytes)
+    if "expert_parallel_dedup" in missing and not ep.empty:
+        ep[["bytes_per_token_dedup", "batch_imbalance"]] = float("nan")
+    tables = {
+        "capacity": capacity(state),
+        "coactivation": coactivation_top(state) if "coactivation" not in missing else None,
+        "specialisation": domain_specialisation(state),
+        "confidence": confidence_histogram(state),
+    }
+    for stat, table in tables.items():
+        if stat in missing and table is not None:
+            tables[stat] = table.iloc[0:0]
+    rep = Report(
         summary=trace.summary,
-        layers=layer_stats(state),
-        capacity=capacity(state),
-        expert_parallel=expert_parallel(state, dtype_bytes),
-        coactivation_top=coactivation_top(state),
-        domains=domain_specialisation(state),
-        confidence=confidence_histogram(state),
+        layers=layers,
+        capacity=tables["capacity"],
+        expert_parallel=ep,
+        coactivation_top=tables["coactivation"] if tables["coactivation"] is not None else _empty_pairs(),
+        domains=tables["specialisation"],
+        confidence=tables["confidence"],
         dead={
             int(layer): {
                 "dead": dead_experts(state, layer),
@@ -416,4 +567,12 @@ def build_report(trace_dir: str | Path, *, dtype_bytes: int | None = None) -> Re
             }
             for layer in state.layers
         },
+        unavailable=missing,
+        a2a=a2a_dtype(state, dtype_bytes),
     )
+    rep.notes = _notes(state, rep)
+    return rep
+
+
+def _empty_pairs() -> pd.DataFrame:
+    return pd.DataFrame(columns=["layer", "expert_a", "expert_b", "count", "expected", "ratio"])

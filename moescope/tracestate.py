@@ -41,7 +41,8 @@ STATE_VERSION = 2
 OLD_VERSIONS = (1,)
 #: the two corpus halves of ``half_counts``: documents with an even / odd index
 HALVES = 2
-#: arrays of the still-open capacity groups (variable length ``G``; see :meth:`TraceState.add_open`)
+#: arrays of the still-open capacity groups (variable length ``G``; see :meth:`TraceState.add_open`),
+#: stored only when there are some
 OPEN_ARRAYS = ("cap_open_ids", "cap_open_tokens", "cap_open_counts")
 
 #: every state array and its axes: L layers, E experts, D domains, C capacity factors,
@@ -65,7 +66,7 @@ STATE_ARRAYS: dict[str, tuple[str, ...]] = {
     "half_counts": ("S", "L", "E"),
 }
 #: arrays added in each version (absent from older states: zeros, and their statistics unavailable)
-ADDED_IN = {"half_counts": 2, "cap_open_ids": 2, "cap_open_tokens": 2, "cap_open_counts": 2}
+ADDED_IN = {"half_counts": 2}
 
 _RETRACE = "rerun `moescope trace`"
 
@@ -292,7 +293,9 @@ class TraceState:
             "hist_bins": HIST_BINS,
             "fixed_scale": FIXED_SCALE,
         }
-        arrays = {name: getattr(self, name) for name in STATE_ARRAYS} | self.open_arrays()
+        arrays = {name: getattr(self, name) for name in STATE_ARRAYS}
+        if self.cap_open:  # only a shard's (or an unclosed) state has open groups
+            arrays |= self.open_arrays()
         with open(path, "wb") as fh:
             np.savez_compressed(fh, header=np.array(json.dumps(header, sort_keys=True)), **arrays)
 
@@ -309,9 +312,10 @@ class TraceState:
                 version = header.get("version") if isinstance(header, dict) else None
                 arrays = {
                     name: data[name]
-                    for name in (*STATE_ARRAYS, *OPEN_ARRAYS)
+                    for name in STATE_ARRAYS
                     if name in data.files or ADDED_IN.get(name, 1) <= (version or 0)
                 }
+                arrays |= {name: data[name] for name in OPEN_ARRAYS if name in data.files}
         except FileNotFoundError:
             raise TraceError(
                 f"{path.parent}: no {path.name}; it is not a complete trace — {_RETRACE}."

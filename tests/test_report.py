@@ -16,11 +16,49 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from moescope import nullmodel
 from moescope import stats as st
 from moescope.cli.app import app
-from moescope.trace import CAPACITY_FACTORS, EP_DEGREES, TraceState, write_trace_dir
+from moescope.errors import TraceError
+from moescope.trace import CAPACITY_FACTORS, EP_DEGREES, TraceState, merge_traces, write_trace_dir
+from moescope.tracestate import OPEN_ARRAYS
 
 _E = 8
+
+
+def _successive_sampling(w: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusion and pair-inclusion probabilities of k draws without replacement, by enumeration."""
+    n_e = len(w)
+    pi, pij = np.zeros(n_e), np.zeros((n_e, n_e))
+    for seq in itertools.permutations(range(n_e), k):
+        p, rest = 1.0, w.sum()
+        for e in seq:
+            p *= w[e] / rest
+            rest -= w[e]
+        pi[list(seq)] += p
+        for a, b in itertools.combinations(sorted(seq), 2):
+            pij[a, b] += p
+    return pi, pij
+
+
+def _routed(ids: np.ndarray, n_e: int, layers: int = 1) -> TraceState:
+    """A state whose every layer saw the routing ``ids`` ``[tokens, k]``."""
+    n, k = ids.shape
+    s = TraceState(layers=list(range(layers)), num_experts=n_e, top_k=k, meta={"model": "synthetic"})
+    s.tokens = n
+    counts = np.bincount(ids.reshape(-1), minlength=n_e)
+    coact = np.zeros((n_e, n_e), dtype=np.int64)
+    for i, j in itertools.combinations(range(k), 2):
+        np.add.at(coact, (np.minimum(ids[:, i], ids[:, j]), np.maximum(ids[:, i], ids[:, j])), 1)
+    s.counts[:] = counts
+    s.coact[:] = coact
+    return s
+
+
+def _random_routing(rng: np.random.Generator, n: int, n_e: int, k: int, skew: float) -> np.ndarray:
+    """Top-k of per-expert bias + Gumbel noise: k distinct experts, marginals set by the bias."""
+    keys = rng.normal(0, skew, size=n_e) + rng.gumbel(size=(n, n_e))
+    return np.argsort(-keys, axis=1)[:, :k]
 
 
 def _state(seed: int = 0, tokens: int = 1000) -> TraceState:
@@ -103,8 +141,12 @@ def test_layer_stats_reuse_coactivation_domains() -> None:
     assert df.loc[1, "reuse_chance"] == pytest.approx(chance)
     assert df.loc[1, "reuse_ratio"] == pytest.approx(0.5 / chance)
     assert df.loc[1, "mean_top1_weight"] == pytest.approx(0.7, rel=1e-6)
-    # pair (0, 1) in layer 1: 400 observed, 1000 * 0.7 * 0.5 expected
-    assert df.loc[1, "coact_max_ratio"] == pytest.approx(400 / (1000 * 0.7 * 0.5))
+    # pair (0, 1) in layer 1: 400 observed; expected under successive sampling (brute force)
+    q = s.counts[0] / s.tokens
+    w = nullmodel.fit_weights(q, 2)[0]
+    pi, pij = _successive_sampling(w, 2)
+    assert np.allclose(pi, q, atol=1e-8)
+    assert df.loc[1, "coact_max_ratio"] == pytest.approx(400 / (1000 * pij[0, 1]), rel=1e-6)
     top = st.coactivation_top(s)
     first = top[top.layer == 1].iloc[0]
     assert (first.expert_a, first.expert_b) == (0, 1)
@@ -199,3 +241,146 @@ def test_help_has_examples() -> None:
     for cmd in ("trace", "report", "merge"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Examples" in res.stdout, cmd
+
+
+def test_null_model_matches_enumeration() -> None:
+    rng = np.random.default_rng(7)
+    for n_e, k in ((6, 2), (7, 3), (8, 4)):
+        w = np.exp(rng.normal(0, 2, size=n_e))
+        w /= w.sum()
+        pi, pij = _successive_sampling(w, k)
+        assert np.allclose(nullmodel.inclusion(w, k)[0], pi, atol=1e-10)
+        assert np.allclose(nullmodel.pair_inclusion(w, k)[0], pij, atol=1e-10)
+        assert np.allclose(nullmodel.fit_weights(pi, k)[0], w, rtol=1e-6)  # the fit recovers the weights
+
+
+@pytest.mark.parametrize(
+    ("n_e", "k", "skew"), [(8, 2, 0.0), (8, 2, 1.0), (16, 4, 0.0), (16, 4, 1.0), (32, 6, 0.7)]
+)
+def test_random_routing_scores_one(n_e: int, k: int, skew: float) -> None:
+    rng = np.random.default_rng(n_e * 10 + k)
+    s = _routed(_random_routing(rng, 100_000, n_e, k, skew), n_e)
+    ratio = st.coactivation_ratio(s)[0]
+    expected = st.coactivation_expected(s)[0]
+    solid = np.isfinite(ratio) & (expected >= 1500)  # sampling noise of the count below ~2.6%
+    assert solid.sum() >= 10
+    assert np.abs(ratio[solid] - 1).max() < 0.05, ratio[solid]
+    assert np.allclose(expected.sum(), s.tokens * k * (k - 1) / 2)  # every token has C(k,2) pairs
+    if (
+        skew == 0.0
+    ):  # the independent-choices baseline scored uniform random routing (E-1)/E·k/(k-1)... below 1
+        q = s.counts[0] / s.tokens
+        old = s.coact[0][solid] / (s.tokens * np.outer(q, q)[solid])
+        assert old.mean() < 0.9
+
+
+def test_planted_pair_scores_above_one() -> None:
+    rng = np.random.default_rng(3)
+    ids = _random_routing(rng, 50_000, 8, 2, 0.5)
+    planted = rng.random(len(ids)) < 0.1
+    ids[planted] = [2, 5]  # a tenth of the tokens always take experts 2 and 5 together
+    s = _routed(ids, 8)
+    ratio = st.coactivation_ratio(s)[0]
+    assert ratio[2, 5] > 1.5
+    others = (
+        np.isfinite(ratio) & ~np.isin(np.arange(8), [2, 5])[:, None] & ~np.isin(np.arange(8), [2, 5])[None]
+    )
+    # the planted pair's extra tokens crowd the others a little above 1, far below the pair
+    assert ratio[2, 5] > ratio[others].max() + 0.5
+    top = st.coactivation_top(s)
+    assert (top.iloc[0].expert_a, top.iloc[0].expert_b) == (2, 5)
+
+
+def test_balanced_placement_held_out_is_not_optimistic() -> None:
+    rng = np.random.default_rng(11)
+    n_e, k, layers = 16, 2, 12
+    s = TraceState(layers=list(range(layers)), num_experts=n_e, top_k=k, meta={"model": "synthetic"})
+    for li in range(layers):
+        p = rng.dirichlet(np.full(n_e, 5.0))
+        for h in (0, 1):
+            s.half_counts[h, li] = rng.multinomial(4000, p)
+    s.counts[:] = s.half_counts.sum(axis=0)
+    s.tokens = int(s.counts[0].sum()) // k
+    ep = st.expert_parallel(s)
+    bal = ep[ep.placement == "balanced"]
+    assert (bal.imbalance >= bal.imbalance_in_sample - 1e-12).mean() >= 0.9
+    assert bal.imbalance.mean() > bal.imbalance_in_sample.mean()
+    # recompute one row: fit on a half, score on the other, both ways
+    row = bal[(bal.layer == 3) & (bal.degree == 4)].iloc[0]
+    a, b = s.half_counts[:, 3].astype(float)
+    scores = []
+    for fit, score in ((a, b), (b, a)):
+        dev = np.bincount(st.balanced_placement(fit, 4), weights=score, minlength=4)
+        scores.append(dev.max() / dev.mean())
+    assert row.imbalance == pytest.approx(np.mean(scores))
+    cont = ep[(ep.placement == "contiguous")]
+    assert np.allclose(cont.imbalance, cont.imbalance_in_sample)
+
+
+def test_a2a_bytes_use_the_checkpoint_dtype(tmp_path: Path) -> None:
+    s = _state()
+    s.meta.update(dtype="float32", checkpoint_dtype="bfloat16")
+    ep = st.expert_parallel(s)
+    assert ep.bytes_per_token.iloc[0] == pytest.approx(2 * 0.5 * 64 * 2 * 2)  # EP=2, k=2, bf16
+    assert st.a2a_dtype(s) == {"dtype": "bfloat16", "bytes": 2, "source": "checkpoint"}
+    assert st.expert_parallel(s, 1).bytes_per_token.iloc[0] == pytest.approx(2 * 0.5 * 64 * 1 * 2)
+    s.meta.pop("checkpoint_dtype")  # an older trace: the traced dtype, with a note
+    write_trace_dir(tmp_path / "t", s, timings={"trace_seconds": 1.0}, plots=False)
+    rep = st.build_report(tmp_path / "t")
+    assert rep.a2a == {"dtype": "float32", "bytes": 4, "source": "traced"} and "a2a_dtype" in rep.notes
+    assert rep.to_dict()["a2a_dtype"]["source"] == "traced"
+
+
+def test_report_leaves_out_what_the_trace_lacks(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    write_trace_dir(out, _state(), timings={"trace_seconds": 1.0}, plots=False)
+    full = st.build_report(out)
+    assert full.unavailable == {} and len(full.confidence) and len(full.coactivation_top)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["lacks"] = ["gate_weights", "token_order", "domains", "per_token"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    rep = st.build_report(out)
+    assert set(rep.unavailable) == set(st.NEEDS)
+    assert "gate_weights" in rep.unavailable["confidence"]
+    cols = ["mean_top1_weight", "reuse_rate", "reuse_ratio", "domain_jsd", "coact_max_ratio"]
+    assert rep.layers[cols].isna().all().all()
+    assert rep.capacity.empty and rep.coactivation_top.empty and rep.domains.empty and rep.confidence.empty
+    assert rep.expert_parallel.bytes_per_token_dedup.isna().all()
+    assert rep.expert_parallel.imbalance.notna().all()  # loads are known: EP load stays
+    data = rep.to_dict()
+    assert data["capacity"] is None and data["confidence_histogram"] is None and data["domains"] is None
+    assert data["unavailable"] == rep.unavailable
+    assert all(r["reuse_ratio"] is None for r in data["layers"])
+    # a counts-only import may name the statistic itself
+    summary["lacks"] = ["coactivation"]
+    (out / "summary.json").write_text(json.dumps(summary))
+    rep = st.build_report(out)
+    assert set(rep.unavailable) == {"coactivation"} and rep.layers.coact_max_ratio.isna().all()
+    res = CliRunner().invoke(app, ["report", str(out), "--json"], catch_exceptions=False)
+    assert res.exit_code == 0 and json.loads(res.stdout)["coactivation_top"] is None
+
+
+def test_old_state_version_still_reports(tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    write_trace_dir(out, _state(), timings={"trace_seconds": 1.0}, plots=False)
+    # rewrite state.npz as version 1 wrote it: no half counts, no open groups, no capacity group
+    with np.load(out / "state.npz") as data:
+        arrays = {k: data[k] for k in data.files if k not in ("half_counts", *OPEN_ARRAYS, "header")}
+        header = json.loads(str(data["header"]))
+    header["version"] = 1
+    header.pop("capacity_group")
+    np.savez_compressed(out / "state.npz", header=np.array(json.dumps(header)), **arrays)
+    rep = st.build_report(out)
+    assert "capacity" in rep.notes and "expert_parallel" in rep.notes
+    assert rep.capacity.dropped.iloc[0] == 300  # the per-batch counts, as recorded
+    bal = rep.expert_parallel[rep.expert_parallel.placement == "balanced"]
+    assert np.allclose(bal.imbalance, bal.imbalance_in_sample)  # no halves: in-sample, with the note
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    shard = TraceState.load(out / "state.npz")
+    shard.meta["shard"] = {"index": 0, "count": 2}
+    new = _state()
+    new.meta["shard"] = {"index": 1, "count": 2}
+    write_trace_dir(tmp_path / "a", shard, timings={}, plots=False)
+    write_trace_dir(tmp_path / "b", new, timings={}, plots=False)
+    with pytest.raises(TraceError, match="state versions 1 and 2"):
+        merge_traces([tmp_path / "a", tmp_path / "b"], tmp_path / "m", plots=False)

@@ -424,3 +424,51 @@ def test_state_roundtrip_and_add(tmp_path: Path) -> None:
     assert t.domains == ["a", "b"] and int(t.dom_counts[1, 0, 0]) == 14
     with pytest.raises(TraceError, match="different models"):
         t.add(TraceState(layers=[0], num_experts=4, top_k=2))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_capacity_does_not_depend_on_batch_size(tmp_path: Path) -> None:
+    """The demo at two batch sizes: identical capacity.csv (per-batch drops differed)."""
+    from moescope.trace import run_trace
+
+    outs = []
+    for bs in (2, 5):
+        out = tmp_path / f"b{bs}"
+        run_trace("demo", "demo", out, seq_len=64, batch_size=bs, max_tokens=3000, capacity_group=512,
+                  plots=False, save_routes=True)  # fmt: skip
+        outs.append(out)
+    assert (outs[0] / "capacity.csv").read_bytes() == (outs[1] / "capacity.csv").read_bytes()
+    cap = pd.read_csv(outs[0] / "capacity.csv")
+    assert cap[cap.capacity_factor == 1.0].dropped.gt(0).all()
+    # what per-batch groups would have given: it moves with the batch size
+    per_batch = []
+    for out, bs in zip(outs, (2, 5), strict=True):
+        routes = _routes(out).sort_values(["window", "position"])
+        ids = np.stack(routes["layer1_experts"].to_numpy()).astype(int)
+        batch = routes["window"].to_numpy() // bs
+        per_batch.append(sum(
+            max(0, int((ids[batch == b] == e).sum()) - math.ceil(len(ids[batch == b]) * 2 / 8))
+            for b in np.unique(batch) for e in range(8)
+        ))  # fmt: skip
+    assert per_batch[0] != per_batch[1]
+    assert json.loads((outs[0] / "summary.json").read_text())["capacity_group"] == 512
+
+
+def test_checkpoint_dtype_is_recorded(tmp_path: Path) -> None:
+    """A bf16 checkpoint traced in float32: the all-to-all estimate uses 2 bytes, not 4."""
+    from moescope.stats import build_report
+    from moescope.trace import run_trace
+
+    ckpt = tmp_path / "bf16"
+    _model().to(torch.bfloat16).save_pretrained(ckpt)
+    _tokenizer().save_pretrained(ckpt)
+    out = tmp_path / "t"
+    run_trace(str(ckpt), "demo", out, dtype="float32", seq_len=_SEQ, max_tokens=200, plots=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["dtype"], summary["checkpoint_dtype"]) == ("float32", "bfloat16")
+    rep = build_report(out)
+    assert rep.a2a == {"dtype": "bfloat16", "bytes": 2, "source": "checkpoint"}
+    row = rep.expert_parallel.iloc[0]
+    assert row.bytes_per_token == pytest.approx(_K * (row.degree - 1) / row.degree * _H * 2 * 2)

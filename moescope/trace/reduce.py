@@ -43,12 +43,15 @@ class Reducer:
     Attributes:
         state: the sums being filled.
         group: batches reduced together.
+        whole: the batches are the whole stream (not a shard's or a rank's part), so
+            :meth:`flush` closes the last capacity group.
         lacks_norms: some batch had no output norms (the family's experts cannot be observed).
     """
 
-    def __init__(self, state: TraceState, group: int = 8) -> None:
+    def __init__(self, state: TraceState, group: int = 8, *, whole: bool = True) -> None:
         self.state = state
         self.group = group
+        self.whole = whole
         self.lacks_norms = False
         self._pending: list[tuple[Any, ...]] = []
         self._next_token = 0
@@ -82,16 +85,22 @@ class Reducer:
         nrm = torch.stack([r.norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
         wnrm = torch.stack([r.weighted_norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
         if self._pending and self._pending[0][4].shape[1] != seq:
-            self.flush()
+            self._reduce_pending()
         start = self._next_token if token0 is None else int(token0)
         self._next_token = start + int(mask.sum())
         self._pending.append(
             (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device), start)
         )
         if len(self._pending) >= self.group:
-            self.flush()
+            self._reduce_pending()
 
     def flush(self) -> None:
+        """End of the stream: reduce every queued batch and, when ``whole``, close the capacity groups."""
+        self._reduce_pending()
+        if self.whole:
+            self.state.close_groups()
+
+    def _reduce_pending(self) -> None:
         """Reduce every queued batch."""
         if self._pending:
             pending, self._pending = self._pending, []

@@ -283,7 +283,7 @@ def _run_batches(loop: _Loop, windows: Iterable[Any], batch_size: int, seq_len: 
         from moescope.trace.streamed import run_batches_streamed
 
         return run_batches_streamed(loop, windows, batch_size, seq_len)
-    reducer = Reducer(loop.state)
+    reducer = Reducer(loop.state, whole=loop.shard[1] == 1)
     hasher = StreamHasher(seq_len)
     window0 = token0 = 0
     with torch.inference_mode(), RoutingRecorder(loop.target.sites) as rec:
@@ -454,8 +454,6 @@ def trace_model(
             timings = combine_ranks(state, timings, tmp / ROUTES if save_routes else None)
             if ranks[0] != 0:
                 return TraceResult.of(out, state, seconds, {})
-        elif shard[1] == 1:
-            state.close_groups()  # the whole stream: its last group is complete at its size
         summary = write_trace_dir(tmp, state, timings=timings, plots=plots, plot_format=plot_format)
     return TraceResult.of(out, state, seconds, summary)
 

@@ -39,7 +39,7 @@ def run_batches_streamed(loop: _Loop, windows: Iterable[Any], batch_size: int, s
             mine.append((b, window0, collate(group, loop.pad_id), token0))
         window0 += len(group)
         token0 += sum(len(w.tokens) for w in group)
-    reducer = Reducer(loop.state)
+    reducer = Reducer(loop.state, whole=loop.shard[1] == 1)
     site_of = {site.layer: i for i, site in enumerate(loop.target.sites)}
     last_moe = max(site_of)
     pending: dict[int, list[Any]] = {}
