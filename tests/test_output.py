@@ -157,6 +157,8 @@ _ARGS: dict[str, list[str]] = {
     "similarity": ["demo", "--out", "{w}/s"],
     "prune": ["demo", "--trace", "{w}/t", "--drop", "1"],
     "eval": ["demo", "demo"],
+    "sweep": ["demo", "demo"],
+    "import": ["ids", "{w}/routes.npy", "--model", "demo", "--out", "{w}/i"],
 }
 
 

@@ -35,9 +35,14 @@ Examples:
   moescope report traces/demo --html report.html   # one self-contained page: tables, plots, definitions
   moescope similarity demo --no-outputs --out sim/ -q && moescope report traces/demo --html report.html --similarity sim/ --prune-manifest pruned/prune_manifest.json
 
-Capacity: per batch, an expert takes at most ceil(C * tokens * k / E) assignments.
+Capacity: per capacity group (--capacity-group consecutive tokens of the trace, summary.json
+capacity_group), an expert takes at most ceil(C * group * k / E) assignments.
 
-Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy LPT on the traced loads); a token-expert assignment crosses devices with probability (D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine).
+Co-activation: a pair's count over the count expected if every token drew k distinct experts at the layer's observed frequencies (random routing scores 1.0).
+
+Expert parallelism: D devices with E/D experts each (contiguous, or balanced by greedy LPT fitted on one half of the corpus's documents and scored on the other); a token-expert assignment crosses devices with probability (D-1)/D and moves hidden_size * dtype bytes each way (dispatch + combine), in the checkpoint's dtype unless --dtype-bytes says otherwise.
+
+Statistics the trace lacks the data for (imported routing: summary.json lacks) are left out and named on stderr, never shown as zeros.
 
 HTML: --html FILE writes every table, plot and definition into one page that opens offline (inline SVG and CSS, no scripts, no external requests); --similarity DIR adds the redundant expert pairs of `moescope similarity`, --prune-manifest FILE the plan of `moescope prune`. FILE is replaced only when it is a moescope HTML report.
 
@@ -58,7 +63,8 @@ def report_cmd(
     dtype_bytes: Annotated[
         int | None,
         typer.Option(
-            "--dtype-bytes", help="Bytes per activation element for all-to-all (default: traced dtype)."
+            "--dtype-bytes",
+            help="Bytes per activation element for all-to-all (default: the checkpoint's dtype).",
         ),
     ] = None,
     html: Annotated[
@@ -100,6 +106,10 @@ def report_cmd(
     _print_expert_parallel(out, rep)
     _print_pairs(out, rep)
     _print_domains(out, rep)
+    for stat, why in rep.unavailable.items():
+        out.note(f"not available: {stat} ({why})")
+    for stat, how in rep.notes.items():
+        out.note(f"{stat}: {how}")
     out.note("--json prints every table, including the confidence histogram and per-layer EP rows.")
     if page is not None:
         out.note(
@@ -144,6 +154,8 @@ def _print_layers(out: Output, rep: Report) -> None:
 
 
 def _print_capacity(out: Output, rep: Report) -> None:
+    if rep.capacity.empty:
+        return
     cap = rep.capacity.pivot(index="layer", columns="capacity_factor", values="dropped_share")
     out.table(
         [
@@ -151,7 +163,7 @@ def _print_capacity(out: Output, rep: Report) -> None:
             for layer, row in zip(cap.index, cap.values, strict=True)
         ],
         ["layer", *(f"C={c:g}" for c in cap.columns)],
-        title="Assignments dropped at capacity factor C (per batch)",
+        title="Assignments dropped at capacity factor C (per capacity group)",
     )
 
 
