@@ -35,21 +35,24 @@ DEFINITIONS: dict[str, str] = {
     "reuse/chance": "Reuse: the share of a token's experts also chosen by the previous token of the same "
     "document and window. Chance: Σ q_e² / k with q_e = count_e / tokens, the reuse of independent "
     "tokens with the same loads. Above 1: neighbouring tokens share experts.",
-    "co-activation": f"Observed pair count / (tokens × q_a × q_b), q_e = count_e / tokens: how many times "
-    f"more often two experts are chosen together than if the choices were independent. Pairs seen "
-    f"fewer than {MIN_PAIR_COUNT} times are left out.",
+    "co-activation": "Observed pair count / expected count under a null model in which every token "
+    "draws k distinct experts with the layer's observed frequencies (successive sampling without "
+    "replacement, weights fitted so each expert's inclusion rate matches its load; computed exactly). "
+    f"Random routing scores 1.0. Pairs seen fewer than {MIN_PAIR_COUNT} times are left out.",
     "domain JSD": "Mean Jensen-Shannon divergence (bits: 0 identical, 1 disjoint) between the expert "
     "loads of every two domains at the layer.",
     "JSD vs other domains": "Jensen-Shannon divergence (bits) between one domain's expert loads and those "
     "of all other domains pooled, averaged over layers.",
     "router dropped": "Tokens the model itself dropped (a switch router's own capacity limit).",
-    "capacity": "Per batch, each expert takes at most ceil(C × tokens × k / E) assignments; the "
-    "assignments over that limit are dropped (counted while tracing).",
+    "capacity": "Per capacity group (a fixed number of consecutive tokens, summary.json capacity_group, "
+    "default 4096; GShard's group), each expert takes at most ceil(C × group × k / E) assignments; the "
+    "assignments over that limit are dropped (counted while tracing; independent of the batch size).",
     "expert parallelism": "D devices with E/D experts each, contiguous (e // (E/D)) or balanced "
-    "(longest-processing-time greedy on the traced loads). Imbalance: busiest device / mean device "
-    "load, over the whole trace and per batch.",
+    "(longest-processing-time greedy fitted on one half of the documents and scored on the other, both "
+    "ways, averaged). Imbalance: busiest device / mean device load, over the whole trace and per batch.",
     "all-to-all": "Tokens are spread evenly over the D devices, so an assignment is remote with "
-    "probability (D−1)/D and moves hidden_size × dtype bytes there and back (×2); dedup sends a "
+    "probability (D−1)/D and moves hidden_size × dtype bytes there and back (×2), in the checkpoint's "
+    "dtype; dedup sends a "
     "token once per distinct remote device (contiguous placement).",
     "redundancy": "Mean of the available measures among weights (cosine of two experts' parameters after "
     "aligning their hidden neurons, so a permuted copy scores 1), router (cosine of the router rows) "
