@@ -185,7 +185,7 @@ def _capacity(plt: Any, state: TraceState) -> Any:
     for i in _pick(len(state.layers), 8):
         ax.plot(CAPACITY_FACTORS, dropped[i], marker="o", lw=1, label=f"layer {state.layers[i]}")
     ax.plot(CAPACITY_FACTORS, np.nanmean(dropped, axis=0), color="black", lw=2.5, label="mean, all layers")
-    ax.set_xlabel("capacity factor C (capacity = C · tokens · k / E per batch)")
+    ax.set_xlabel("capacity factor C (capacity = C · group · k / E per capacity group)")
     ax.set_ylabel("assignments dropped (%)")
     ax.set_xticks(CAPACITY_FACTORS)
     ax.set_ylim(bottom=0)
