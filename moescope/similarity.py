@@ -526,7 +526,7 @@ def similarity(
     out: str | Path | None,
     *,
     trace: str | Path | None = None,
-    corpus: Sequence[str] = ("demo",),
+    corpus: str | Sequence[str] = ("demo",),
     split: str | None = None,
     samples: int = 512,
     seq_len: int = 128,
@@ -616,7 +616,8 @@ def similarity(
     if outputs:
         from moescope.corpus import read_corpus
 
-        docs = read_corpus(list(corpus), split=resolve_split(list(corpus), split))
+        specs = [corpus] if isinstance(corpus, str) else list(corpus)  # one spec: not its letters
+        docs = read_corpus(specs, split=resolve_split(specs, split))
         # Enough sequences for a random subset of `samples` tokens from varied text.
         batches = list(
             token_batches(tokenizer, (d.text for d in docs), seq_len=seq_len, max_tokens=4 * samples)
