@@ -136,7 +136,7 @@ def prune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Drop experts per MoE layer by a routing criterion and write a checkpoint that loads and runs."""
-    from moescope.prune import CRITERIA, METHODS, ROUTER_RULES, prune
+    from moescope.prune import CRITERIA, MERGE_BY, METHODS, ROUTER_RULES, prune
 
     output = Output.from_flags(json_out, csv_out, quiet)
     if sum(v is not None for v in (drop, keep, ratio)) != 1:
@@ -151,6 +151,8 @@ def prune_cmd(
         raise typer.BadParameter(
             f"unknown --merge-router {merge_router!r}; use one of {', '.join(ROUTER_RULES)}."
         )
+    if merge_by is not None and merge_by not in MERGE_BY:
+        raise typer.BadParameter(f"unknown --merge-by {merge_by!r}; use one of {', '.join(MERGE_BY)}.")
     with output.progress("writing shards") as update:
 
         def on_shard(shard: str, done: int, total: int) -> None:

@@ -17,6 +17,7 @@ only: the state is filled from them directly and every per-token statistic is li
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -208,7 +209,7 @@ def _meta(
 
 def import_routes(
     format: str,
-    paths: Sequence[str | Path],
+    paths: str | Path | Sequence[str | Path],
     *,
     model: str,
     out: str | Path,
@@ -222,7 +223,8 @@ def import_routes(
 
     Args:
         format: ``sglang-dump``, ``sglang-response`` or ``ids`` (see :mod:`moescope.importers`).
-        paths: the recorded files (several SGLang ranks or dumps are combined).
+        paths: the recorded files (several SGLang ranks or dumps are combined); one path
+            alone (a ``str`` or ``Path``) is one file.
         model: the model the routing was recorded on (hub id, directory, config file): its
             MoE layers, expert count and top-k are read from the config, never the weights.
         out: trace directory to write (an old trace there is replaced, atomically).
@@ -250,7 +252,7 @@ def import_routes(
         raise RoutingImportError(f"unknown import format {format!r}; use one of {', '.join(FORMATS)}.")
     if seq_len < 1 or batch_size < 1:
         raise RoutingImportError("seq_len and batch_size must be at least 1.")
-    files = check_paths(paths)
+    files = check_paths([paths] if isinstance(paths, str | os.PathLike) else paths)
     shape = model_shape(model, revision)
     inputs: list[str | Path] = [*files, *([shape.local_path] if shape.local_path else [])]
     check_destination(out, KIND, inputs=inputs)

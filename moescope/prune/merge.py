@@ -161,7 +161,12 @@ def read_similarity(path: str | Path, layout: MoELayout, measure: str = "outputs
     Raises:
         PruneError: not a complete similarity report, no such measure, or other layers/experts.
     """
-    file = Path(path) / "similarity.json"
+    given = Path(path).expanduser()
+    file = given if given.is_file() else given / "similarity.json"
+    if not file.is_file():
+        raise PruneError(
+            f"{path}: no similarity.json; pass a directory written by `moescope similarity MODEL --out DIR`."
+        )
     try:
         meta = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

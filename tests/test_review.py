@@ -1,0 +1,45 @@
+"""Regressions found by a hostile-user review of import, sweep, report --html, prune --method merge, the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tests.safety import assert_clean_error, invoke
+
+_DEMO = Path(__file__).resolve().parents[1] / "moescope" / "demo"
+
+
+def _ids(path: Path, tokens: int = 300) -> np.ndarray:
+    """Distinct random top-2 expert ids for the demo's 4 MoE layers of 8 experts, saved as .npy."""
+    rng = np.random.default_rng(0)
+    ids = np.argsort(rng.random((tokens, 4, 8)), axis=-1)[..., :2]
+    np.save(path, ids)
+    return ids
+
+
+def test_import_routes_takes_one_path_as_str_or_path(tmp_path: Path) -> None:
+    import moescope
+
+    ids = _ids(tmp_path / "ids.npy")
+    expected = np.bincount(ids[:, 0].ravel(), minlength=8)
+    for i, one in enumerate([str(tmp_path / "ids.npy"), tmp_path / "ids.npy"]):
+        res = moescope.import_routes("ids", one, model="demo", out=tmp_path / f"o{i}", plots=False)
+        assert res.tokens == len(ids)
+        load = moescope.load_trace(tmp_path / f"o{i}").expert_load
+        got = load[load["layer"] == 0].sort_values("expert")["count"].to_numpy()
+        assert (got == expected).all()
+
+
+def test_unknown_merge_by_is_a_usage_error(tmp_path: Path) -> None:
+    _ids(tmp_path / "ids.npy")
+    trace = tmp_path / "t"
+    assert (
+        invoke(["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "-q"]).exit_code
+        == 0
+    )
+    args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
+    assert_clean_error(invoke([*args, "--merge-by", "bogus", "--dry-run"]), code=2, contains="--merge-by")
+    line = assert_clean_error(invoke([*args, "--similarity", tmp_path / "nowhere", "--dry-run"]))
+    assert "no similarity.json" in line and "Errno" not in line
