@@ -43,3 +43,18 @@ def test_unknown_merge_by_is_a_usage_error(tmp_path: Path) -> None:
     assert_clean_error(invoke([*args, "--merge-by", "bogus", "--dry-run"]), code=2, contains="--merge-by")
     line = assert_clean_error(invoke([*args, "--similarity", tmp_path / "nowhere", "--dry-run"]))
     assert "no similarity.json" in line and "Errno" not in line
+
+
+def test_sglang_response_bad_bytes_and_deep_json_name_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"meta_info": {"routed_experts": ""}}\n')
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"a": 1}\n\xff\xfe{"a": 1}\n')
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    base = ["import", "sglang-response", "--model", "demo", "--out", tmp_path / "o", "-q"]
+    line = assert_clean_error(invoke([*base[:2], good, latin, *base[2:]]))
+    assert "latin.jsonl" in line and "UTF-8" in line
+    line = assert_clean_error(invoke([*base[:2], deep, *base[2:]]))
+    assert "deep.jsonl:1" in line and "malformed JSON" in line
+    assert not (tmp_path / "o").exists()

@@ -259,21 +259,30 @@ def stat_counts(
 def _responses(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, response)`` for every response of a JSON-lines file (a line may hold a list)."""
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+        for lineno, line in _lines(fh, path):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RoutingImportError(
-                    f"{where}: malformed JSON ({exc.msg}); one response per line."
-                ) from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+                raise RoutingImportError(f"{where}: malformed JSON ({why}); one response per line.") from None
             items = obj if isinstance(obj, list) else [obj]
             for j, item in enumerate(items):
                 if not isinstance(item, dict):
                     raise RoutingImportError(f"{where}: expected a JSON object (a /generate response).")
                 yield (f"{where}[{j}]" if isinstance(obj, list) else where), item
+
+
+def _lines(fh: Any, path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file; bytes that are not UTF-8 name the file."""
+    try:
+        yield from enumerate(fh, 1)
+    except UnicodeDecodeError:
+        raise RoutingImportError(
+            f"{path}: not UTF-8 text; pass the JSON lines of SGLang's /generate responses."
+        ) from None
 
 
 def decode_routed(text: Any, shape: ModelShape, where: str) -> np.ndarray:
