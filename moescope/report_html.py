@@ -87,6 +87,11 @@ def check_html_destination(path: str | Path | None, inputs: Sequence[str | Path 
     dest = Path(raw).expanduser().resolve()
     if dest.is_dir():
         raise OutputError(f"{dest} is a directory; pass a file name such as {dest / 'report.html'}.")
+    blocked = next((p for p in dest.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise OutputError(
+            f"{blocked} is a file, not a directory; pass an --html path whose folders are folders."
+        )
     for item in inputs:
         if item is None:
             continue

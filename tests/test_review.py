@@ -58,3 +58,15 @@ def test_sglang_response_bad_bytes_and_deep_json_name_the_file(tmp_path: Path) -
     line = assert_clean_error(invoke([*base[:2], deep, *base[2:]]))
     assert "deep.jsonl:1" in line and "malformed JSON" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_html_under_a_file_is_refused_cleanly(tmp_path: Path) -> None:
+    _ids(tmp_path / "ids.npy")
+    trace = tmp_path / "t"
+    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
+    assert invoke(args).exit_code == 0
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    line = assert_clean_error(invoke(["report", trace, "--html", blocker / "r.html", "-q"]))
+    assert "notes.txt is a file, not a directory" in line
+    assert blocker.read_text() == "mine"
