@@ -174,7 +174,10 @@ def read_prune_manifest(path: str | Path) -> dict[str, Any]:
     """``prune_manifest.json`` (or a pruned directory holding it), checked to be complete."""
     hint = "pass the prune_manifest.json written by `moescope prune ... --out DIR`"
     data = _read_marker(Path(path).expanduser(), "prune_manifest.json", "prune", hint)
-    if not isinstance(data.get("layers"), dict):
+    layers = data.get("layers")
+    if not isinstance(layers, dict) or not all(
+        str(k).isdigit() and isinstance(v, dict) for k, v in layers.items()
+    ):
         raise MoescopeError(f"{path}: the manifest has no per-layer plan; {hint}.")
     return data
 

@@ -70,3 +70,16 @@ def test_html_under_a_file_is_refused_cleanly(tmp_path: Path) -> None:
     line = assert_clean_error(invoke(["report", trace, "--html", blocker / "r.html", "-q"]))
     assert "notes.txt is a file, not a directory" in line
     assert blocker.read_text() == "mine"
+
+
+def test_html_refuses_a_manifest_whose_layers_are_not_plans(tmp_path: Path) -> None:
+    _ids(tmp_path / "ids.npy")
+    trace = tmp_path / "t"
+    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
+    assert invoke(args).exit_code == 0
+    bad = tmp_path / "prune_manifest.json"
+    for layers in ('{"0": "zz"}', '{"x": {}}'):
+        bad.write_text(f'{{"tool": "moescope", "kind": "prune", "complete": true, "layers": {layers}}}')
+        args = ["report", trace, "--html", tmp_path / "r.html", "--prune-manifest", bad, "-q"]
+        assert_clean_error(invoke(args), contains="no per-layer plan")
+    assert not (tmp_path / "r.html").exists()
