@@ -83,3 +83,13 @@ def test_html_refuses_a_manifest_whose_layers_are_not_plans(tmp_path: Path) -> N
         args = ["report", trace, "--html", tmp_path / "r.html", "--prune-manifest", bad, "-q"]
         assert_clean_error(invoke(args), contains="no per-layer plan")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_merge_by_weight_with_a_similarity_report_is_refused(tmp_path: Path) -> None:
+    _ids(tmp_path / "ids.npy")
+    trace = tmp_path / "t"
+    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
+    assert invoke(args).exit_code == 0
+    args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
+    line = assert_clean_error(invoke([*args, "--merge-by", "weight", "--similarity", tmp_path, "--dry-run"]))
+    assert "--merge-by weight does not read --similarity" in line

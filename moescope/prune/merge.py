@@ -141,7 +141,7 @@ def resolve_merge_by(by: str | None, similarity: str | Path | None) -> str:
     """``by`` checked, or its default: ``output`` with a similarity report, else ``weight``.
 
     Raises:
-        PruneError: an unknown measure, or ``output`` without a report.
+        PruneError: an unknown measure, ``output`` without a report, or ``weight`` with one.
     """
     if by is None:
         return "output" if similarity is not None else "weight"
@@ -151,6 +151,11 @@ def resolve_merge_by(by: str | None, similarity: str | Path | None) -> str:
         raise PruneError(
             "--merge-by output needs --similarity DIR (a report of `moescope similarity MODEL --out DIR`); "
             "pass one, or use --merge-by weight."
+        )
+    if by == "weight" and similarity is not None:
+        raise PruneError(
+            "--merge-by weight does not read --similarity (it would be ignored); drop --similarity, "
+            "or use --merge-by output."
         )
     return by
 
