@@ -93,3 +93,31 @@ def test_merge_by_weight_with_a_similarity_report_is_refused(tmp_path: Path) -> 
     args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
     line = assert_clean_error(invoke([*args, "--merge-by", "weight", "--similarity", tmp_path, "--dry-run"]))
     assert "--merge-by weight does not read --similarity" in line
+
+
+def test_ids_weight_column_must_hold_finite_gate_weights(tmp_path: Path) -> None:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = _ids(tmp_path / "ids.npy", tokens=20)
+    t, layer, _slot = np.meshgrid(np.arange(20), np.arange(4), np.arange(2), indexing="ij")
+    base = {"layer": layer.ravel(), "token": t.ravel(), "expert": ids.reshape(-1)}
+    n = len(base["token"])
+    cases = {
+        "str": pa.array(["x"] * n),
+        "inf": pa.array(np.full(n, np.inf)),
+        "nan": pa.array(np.full(n, np.nan), from_pandas=False),  # NaN, not null
+        "neg": pa.array(np.full(n, -0.5)),
+    }
+    for name, weight in cases.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({**base, "weight": weight}), path)
+        args = ["import", "ids", path, "--model", "demo", "--out", tmp_path / name, "--no-plots", "-q"]
+        line = assert_clean_error(invoke(args), contains="column 'weight'")
+        assert path.name in line
+        assert not (tmp_path / name).exists()
+    ok = tmp_path / "ok.parquet"
+    pd.DataFrame({**base, "weight": np.full(n, 0.5)}).to_parquet(ok)
+    args = ["import", "ids", ok, "--model", "demo", "--out", tmp_path / "ok", "--no-plots", "-q"]
+    assert invoke(args).exit_code == 0

@@ -85,6 +85,23 @@ def _int_column(table: Any, name: str, path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _weight_column(table: Any, path: Path) -> np.ndarray:
+    """The ``weight`` column as float64: numbers, finite and not negative (gate weights)."""
+    arr = _column(table, "weight", path)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise RoutingImportError(
+            f"{path}: column 'weight' holds {arr.dtype}, expected gate weights (floats)."
+        )
+    w = arr.astype(np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        raise RoutingImportError(
+            f"{path}: column 'weight' has {int(bad.sum())} value(s) that are NaN, infinite or negative "
+            f"(first: {w[bad][0]}); gate weights are finite and not negative, fix or drop the column."
+        )
+    return w
+
+
 def read_parquet(path: Path, shape: ModelShape) -> tuple[Piece, set[str]]:
     """A long ``layer, token, expert`` table as one piece; also returns the columns present.
 
@@ -145,7 +162,7 @@ def read_parquet(path: Path, shape: ModelShape) -> tuple[Piece, set[str]]:
     ids = normalise(ids, shape, str(path))
     weights = None
     if "weight" in present:
-        w = _column(table, "weight", path)[order].astype(np.float64)
+        w = _weight_column(table, path)[order]
         weights = np.zeros(ids.shape, dtype=np.float64)
         weights[t, li, slot] = w
     first = np.flatnonzero(new_tok)
