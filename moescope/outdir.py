@@ -171,6 +171,11 @@ def check_destination(
             )
     if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
         raise OutputError(f"--out {out} exists and is not a directory; pass a new directory.")
+    blocker = next((a for a in dest.parents if a.exists() or a.is_symlink()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(
+            f"--out {out}: {blocker} is a file, not a directory; pass a path under a directory."
+        )
     if dest.is_dir():
         present = _all_files(dest, empty_dirs=True)
         if not present and not any(dest.iterdir()):

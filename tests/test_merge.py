@@ -226,9 +226,11 @@ def test_merge_refuses_cleanly(tmp_path: Path) -> None:
     _planted("mixtral", src)
     trace = write_trace(tmp_path / "trace", model=str(src), loads=_LOADS)
     base = ["prune", src, "--trace", trace, "--keep", "3", "--criterion", "frequency"]
-    line = assert_clean_error(invoke([*base, "--method", "merge", "--merge-by", "output", "--dry-run"]))
+    line = assert_clean_error(
+        invoke([*base, "--method", "merge", "--merge-by", "output", "--dry-run"]), code=2
+    )
     assert "--similarity DIR" in line
-    line = assert_clean_error(invoke([*base, "--similarity", tmp_path, "--dry-run"]))
+    line = assert_clean_error(invoke([*base, "--similarity", tmp_path, "--dry-run"]), code=2)
     assert "--method merge" in line
     line = assert_clean_error(invoke([*base, "--method", "merge", "--similarity", tmp_path, "--dry-run"]))
     assert "similarity.json" in line

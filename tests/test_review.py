@@ -91,7 +91,9 @@ def test_merge_by_weight_with_a_similarity_report_is_refused(tmp_path: Path) -> 
     args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
     assert invoke(args).exit_code == 0
     args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
-    line = assert_clean_error(invoke([*args, "--merge-by", "weight", "--similarity", tmp_path, "--dry-run"]))
+    line = assert_clean_error(
+        invoke([*args, "--merge-by", "weight", "--similarity", tmp_path, "--dry-run"]), code=2
+    )
     assert "--merge-by weight does not read --similarity" in line
 
 
@@ -121,3 +123,13 @@ def test_ids_weight_column_must_hold_finite_gate_weights(tmp_path: Path) -> None
     pd.DataFrame({**base, "weight": np.full(n, 0.5)}).to_parquet(ok)
     args = ["import", "ids", ok, "--model", "demo", "--out", tmp_path / "ok", "--no-plots", "-q"]
     assert invoke(args).exit_code == 0
+
+
+def test_out_below_a_file_is_named(tmp_path: Path) -> None:
+    """``--out f.txt/x`` where f.txt is a file: one line naming the file (was 'File exists')."""
+    (tmp_path / "f.txt").write_text("hi\n")
+    _ids(tmp_path / "ids.npy")
+    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", tmp_path / "f.txt" / "x", "-q"]
+    line = assert_clean_error(invoke(args))
+    assert "f.txt is a file, not a directory" in line
+    assert (tmp_path / "f.txt").read_text() == "hi\n"

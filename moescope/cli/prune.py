@@ -153,6 +153,7 @@ def prune_cmd(
         )
     if merge_by is not None and merge_by not in MERGE_BY:
         raise typer.BadParameter(f"unknown --merge-by {merge_by!r}; use one of {', '.join(MERGE_BY)}.")
+    _check_merge_flags(method, merge_by, similarity)
     with output.progress("writing shards") as update:
 
         def on_shard(shard: str, done: int, total: int) -> None:
@@ -271,3 +272,19 @@ def _print_result(output: Output, plan: Any, result: Any, criterion: str) -> Non
 def register(app: typer.Typer) -> None:
     """Add `prune` to the app."""
     app.command("prune", epilog=EXAMPLES)(friendly(prune_cmd))
+
+
+def _check_merge_flags(method: str, merge_by: str | None, similarity: Any) -> None:
+    """Flag combinations that cannot work are usage errors (exit 2), before any file is read."""
+    if method != "merge" and (merge_by is not None or similarity is not None):
+        raise typer.BadParameter("--merge-by and --similarity apply to --method merge; add --method merge.")
+    if merge_by == "output" and similarity is None:
+        raise typer.BadParameter(
+            "--merge-by output needs --similarity DIR (a report of `moescope similarity MODEL --out DIR`); "
+            "pass one, or use --merge-by weight."
+        )
+    if merge_by == "weight" and similarity is not None:
+        raise typer.BadParameter(
+            "--merge-by weight does not read --similarity (it would be ignored); drop --similarity, "
+            "or use --merge-by output."
+        )

@@ -59,7 +59,7 @@ def read_npy(path: Path, shape: ModelShape) -> Piece:
                 f"{path}: not a plain numeric .npy array (it holds Python objects, which are never "
                 "unpickled); save the ids with np.save as an integer array [tokens, layers, k]."
             ) from None
-        raise RoutingImportError(f"{path}: unreadable .npy file ({text[:120]}); truncated?") from None
+        raise RoutingImportError(f"{path}: unreadable .npy file ({text}); truncated?") from None
     except (OSError, EOFError) as exc:
         raise RoutingImportError(f"{path}: unreadable .npy file ({exc}); truncated?") from None
     where = str(path)
