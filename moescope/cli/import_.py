@@ -87,7 +87,7 @@ def import_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a trace directory from routing recorded elsewhere (SGLang dumps or responses, Parquet/npy ids)."""
-    from moescope.cli.trace import LAYER_COLUMNS
+    from moescope.cli.trace import print_layers
     from moescope.importers import import_routes
 
     output = Output.from_flags(json_out, csv_out, quiet)
@@ -108,29 +108,9 @@ def import_cmd(
     for line in result.notes:
         output.info(line)
     summary: dict[str, Any] = result.summary
-    if output.fmt == "json":
-        output.json(summary)
+    title = f"{model} ({fmt}, {result.mode}): {result.tokens:,} tokens, top-{result.top_k} of {result.num_experts}"
+    if not print_layers(output, summary, title):
         return
-    if output.fmt == "csv":
-        output.csv(summary["layers"], LAYER_COLUMNS)
-        return
-    rows = [
-        [
-            r["layer"],
-            f"{r['imbalance_max_mean']:.2f}",
-            f"{r['cv']:.3f}",
-            f"{r['entropy_norm']:.3f}",
-            len(r["dead_experts"]),
-            len(r["near_dead_experts"]),
-        ]
-        for r in summary["layers"]
-    ]
-    output.table(
-        rows,
-        ["layer", "max/mean", "cv", "entropy", "dead", "near-dead"],
-        title=f"{model} ({fmt}, {result.mode}): {result.tokens:,} tokens, "
-        f"top-{result.top_k} of {result.num_experts}",
-    )
     lacks = ", ".join(result.lacks) or "nothing"
     output.note(f"wrote {out} (lacks: {lacks}); next: moescope report {out}")
 

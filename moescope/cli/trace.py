@@ -176,12 +176,23 @@ def _print_summary(output: Output, result: Any, out: Path) -> None:
         output.warn(
             f"{cstats['non_utf8_documents']} document(s) had non-UTF-8 bytes (decoded with replacement)."
         )
+    title = f"{summary['model']}: {summary['tokens']:,} tokens, top-{summary['top_k']} of {summary['num_experts']}"
+    if not print_layers(output, summary, title):
+        return
+    output.note(f"wrote {out} ({result.tokens_per_second:,.0f} tok/s); next: moescope report {out}")
+
+
+def print_layers(output: Output, summary: dict[str, Any], title: str) -> bool:
+    """A trace's ``summary.json``: whole (``--json``), its layer rows (``--csv``) or the per-layer table.
+
+    Returns True when the table was printed (the caller then adds its closing note).
+    """
     if output.fmt == "json":
         output.json(summary)
-        return
+        return False
     if output.fmt == "csv":
         output.csv(summary["layers"], LAYER_COLUMNS)
-        return
+        return False
     rows = [
         [
             r["layer"],
@@ -193,12 +204,8 @@ def _print_summary(output: Output, result: Any, out: Path) -> None:
         ]
         for r in summary["layers"]
     ]
-    output.table(
-        rows,
-        ["layer", "max/mean", "cv", "entropy", "dead", "near-dead"],
-        title=f"{summary['model']}: {summary['tokens']:,} tokens, top-{summary['top_k']} of {summary['num_experts']}",
-    )
-    output.note(f"wrote {out} ({result.tokens_per_second:,.0f} tok/s); next: moescope report {out}")
+    output.table(rows, ["layer", "max/mean", "cv", "entropy", "dead", "near-dead"], title=title)
+    return True
 
 
 def register(app: typer.Typer) -> None:
