@@ -361,12 +361,12 @@ def stamp_marker(tmp: Path, kind: str) -> dict[str, Any]:
     return marker
 
 
-def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     part = path.parent / f".{path.name}.part-{uuid.uuid4().hex[:8]}"
     try:
-        with open(part, "w") as fh:
-            fh.write(json.dumps(data, indent=2, **dump_kwargs) + "\n")
+        with open(part, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(part, path)
@@ -374,6 +374,11 @@ def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> None:
         with contextlib.suppress(OSError):
             part.unlink()
         raise
+
+
+def write_json_atomic(path: Path, data: Any, **dump_kwargs: Any) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`), indented, with a final newline."""
+    write_text_atomic(path, json.dumps(data, indent=2, **dump_kwargs) + "\n")
 
 
 @contextlib.contextmanager

@@ -21,11 +21,8 @@ an input directory) is refused.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from html import escape
@@ -38,6 +35,7 @@ from moescope import __version__
 from moescope import report_page as rp
 from moescope.definitions import unavailable
 from moescope.errors import MoescopeError, OutputError
+from moescope.outdir import write_text_atomic
 from moescope.stats import Report, build_report
 from moescope.tracedir import TraceState, read_trace_dir
 
@@ -118,21 +116,6 @@ def is_moescope_html(path: Path) -> bool:
     except OSError:
         return False
     return _MARK.encode() in head
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    part = path.parent / f".{path.name}.part-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(part, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(part, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
 
 
 # --------------------------------------------------------------------------- extra inputs
