@@ -232,3 +232,17 @@ PlotFormatOpt = Annotated[
         help="File format of the plots: png, svg or pdf (vector, for publication figures).",
     ),
 ]
+
+
+def window_step(seq_len: int, stride: int | None) -> int:
+    """The sliding-window step of ``--seq-len``/``--stride`` (default: half the window), checked.
+
+    Raises:
+        typer.BadParameter: a window shorter than 2 tokens, or a step outside 1..seq_len.
+    """
+    if seq_len < 2:
+        raise typer.BadParameter(f"--seq-len {seq_len} is too short; use at least 2.")
+    step = stride if stride is not None else max(1, seq_len // 2)
+    if not 1 <= step <= seq_len:
+        raise typer.BadParameter(f"--stride {step} must be between 1 and --seq-len ({seq_len}).")
+    return step

@@ -21,6 +21,7 @@ from moescope.cli._options import (
     SplitOpt,
     StreamOpt,
     TrustRemoteCodeOpt,
+    window_step,
 )
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
@@ -71,11 +72,7 @@ def eval_cmd(
     from moescope.evaluate import evaluate
 
     out = Output.from_flags(json_out, csv_out, quiet)
-    if seq_len < 2:
-        raise typer.BadParameter(f"--seq-len {seq_len} is too short; use at least 2.")
-    step = stride if stride is not None else max(1, seq_len // 2)
-    if not 1 <= step <= seq_len:
-        raise typer.BadParameter(f"--stride {step} must be between 1 and --seq-len ({seq_len}).")
+    step = window_step(seq_len, stride)
     if batch_size < 1 or max_tokens < 0:
         raise typer.BadParameter("--batch-size must be at least 1 and --max-tokens at least 0.")
     with out.progress("scoring windows") as update:

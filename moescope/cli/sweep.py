@@ -25,6 +25,7 @@ from moescope.cli._options import (
     SplitOpt,
     StreamOpt,
     TrustRemoteCodeOpt,
+    window_step,
 )
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
@@ -115,11 +116,7 @@ def sweep_cmd(
     from moescope.sweep import parse_settings, sweep, write_plot
 
     out = Output.from_flags(json_out, csv_out, quiet)
-    if seq_len < 2:
-        raise typer.BadParameter(f"--seq-len {seq_len} is too short; use at least 2.")
-    step = stride if stride is not None else max(1, seq_len // 2)
-    if not 1 <= step <= seq_len:
-        raise typer.BadParameter(f"--stride {step} must be between 1 and --seq-len ({seq_len}).")
+    step = window_step(seq_len, stride)
     if batch_size < 1 or max_tokens < 0 or context < 1:
         raise typer.BadParameter("--batch-size and --context must be at least 1, --max-tokens at least 0.")
     if plot is not None:
