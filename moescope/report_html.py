@@ -221,6 +221,7 @@ def write_html_report(
     similarity: str | Path | None = None,
     prune_manifest: str | Path | None = None,
     dtype_bytes: int | None = None,
+    report: Report | None = None,
 ) -> HtmlReport:
     """Read a trace (and a similarity directory, a prune manifest) and write one HTML page.
 
@@ -230,6 +231,8 @@ def write_html_report(
         similarity: a directory written by ``moescope similarity --out``: redundant pairp.
         prune_manifest: ``prune_manifest.json`` (or its directory): the pruning plan.
         dtype_bytes: bytes per activation element for the all-to-all estimate.
+        report: the trace's :func:`~moescope.stats.build_report`, when the caller has it already
+            (``moescope report`` prints the same report); computed here otherwise.
 
     Returns:
         An :class:`HtmlReport` (path, size, seconds, figures, what was unavailable).
@@ -241,7 +244,7 @@ def write_html_report(
     start = time.perf_counter()
     dest = check_html_destination(html_path, [trace_dir, similarity, prune_manifest])
     trace = read_trace_dir(trace_dir)
-    rep = build_report(trace_dir, dtype_bytes=dtype_bytes)
+    rep = report if report is not None else build_report(trace, dtype_bytes=dtype_bytes)
     sim = read_similarity(similarity) if similarity is not None else None
     manifest = read_prune_manifest(prune_manifest) if prune_manifest is not None else None
     warnings = _mismatches(trace.summary, sim, manifest)

@@ -69,6 +69,7 @@ from moescope.tracedir import (
     CAPACITY_FACTORS,
     EP_DEGREES,
     HIST_BINS,
+    TraceDir,
     TraceState,
     capacity,
     coactivation,
@@ -416,11 +417,11 @@ def _notes(state: TraceState, rep: Report) -> dict[str, str]:
     return notes
 
 
-def build_report(trace_dir: str | Path, *, dtype_bytes: int | None = None) -> Report:
+def build_report(trace_dir: str | Path | TraceDir, *, dtype_bytes: int | None = None) -> Report:
     """Compute every statistic of a trace directory; what the trace ``lacks`` is left out.
 
     Args:
-        trace_dir: a complete trace directory.
+        trace_dir: a complete trace directory (or one already read with :func:`read_trace_dir`).
         dtype_bytes: bytes per activation element for the all-to-all estimate
             (default: the checkpoint's dtype, :func:`a2a_dtype`).
 
@@ -430,7 +431,7 @@ def build_report(trace_dir: str | Path, *, dtype_bytes: int | None = None) -> Re
     Raises:
         TraceError: the directory is missing or incomplete.
     """
-    trace = read_trace_dir(trace_dir)
+    trace = trace_dir if isinstance(trace_dir, TraceDir) else read_trace_dir(trace_dir)
     state = trace.state
     missing = unavailable_stats(trace.lacks)
     layers = layer_stats(state)

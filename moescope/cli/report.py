@@ -93,8 +93,8 @@ def report_cmd(
         raise typer.BadParameter("--dtype-bytes must be at least 1.")
     if html is None and (similarity is not None or prune_manifest is not None):
         raise typer.BadParameter("--similarity and --prune-manifest go into the page: add --html FILE.")
-    page = _write_html(out, trace, html, similarity, prune_manifest, dtype_bytes) if html else None
     rep = build_report(trace, dtype_bytes=dtype_bytes)
+    page = _write_html(out, trace, html, similarity, prune_manifest, rep) if html else None
     if out.fmt == "json":
         out.json(rep.to_dict())
         return
@@ -123,14 +123,12 @@ def _write_html(
     html: Path,
     similarity: Path | None,
     manifest: Path | None,
-    dtype_bytes: int | None,
+    rep: Report,
 ) -> HtmlReport:
     """Write the page before printing (a refused destination fails before any table is shown)."""
     from moescope.report_html import write_html_report
 
-    page = write_html_report(
-        trace, html, similarity=similarity, prune_manifest=manifest, dtype_bytes=dtype_bytes
-    )
+    page = write_html_report(trace, html, similarity=similarity, prune_manifest=manifest, report=rep)
     for warning in page.warnings:
         out.warn(warning)
     return page
