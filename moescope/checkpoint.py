@@ -24,6 +24,7 @@ re-exported here, so ``from moescope.checkpoint import parse_header`` keeps work
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +51,14 @@ from moescope.safetensors_header import (
     load_json,
     parse_header,
     read_local_header,
-    read_local_headers,
     read_safetensors_header,
     safe_child,
 )
+from moescope.shards import Then, read_indexed_headers, read_local_headers
+
+#: called with a directory checkpoint's config before its shards are read; returns what to
+#: run on each shard's tensors (or None): see :func:`open_checkpoint`
+PerShard = Callable[[dict[str, Any] | None], Then | None]
 
 __all__ = [
     "DTYPE_BITS",
@@ -203,6 +208,8 @@ class Checkpoint:
         file_bytes: total size of those files in bytes.
         bytes_read: header bytes actually read (hub: transferred over HTTP).
         notes: facts about how the numbers were obtained, shown to the user.
+        shard_extras: per shard, in ``files`` order, (its tensor count, what ``per_shard``'s
+            function gave for it); None unless :func:`open_checkpoint` got ``per_shard``.
     """
 
     ref: str
@@ -214,6 +221,7 @@ class Checkpoint:
     file_bytes: int = 0
     bytes_read: int = 0
     notes: list[str] = field(default_factory=list)
+    shard_extras: list[tuple[int, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.tensors = as_inventory(self.tensors)  # a plain list of TensorInfo is welcome too
@@ -240,23 +248,19 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------
 
 
-def _dir_tensors(root: Path) -> tuple[Inventory, list[str], int, int]:
-    """(tensors, shard files, their total size, header bytes read) of a checkpoint directory."""
+def _dir_tensors(root: Path, then: Then | None = None) -> tuple[Inventory, list[str], int, int, list[Any]]:
+    """(tensors, shard files, their total size, header bytes read, per shard (tensors, what
+    ``then`` gave)) of a checkpoint directory."""
     index = root / INDEX_NAME
-    if index.exists():
-        files = index_shards(root, index)
-    else:
-        files = sorted(p.name for p in root.glob("*.safetensors"))
-    missing = [f for f in files if not (root / f).exists()]
-    if missing:
-        raise CheckpointError(
-            f"{root}: shard {missing[0]} listed in {INDEX_NAME} is missing; download the full checkpoint "
-            "(moescope download) or pass a complete directory."
-        )
     tensors = Inventory()
     read = size = 0
     with gc_paused():
-        for t, n, file_size in read_local_headers(root, files):
+        if index.exists():
+            files, parsed = read_indexed_headers(root, index, then=then)
+        else:
+            files = sorted(p.name for p in root.glob("*.safetensors"))
+            parsed = read_local_headers(root, files, then=then)
+        for t, n, file_size, _ in parsed:
             tensors.extend(t)
             read += n
             size += file_size
@@ -270,10 +274,10 @@ def _dir_tensors(root: Path) -> tuple[Inventory, list[str], int, int]:
                         f"{root}: tensor {ti.name!r} is stored in both {other} and {ti.file}; the "
                         "checkpoint is inconsistent — download it again."
                     )
-    return tensors, files, size, read
+    return tensors, files, size, read, [(len(r.tensors), r.extra) for r in parsed]
 
 
-def _from_dir(ref: str, root: Path, kind: str = "dir") -> Checkpoint:
+def _from_dir(ref: str, root: Path, kind: str = "dir", per_shard: PerShard | None = None) -> Checkpoint:
     cfg_path = root / "config.json"
     has_weights = (root / INDEX_NAME).exists() or any(root.glob("*.safetensors"))
     if not cfg_path.exists() and not has_weights:
@@ -286,7 +290,10 @@ def _from_dir(ref: str, root: Path, kind: str = "dir") -> Checkpoint:
     config = load_json(cfg_path) if cfg_path.exists() else None
     ck = Checkpoint(ref, kind, config, location=str(root))
     if has_weights:
-        ck.tensors, ck.files, ck.file_bytes, ck.bytes_read = _dir_tensors(root)
+        then = None if per_shard is None else per_shard(config)
+        ck.tensors, ck.files, ck.file_bytes, ck.bytes_read, extras = _dir_tensors(root, then)
+        if then is not None:
+            ck.shard_extras = extras
     else:
         ck.notes.append("no safetensors weights in the directory: counts come from config.json")
     if config is None:
@@ -445,7 +452,7 @@ def _from_hub(r: ResolvedRef, workers: int = 64) -> Checkpoint:
     # A snapshot already downloaded (moescope download) is read from the cache.
     if all((snapshot / f).exists() for f in files):
         with gc_paused():
-            for tensors, n, size in read_local_headers(snapshot, files):
+            for tensors, n, size, _ in read_local_headers(snapshot, files):
                 ck.tensors.extend(tensors)
                 ck.bytes_read += n
                 ck.file_bytes += size
@@ -464,13 +471,19 @@ def _from_hub(r: ResolvedRef, workers: int = 64) -> Checkpoint:
 # ---------------------------------------------------------------------------------------
 
 
-def open_checkpoint(ref: str, revision: str | None = None) -> Checkpoint:
+def open_checkpoint(
+    ref: str, revision: str | None = None, *, per_shard: PerShard | None = None
+) -> Checkpoint:
     """Resolve a model reference into a :class:`Checkpoint` (config + tensors from headers).
 
     Args:
         ref: ``demo``, a directory, a ``.safetensors`` or ``.json`` file, or a hub id
             (``org/name`` or ``org/name@revision``); see :func:`resolve_ref`.
         revision: hub revision (overrides ``@rev`` in ``ref``).
+        per_shard: for a local checkpoint directory, called with its config (or None) before
+            the shards are read; the function it returns (if any) runs on each shard's
+            tensors where that shard is parsed (see :mod:`moescope.shards`), and
+            ``ck.shard_extras`` gets (tensor count, result) per shard. Other sources ignore it.
 
     Raises:
         ModelNotFoundError: nothing found under that reference.
@@ -483,4 +496,4 @@ def open_checkpoint(ref: str, revision: str | None = None) -> Checkpoint:
     assert r.path is not None  # local kinds always carry their path
     if r.kind == "file":
         return _from_file(ref, r.path)
-    return _from_dir(ref, r.path, r.kind)
+    return _from_dir(ref, r.path, r.kind, per_shard)

@@ -35,7 +35,7 @@ from moescope.closedform import config_inventory
 from moescope.errors import ConfigError
 from moescope.inventory import Inventory, as_inventory, gc_paused
 from moescope.spec import is_raw_spec, spec_to_config
-from moescope.tensorclasses import classify_groups
+from moescope.tensorclasses import ClassGroup, ShardClassifier, classify_groups
 from moescope.validate import validate_config
 
 DEFAULT_CONTEXT = 4096
@@ -239,7 +239,9 @@ def _contradiction(tensors: Inventory, spec: MoESpec, where: str) -> ConfigError
 _FUSED_FIRST = ("gate_up_proj", "gate_up_proj_blocks", "w1", ".w1.weight")
 
 
-def _accumulate(tensors: Inventory, spec: MoESpec, where: str) -> _Acc:
+def _accumulate(
+    tensors: Inventory, spec: MoESpec, where: str, groups: list[ClassGroup] | None = None
+) -> _Acc:
     """Sum parameters per component, layer and expert over the classified tensors."""
     acc = _Acc()
     names, shapes, nbytes, dtypes = tensors.names, tensors.shapes, tensors.nbytes, tensors.dtypes
@@ -248,7 +250,8 @@ def _accumulate(tensors: Inventory, spec: MoESpec, where: str) -> _Acc:
     for (dt, size), count in Counter(zip(dtypes, nbytes, strict=True)).items():
         if dt:
             acc.dtypes[dt] += size * count
-    groups = classify_groups(tensors, spec)
+    if groups is None:
+        groups = classify_groups(tensors, spec)
     for g in groups:
         c = g.cls
         if c.component == "lm_head" and c.is_param:
@@ -396,12 +399,16 @@ def _flops_and_kv(
     return flops, kv_per_token, kv_ctx
 
 
-def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
+def account(
+    ck: Checkpoint, context: int = DEFAULT_CONTEXT, *, classes: ShardClassifier | None = None
+) -> ParamsReport:
     """Account a checkpoint's parameters, FLOPs and memory.
 
     Args:
         ck: an opened checkpoint (see :func:`moescope.checkpoint.open_checkpoint`).
         context: keys each token attends to, for attention FLOPs and KV-cache size.
+        classes: the classifier ``ck`` was opened with as ``per_shard``, whose per-shard
+            classes are used when they fit (else the tensors are classified here).
 
     Returns:
         A :class:`ParamsReport`.
@@ -415,7 +422,10 @@ def account(ck: Checkpoint, context: int = DEFAULT_CONTEXT) -> ParamsReport:
         raise ConfigError(f"--context must be at least 1, got {context}.")
     cfg, spec, tensors, where, notes = _resolve(ck)
     with gc_paused():
-        acc = _accumulate(tensors, spec, where)
+        groups = (
+            None if classes is None or tensors is not ck.tensors else classes.groups(ck.shard_extras, spec)
+        )
+        acc = _accumulate(tensors, spec, where, groups)
     if acc.expert_like_unknown:
         warnings.warn(
             f"model_type {spec.model_type!r} is unknown to moescope but has expert-like tensors; they are "
@@ -500,4 +510,5 @@ def count_params(ref: str, *, revision: str | None = None, context: int = DEFAUL
         True
     """
     with gc_paused():  # ~1M short-lived acyclic objects for a 139k-tensor checkpoint
-        return account(open_checkpoint(ref, revision), context)
+        classes = ShardClassifier()  # a large checkpoint's shards are classified as they are read
+        return account(open_checkpoint(ref, revision, per_shard=classes), context, classes=classes)

@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import groupby, repeat
 from operator import getitem
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
-from moescope.arch import MoESpec, TensorClass, classify
+from moescope.arch import MoESpec, TensorClass, classify, moe_spec
+from moescope.errors import MoescopeError
 from moescope.inventory import Inventory
 
-__all__ = ["ClassGroup", "classify_groups"]
+__all__ = ["ClassGroup", "ShardClassifier", "classify_groups"]
 
 #: below this many tensors the per-tensor path is as fast and simpler
 _MIN_TENSORS_FOR_GROUPING = 512
@@ -149,3 +150,65 @@ class _Ints(dict[str, int]):
     def __missing__(self, text: str) -> int:
         value = self[text] = int(text)
         return value
+
+
+class ShardClassifier:
+    """Classify each shard's tensors where its header is parsed, so that work is split too.
+
+    Pass an instance as ``per_shard`` to :func:`moescope.checkpoint.open_checkpoint`: given
+    the config, it works out the spec the accounting will use (None when the config has a
+    problem: the accounting then finds and reports it) and returns the per-shard function,
+    which runs :func:`classify_groups` on one shard's tensors (in the forked child for half of
+    them, see :mod:`moescope.shards`). :meth:`groups` then joins the shards' groups into the
+    whole inventory's, positions shifted by the tensors before each shard; each tensor's
+    class does not depend on which others are classified with it, so this is what
+    :func:`classify_groups` on the whole inventory gives, with a class's members split into
+    one group per shard.
+    """
+
+    def __init__(self) -> None:
+        self.spec: MoESpec | None = None
+
+    def __call__(self, config: dict[str, Any] | None) -> Callable[[Inventory], Any] | None:
+        self.spec = spec = _spec_or_none(config)
+        if spec is None:
+            return None
+
+        def classify_shard(tensors: Inventory) -> list[tuple[Any, ...]] | None:
+            try:
+                return [(tuple(g.cls), g.positions, g.experts) for g in classify_groups(tensors, spec)]
+            except Exception:  # whatever it is, the whole-inventory pass meets it again and says so
+                return None
+
+        return classify_shard
+
+    def groups(self, shard_extras: list[tuple[int, Any]] | None, spec: MoESpec) -> list[ClassGroup] | None:
+        """The whole inventory's groups from the shards' (see the class docstring), or None
+        when a shard has none or they were made for another spec."""
+        if shard_extras is None or self.spec != spec or any(e is None for _, e in shard_extras):
+            return None
+        out: list[ClassGroup] = []
+        offset = 0
+        for count, encoded in shard_extras:
+            for cls, positions, experts in encoded:
+                if offset:
+                    positions = [i + offset for i in positions]
+                out.append(ClassGroup(TensorClass._make(cls), positions, experts))
+            offset += count
+        return out
+
+
+def _spec_or_none(config: dict[str, Any] | None) -> MoESpec | None:
+    """The spec :func:`moescope.params.account` derives from this config, or None if it fails."""
+    from moescope.spec import is_raw_spec, spec_to_config
+    from moescope.validate import validate_config
+
+    if config is None:
+        return None
+    try:
+        if is_raw_spec(config):
+            config = spec_to_config(config, "")
+        validate_config(config, "")
+        return moe_spec(config, "")
+    except MoescopeError:
+        return None

@@ -461,7 +461,7 @@ def test_inventory_behaves_as_a_list_of_tensorinfo() -> None:
 def test_read_local_headers_names_the_first_bad_shard(tmp_path: Path) -> None:
     """Shards are read concurrently but checked in order: the first bad one is reported."""
     from moescope.errors import CheckpointError
-    from moescope.safetensors_header import read_local_headers
+    from moescope.shards import read_local_headers
 
     files = []
     for i in range(6):
@@ -473,12 +473,12 @@ def test_read_local_headers_names_the_first_bad_shard(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="s2.safetensors"):
         read_local_headers(tmp_path, files)
     got = read_local_headers(tmp_path, [files[0], files[1], files[3]])
-    assert [inv.names for inv, _, _ in got] == [
+    assert [inv.names for inv, _, _, _ in got] == [
         ["model.layers.0.w"],
         ["model.layers.1.w"],
         ["model.layers.3.w"],
     ]
-    assert [inv.files[0] for inv, _, _ in got] == ["s0.safetensors", "s1.safetensors", "s3.safetensors"]
+    assert [inv.files[0] for inv, _, _, _ in got] == ["s0.safetensors", "s1.safetensors", "s3.safetensors"]
 
 
 def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
