@@ -279,11 +279,14 @@ def _fused_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[...,
         import torch.nn.functional as F
 
         out = torch.zeros_like(hidden_states)
-        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
         n_exp = self.num_experts
         with torch.no_grad():
             mask = F.one_hot(top_k_index, num_classes=n_exp + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        # each expert's output norms, written into [tokens, k] once after the loop (one
+        # index_put per layer instead of one per expert: the per-op cost is what a tiny model
+        # pays for tracing)
+        at_tok, at_pos, vals = [], [], []
         for row in hit.tolist():
             e = row[0]
             if e >= n_exp:
@@ -306,8 +309,13 @@ def _fused_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[...,
                 y = y + self.down_proj_bias[e]
             if self.has_post_expert_norm:
                 y = self.post_expert_norm(y)
-            norms[tok, pos] = y.float().norm(dim=-1)
+            at_tok.append(tok)
+            at_pos.append(pos)
+            vals.append(torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32))
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
+        if vals:
+            norms.index_put_((torch.cat(at_tok), torch.cat(at_pos)), torch.cat(vals))
         rec._norms[index] = norms
         return out
 

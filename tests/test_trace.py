@@ -472,3 +472,32 @@ def test_checkpoint_dtype_is_recorded(tmp_path: Path) -> None:
     assert rep.a2a == {"dtype": "bfloat16", "bytes": 2, "source": "checkpoint"}
     row = rep.expert_parallel.iloc[0]
     assert row.bytes_per_token == pytest.approx(_K * (row.degree - 1) / row.degree * _H * 2 * 2)
+
+
+def test_reducer_counts_devices_with_unrouted_slots() -> None:
+    """Distinct devices per token (contiguous placement) and co-activation when some slots are
+    unrouted (-1: a switch drop, an imported dump's padding), against a brute-force count."""
+    from moescope.routing import LayerRecord
+    from moescope.trace.reduce import Reducer
+
+    gen = torch.Generator().manual_seed(3)
+    n_e, k, bsz, seq = 16, 4, 3, 40
+    records, all_ids = [], []
+    for _ in range(2):  # two layers
+        ids = torch.stack([torch.randperm(n_e, generator=gen)[:k] for _ in range(bsz * seq)])
+        ids[torch.rand(ids.shape, generator=gen) < 0.3] = -1
+        all_ids.append(ids)
+        records.append(LayerRecord(ids, torch.where(ids >= 0, 0.25, 0.0)))
+    state = TraceState(layers=[0, 1], num_experts=n_e, top_k=k)
+    red = Reducer(state)
+    mask = torch.ones(bsz, seq, dtype=torch.bool)
+    red.update(records, mask, torch.zeros(bsz, seq, dtype=torch.long), torch.full((bsz, seq), -1))
+    red.flush()
+    for li, ids in enumerate(all_ids):
+        rows = [[e for e in row.tolist() if e >= 0] for row in ids]
+        for j, deg in enumerate(EP_DEGREES):
+            want = sum(len({e // (n_e // deg) for e in row}) for row in rows)
+            assert int(state.ep_distinct[li, j]) == want, (li, deg)
+        pairs = sum(len(row) * (len(row) - 1) // 2 for row in rows)
+        assert int(state.coact[li].sum()) == pairs
+        assert int(state.router_dropped[li]) == int((ids < 0).sum())

@@ -109,6 +109,27 @@ class Reducer:
                 _reduce(self.state, group, pending)
 
 
+def _real(t: Any, vidx: Any) -> Any:
+    """The real tokens of a tensor whose last dimension (1-D) or second (3-D) is the
+    flattened ``B*S`` positions; ``vidx`` None: all of them."""
+    if vidx is None:
+        return t
+    return t[vidx] if t.dim() == 1 else t[:, vidx]
+
+
+def _over_slots(op: Any, t: Any) -> Any:
+    """``op`` folded over the last (top-k slot) dimension: ``torch.maximum`` gives
+    ``t.max(-1).values``, ``torch.add`` ``t.sum(-1)``. Torch reduces a short innermost
+    dimension slowly (k=2: ~10x slower than this); from k=8 on its own reduction is as fast."""
+    if t.shape[-1] >= 8:
+        return t.amax(dim=-1) if op.__name__ == "maximum" else t.sum(dim=-1)
+    slots = t.unbind(-1)
+    out = slots[0]
+    for s in slots[1:]:
+        out = op(out, s)
+    return out
+
+
 def _fx(t: Any) -> np.ndarray:
     """Fixed point per batch (first axis), then summed: exact and order-independent."""
     import torch
@@ -160,12 +181,14 @@ class _Group:
         dev = ids4.device
         n_b, seq = mask.shape
         batch_of_row = torch.cat([torch.full((p[4].shape[0],), g, device=dev) for g, p in enumerate(pending)])
-        vidx = mask.reshape(-1).nonzero().squeeze(1)
-        if vidx.numel() == 0:
+        # the real tokens' positions; None when every position is real (the usual batch:
+        # only a stream's last one is padded), which saves a copy of every [L, N, k] tensor
+        vidx = None if bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+        if vidx is not None and vidx.numel() == 0:
             return None
-        bt = batch_of_row[:, None].expand(n_b, seq).reshape(-1)[vidx]  # [N] batch of each token
-        ids_v = ids4.reshape(n_l, n_b * seq, k)[:, vidx]  # [L, N, k]
-        w_v = wts4.reshape(n_l, n_b * seq, k)[:, vidx]
+        bt = _real(batch_of_row[:, None].expand(n_b, seq).reshape(-1), vidx)  # [N] batch of each token
+        ids_v = _real(ids4.reshape(n_l, n_b * seq, k), vidx)  # [L, N, k]
+        w_v = _real(wts4.reshape(n_l, n_b * seq, k), vidx)
         routed = ids_v >= 0
         w_v = torch.where(routed, w_v, torch.zeros_like(w_v))
         sentinel = n_l * n_e
@@ -178,7 +201,7 @@ class _Group:
             np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None,
         )  # fmt: skip
         # counts per (corpus half, batch, layer, expert): the half is the document's parity
-        half = (group.doc.reshape(-1)[vidx] & 1)[None, :, None]
+        half = (_real(group.doc.reshape(-1), vidx) & 1)[None, :, None]
         code = torch.where(routed, flat.reshape(n_l, -1, k) + half * n_bins, 2 * n_bins).reshape(-1)
         binned = torch.bincount(code, minlength=2 * n_bins + 1)[:-1].reshape(2, n_g, n_l, n_e)
         counts = binned.cpu().numpy().astype(np.int64)
@@ -201,7 +224,7 @@ class _Group:
         import torch
 
         cat = torch.cat(tensors, dim=1).double()
-        return cat.reshape(self.n_l, -1, self.k)[:, self.vidx]
+        return _real(cat.reshape(self.n_l, -1, self.k), self.vidx)
 
 
 def _reduce(st: TraceState, g: _Group, pending: list[tuple[Any, ...]]) -> None:
@@ -218,7 +241,7 @@ def _reduce(st: TraceState, g: _Group, pending: list[tuple[Any, ...]]) -> None:
     _add_capacity(st, g)
     _add_expert_parallel(st, g)
     _add_domains(st, g)
-    st.tokens += int(g.vidx.numel())
+    st.tokens += len(g.bt)
     st.windows += int(g.mask.any(dim=1).sum())
     st.batches += g.n_g
 
@@ -247,8 +270,8 @@ def _add_confidence(st: TraceState, g: _Group) -> None:
 
     dev = g.ids_v.device
     n_l = g.n_l
-    top1 = g.w_v.max(dim=-1).values  # [L, N]
-    total = g.w_v.sum(dim=-1)
+    top1 = _over_slots(torch.maximum, g.w_v)  # [L, N]
+    total = _over_slots(torch.add, g.w_v)
     share = torch.where(total > 0, top1 / total.clamp(min=1e-30), torch.ones_like(total))
     bins = (share * HIST_BINS).long().clamp(0, HIST_BINS - 1)
     boff = (torch.arange(n_l, device=dev) * HIST_BINS)[:, None]
@@ -264,10 +287,18 @@ def _add_reuse(st: TraceState, g: _Group) -> None:
     mask, doc, ids4 = g.mask, g.doc, g.ids4
     if mask.shape[1] < 2:
         return
-    adj = mask[:, 1:] & mask[:, :-1] & (doc[:, 1:] == doc[:, :-1])
-    same = (ids4[:, :, 1:, :, None] == ids4[:, :, :-1, None, :]) & (ids4[:, :, 1:, :, None] >= 0)
-    overlap = same.sum(dim=(-1, -2))  # [L, B, S-1]
-    st.reuse += (overlap * adj).sum(dim=(1, 2)).cpu().numpy()
+    import torch
+
+    adj = mask[:, 1:] & mask[:, :-1] & (doc[:, 1:] == doc[:, :-1])  # [B, S-1]
+    # slot-major copies, so every comparison runs over long contiguous rows (a [.., k, k]
+    # broadcast has a size-k innermost dimension: several times slower)
+    cur = ids4[:, :, 1:].permute(3, 0, 1, 2).contiguous()  # [k, L, B, S-1]
+    prev = ids4[:, :, :-1].permute(3, 0, 1, 2).contiguous()
+    counted = (cur >= 0) & adj
+    shared = torch.zeros(ids4.shape[0], dtype=torch.int64, device=ids4.device)
+    for i in range(cur.shape[0]):  # token t's i-th expert among token t-1's experts
+        shared += torch.count_nonzero((prev == cur[i]) & counted[i], dim=(0, 2, 3))
+    st.reuse += shared.cpu().numpy()
     st.reuse_pairs += int(adj.sum())
 
 
@@ -292,19 +323,28 @@ def _add_expert_parallel(st: TraceState, g: _Group) -> None:
     """Contiguous placement: distinct devices per token, and each batch's busiest device."""
     import torch
 
-    n_l, n_tok = g.ids_v.shape[:2]
-    for j, deg in enumerate(EP_DEGREES):
-        if g.n_e % deg:
-            continue
-        per = g.n_e // deg
-        # distinct devices per token: count each token's experts per device, then the nonzero
-        # devices (a scatter-add over a [L, N, deg] grid is cheaper than sorting the top-k)
-        devs = torch.where(g.routed, g.ids_v // per, torch.zeros_like(g.ids_v))
-        hits = torch.zeros((n_l, n_tok, deg), dtype=torch.int32, device=devs.device)
-        hits.scatter_add_(2, devs, g.routed.to(torch.int32))
-        st.ep_distinct[:, j] += (hits > 0).sum(dim=(1, 2)).cpu().numpy()
+    degrees = [(j, deg) for j, deg in enumerate(EP_DEGREES) if g.n_e % deg == 0]
+    if not degrees:
+        return
+    # each token's experts in ascending order (unrouted -1 first): under a contiguous placement
+    # the device (expert // experts per device) is ascending too, so a routed slot is on a
+    # device not seen yet exactly when the slot before it is on another one (or unrouted:
+    # -1 // per is -1). One sort serves every degree.
+    if g.k == 2:  # a sort of two is a min and a max (several times cheaper than torch.sort)
+        a, b = g.ids_v[..., 0], g.ids_v[..., 1]
+        srt = torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=-1)
+    else:
+        srt = g.ids_v.sort(dim=-1).values  # [L, N, k]
+    per = torch.tensor([float(g.n_e // deg) for _, deg in degrees], device=srt.device)[:, None, None, None]
+    # float division is exact here (ids and widths far below 2^24) and vectorised; int64's is not
+    dev = torch.floor(srt.float()[None] / per)  # [P, L, N, k]
+    new = (dev[..., 1:] != dev[..., :-1]) & (srt[None, ..., 1:] >= 0)
+    distinct = new.sum(dim=(2, 3)) + (srt[..., 0] >= 0).sum(dim=1)[None]  # [P, L]
+    distinct_np = distinct.cpu().numpy()
+    for row, (j, deg) in enumerate(degrees):
+        st.ep_distinct[:, j] += distinct_np[row]
         st.ep_batch_max[:, j] += (
-            g.counts_g.reshape(g.n_g, g.n_l, deg, per).sum(axis=3).max(axis=2).sum(axis=0)
+            g.counts_g.reshape(g.n_g, g.n_l, deg, g.n_e // deg).sum(axis=3).max(axis=2).sum(axis=0)
         )
 
 
@@ -312,7 +352,7 @@ def _add_domains(st: TraceState, g: _Group) -> None:
     """Per-domain counts and weight sums."""
     import torch
 
-    dom_v = g.dom.reshape(-1)[g.vidx]  # [N]
+    dom_v = _real(g.dom.reshape(-1), g.vidx)  # [N]
     if not bool((dom_v >= 0).any()):
         return
     dev = g.ids_v.device
