@@ -92,13 +92,22 @@ class LayerRecord:
         ids: ``[T, k]`` int64 selected experts; ``-1`` where a token was dropped (switch).
         weights: ``[T, k]`` gate weights the experts apply (``0`` where dropped).
         norms: ``[T, k]`` float32 L2 norm of each routed expert's output, or ``None``.
-        weighted_norms: ``[T, k]`` norm of the contribution added to the layer output.
+        norms_are_weighted: the gate weight is applied before the expert (llama4), so its
+            output already is the contribution and :attr:`weighted_norms` is :attr:`norms`.
     """
 
     ids: Any
     weights: Any
     norms: Any = None
-    weighted_norms: Any = None
+    norms_are_weighted: bool = False
+
+    @property
+    def weighted_norms(self) -> Any:
+        """``[T, k]`` norm of the contribution added to the layer output (None without norms);
+        computed when asked (the trace's reducer works it out for many batches at once)."""
+        if self.norms is None or self.norms_are_weighted:
+            return self.norms
+        return self.norms * self.weights.float().abs()
 
 
 def _stack_of(name: str) -> str:
@@ -280,18 +289,25 @@ def _fused_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[...,
 
         out = torch.zeros_like(hidden_states)
         n_exp = self.num_experts
+        n_tok = top_k_index.shape[0]
         with torch.no_grad():
-            mask = F.one_hot(top_k_index, num_classes=n_exp + 1).permute(2, 1, 0)
-            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+            # every (slot, token) assignment sorted by expert, stably: within an expert the
+            # order is slot-major as torch.where over eager's one-hot mask gives it, so the
+            # sums below are eager's, bit for bit, without a [tokens, k, E+1] one-hot mask
+            flat = top_k_index.t().reshape(-1)  # entry slot * tokens + token
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=n_exp + 1).tolist()
+            pos_all, tok_all = order // n_tok, order % n_tok
         # each expert's output norms, written into [tokens, k] once after the loop (one
         # index_put per layer instead of one per expert: the per-op cost is what a tiny model
-        # pays for tracing)
-        at_tok, at_pos, vals = [], [], []
-        for row in hit.tolist():
-            e = row[0]
-            if e >= n_exp:
+        # pays for tracing); id n_exp marks a dropped slot, as in eager
+        vals = []
+        start = 0
+        for e, count in enumerate(counts[:n_exp]):
+            if not count:
                 continue
-            pos, tok = torch.where(mask[e])
+            tok, pos = tok_all[start : start + count], pos_all[start : start + count]
+            start += count
             x = hidden_states[tok]
             if self.has_gate:
                 w_in = self.gate_up_proj[e]
@@ -309,13 +325,11 @@ def _fused_forward_with_norms(rec: RoutingRecorder, index: int) -> Callable[...,
                 y = y + self.down_proj_bias[e]
             if self.has_post_expert_norm:
                 y = self.post_expert_norm(y)
-            at_tok.append(tok)
-            at_pos.append(pos)
             vals.append(torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32))
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
-        if vals:
-            norms.index_put_((torch.cat(at_tok), torch.cat(at_pos)), torch.cat(vals))
+        if vals:  # the routed assignments are the first `start` of the sorted ones
+            norms.index_put_((tok_all[:start], pos_all[:start]), torch.cat(vals))
         rec._norms[index] = norms
         return out
 
@@ -394,14 +408,8 @@ class RoutingRecorder:
                 out.append(None)
                 continue
             ids, weights = self._ids[i], self._weights[i]
-            norms = self._norms.get(i)
-            weighted = None
-            if norms is not None:
-                # llama4 folds the weight into the expert input: its output already is the
-                # contribution, so both norms are the same there.
-                kind = self.sites[i].kind
-                weighted = norms if kind == "llama4" else norms * weights.float().abs()
-            out.append(LayerRecord(ids, weights, norms, weighted))
+            # llama4 folds the weight into the expert input: its output already is the contribution
+            out.append(LayerRecord(ids, weights, self._norms.get(i), self.sites[i].kind == "llama4"))
         return out
 
     def __enter__(self) -> RoutingRecorder:

@@ -200,6 +200,9 @@ def test_recorded_routing_matches_family_rule(family: str) -> None:
     # the norm-capturing forward must not change what the model computes, and detaching
     # must restore the model's own forward
     torch.testing.assert_close(hooked.logits, base.logits, atol=1e-5, rtol=1e-5)
+    if any(s.kind == "fused" for s in sites):
+        # the fused families' replacement sums each expert's contribution in eager's order
+        assert torch.equal(hooked.logits, base.logits), family
     torch.testing.assert_close(after.logits, base.logits, atol=0, rtol=0)
     assert all("forward" not in s.experts.__dict__ for s in sites)
 

@@ -501,3 +501,18 @@ def test_reducer_counts_devices_with_unrouted_slots() -> None:
         pairs = sum(len(row) * (len(row) - 1) // 2 for row in rows)
         assert int(state.coact[li].sum()) == pairs
         assert int(state.router_dropped[li]) == int((ids < 0).sum())
+
+
+def test_llama4_contributions_are_the_expert_outputs(tmp_path: Path) -> None:
+    """llama4 applies the gate weight before the expert, so the weighted output norm sums are
+    the output norm sums; for a family that weights after the expert they are not."""
+    from tests.tiny import char_tokenizer, tiny_model
+
+    for family, same in (("llama4", True), ("mixtral", False)):
+        torch.manual_seed(0)
+        model = tiny_model(family)
+        out = tmp_path / family
+        trace_model(model, char_tokenizer(), _docs(6), out, seq_len=32, batch_size=2, plots=False)
+        load = pd.read_csv(out / "expert_load.csv")
+        assert (load["out_norm_sum"] > 0).any()
+        assert np.allclose(load["weighted_out_norm_sum"], load["out_norm_sum"]) == same, family

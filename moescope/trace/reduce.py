@@ -83,7 +83,9 @@ class Reducer:
         has_norms = all(r.norms is not None for r in records)
         self.lacks_norms |= not has_norms
         nrm = torch.stack([r.norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
-        wnrm = torch.stack([r.weighted_norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
+        # the norms already are the contributions' (llama4), or those are norms x |weight|,
+        # worked out for the whole group at once
+        wnrm = has_norms and all(getattr(r, "norms_are_weighted", False) for r in records)
         if self._pending and self._pending[0][4].shape[1] != seq:
             self._reduce_pending()
         start = self._next_token if token0 is None else int(token0)
@@ -232,8 +234,10 @@ def _reduce(st: TraceState, g: _Group, pending: list[tuple[Any, ...]]) -> None:
     st.half_counts += g.counts_h
     st.weight_fx += _fx(g.per_batch(g.w_v.reshape(-1)))
     if all(p[2] is not None for p in pending):
-        st.out_norm_fx += _fx(g.per_batch(g.valid([p[2] for p in pending]).reshape(-1)))
-        st.wout_norm_fx += _fx(g.per_batch(g.valid([p[3] for p in pending]).reshape(-1)))
+        norms = g.valid([p[2] for p in pending])
+        st.out_norm_fx += _fx(g.per_batch(norms.reshape(-1)))
+        weighted = norms if all(p[3] for p in pending) else norms * g.w_v.abs()
+        st.wout_norm_fx += _fx(g.per_batch(weighted.reshape(-1)))
     st.router_dropped += (~g.routed).sum(dim=(1, 2)).cpu().numpy()
     _add_coactivation(st, g)
     _add_confidence(st, g)
