@@ -261,6 +261,7 @@ def _readme_example() -> str:
     return block.group(1)
 
 
+@pytest.mark.slow
 def test_readme_example_runs(tmp_path: Path) -> None:
     code = _readme_example()
     assert "moescope.load_trace(" in code and "moescope.report(" in code

@@ -445,12 +445,14 @@ def test_demo_page_renders_in_chromium(demo: dict[str, Any], chromium: str) -> N
 # --------------------------------------------------------------------------- synthetic pages
 
 
+@pytest.mark.slow
 def test_synthetic_page_renders_in_chromium(tmp_path: Path, chromium: str) -> None:
     out = tmp_path / "r.html"
     write_html_report(_write(tmp_path, _synthetic()), out)
     assert_renders_clean(out)
 
 
+@pytest.mark.slow
 def test_checker_sees_external_requests_and_failed_loads(tmp_path: Path, chromium: str) -> None:
     """Negative control: the same checks flag an external image and a missing local one."""
     bad = tmp_path / "bad.html"
@@ -538,6 +540,7 @@ def test_counts_only_import_reads_not_available(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- destinations
 
 
+@pytest.mark.slow
 def test_refuses_what_it_did_not_write(tmp_path: Path) -> None:
     trace = _write(tmp_path, _synthetic())
     foreign = tmp_path / "notes.html"
@@ -580,6 +583,7 @@ def test_extra_inputs_are_checked(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- --plot-format
 
 
+@pytest.mark.slow
 def test_plot_formats(tmp_path: Path) -> None:
     from moescope.cli._options import PLOT_FORMATS as CLI_FORMATS
 

@@ -515,6 +515,7 @@ def test_formats_match_cli() -> None:
     assert import_.FORMATS == FORMATS
 
 
+@pytest.mark.slow
 def test_help_examples_run(tmp_path: Path, demo: dict[str, Any]) -> None:
     """Every example line of ``moescope import --help`` runs on the demo (files it names provided)."""
     from moescope.cli import import_

@@ -69,6 +69,7 @@ def test_rounds_to() -> None:
     assert not rounds_to(12.8e9, 12.9e9)
 
 
+@pytest.mark.slow
 def test_sample_table_is_current() -> None:
     r = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "sample_table.py"), "--check"], capture_output=True, text=True

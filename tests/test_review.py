@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.safety import assert_clean_error, invoke
 
@@ -32,6 +33,7 @@ def test_import_routes_takes_one_path_as_str_or_path(tmp_path: Path) -> None:
         assert (got == expected).all()
 
 
+@pytest.mark.slow
 def test_unknown_merge_by_is_a_usage_error(tmp_path: Path) -> None:
     _ids(tmp_path / "ids.npy")
     trace = tmp_path / "t"

@@ -190,6 +190,7 @@ def _trace(path: Path, model: str, num_experts: int = _EXPERTS) -> Path:
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_cli_json_with_trace(saved: Path, tmp_path: Path) -> None:
     trace = _trace(tmp_path / "trace", str(saved))
     res = runner.invoke(

@@ -353,6 +353,7 @@ def test_flops_of_a_k_override_match_flop_counter() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_json_records_and_plot(tmp_path: Path) -> None:
     plot = tmp_path / "sweep.png"
     args = [

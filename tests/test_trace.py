@@ -334,6 +334,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_trace_report_merge(tiny_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("moescope.corpus")
     corpus = tmp_path / "c.jsonl"
