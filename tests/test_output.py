@@ -303,3 +303,19 @@ def test_download_quiet_keeps_warnings(monkeypatch: pytest.MonkeyPatch, tmp_path
     res = runner.invoke(app, ["download", "org/name", "--include", "*.bin", "-q"], catch_exceptions=False)
     assert res.exit_code == 0 and res.stdout.strip() == str(tmp_path)
     assert "Warning:" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], [], ["--no-such-option"]], ids=["help", "no-args", "bad-option"]
+)
+def test_a_run_builds_its_command_alone_with_the_same_face(args: list[str]) -> None:
+    """``main`` builds an app holding only the command it runs: help, usage errors and exit
+    codes are the whole app's, for every command."""
+    from moescope.cli.app import COMMANDS, app, build_app
+
+    runner = CliRunner()
+    for name in COMMANDS:
+        whole = runner.invoke(app, [name, *args], prog_name="moescope")
+        alone = runner.invoke(build_app(name), [name, *args], prog_name="moescope")
+        assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), name
+        assert whole.output.strip(), name
