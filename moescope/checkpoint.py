@@ -42,17 +42,12 @@ from moescope.hub import (
     split_hub_ref,
 )
 from moescope.inventory import DTYPE_BITS, Inventory, TensorInfo, as_inventory, gc_paused
+from moescope.jsonfiles import INDEX_NAME, MAX_JSON_BYTES, SINGLE_NAME, index_shards, load_json, safe_child
 from moescope.safetensors_header import (
-    INDEX_NAME,
     MAX_HEADER_BYTES,
-    MAX_JSON_BYTES,
-    SINGLE_NAME,
-    index_shards,
-    load_json,
     parse_header,
     read_local_header,
     read_safetensors_header,
-    safe_child,
 )
 from moescope.shards import Then, read_indexed_headers, read_local_headers
 

@@ -6,6 +6,9 @@ first 4 KiB of tensor data. Headers pin names, shapes, dtypes and layout; the da
 tells apart two checkpoints of one architecture (a fine-tune and its base). It reads a
 few KiB per shard, never the weights.
 
+The *checkpoint dtype* (:func:`checkpoint_dtype`) is what the weights are stored in, read
+from disk: a trace records it beside the dtype it ran in.
+
 A *corpus fingerprint* is a sha256 over the token windows a trace ran (token ids and
 domain ids in stream order, with the window length): every ``--shard i/n`` of one run
 sees the same stream, so shards of one run share it and different corpora do not.
@@ -115,3 +118,57 @@ def check_trace_model(
             f"({model_fingerprint[7:19]}); trace this model with `moescope trace {model} CORPUS --out DIR`."
         )
     return True
+
+
+#: safetensors dtype names of floating-point activations, as torch names them
+_ST_FLOAT = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(name_or_path: str) -> str | None:
+    """The dtype the checkpoint is stored in, read from disk (a loaded config says the load dtype).
+
+    ``torch_dtype`` (or ``dtype``) of the checkpoint's ``config.json``, else the dtype of its
+    expert weights in the safetensors headers (16- or 32-bit floats only: quantised experts
+    say nothing about activations). A local directory or a hub id already in the local
+    cache; None when neither says.
+    """
+    import json
+
+    root = Path(name_or_path) if name_or_path else None
+    if root is None or not root.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name_or_path, "config.json") if name_or_path else None
+        except Exception:  # not a hub id, or no cache: nothing to read
+            cached = None
+        root = Path(cached).parent if isinstance(cached, str) else None
+    if root is None:
+        return None
+    try:
+        cfg = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    for c in (cfg, cfg.get("text_config") or {}) if isinstance(cfg, dict) else ():
+        value = c.get("torch_dtype") or c.get("dtype") if isinstance(c, dict) else None
+        if value in _ST_FLOAT.values():
+            return str(value)
+    return _safetensors_expert_dtype(root)
+
+
+def _safetensors_expert_dtype(root: Path) -> str | None:
+    """The most common float dtype of the expert tensors in ``root``'s safetensors headers."""
+    from collections import Counter
+
+    from moescope.safetensors_header import read_safetensors_header
+
+    seen: Counter[str] = Counter()
+    for path in sorted(root.glob("*.safetensors"))[:4]:
+        try:
+            _start, header = read_safetensors_header(path)
+        except Exception:  # an unreadable shard leaves the dtype unknown, the trace goes on
+            continue
+        for name, entry in header.items():
+            if "expert" in name and isinstance(entry, dict) and entry.get("dtype") in _ST_FLOAT:
+                seen[_ST_FLOAT[entry["dtype"]]] += 1
+    return seen.most_common(1)[0][0] if seen else None

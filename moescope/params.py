@@ -35,7 +35,7 @@ from moescope.closedform import config_inventory
 from moescope.errors import ConfigError
 from moescope.inventory import Inventory, as_inventory, gc_paused
 from moescope.spec import is_raw_spec, spec_to_config
-from moescope.tensorclasses import ClassGroup, ShardClassifier, classify_groups
+from moescope.tensorclasses import ClassGroup, ShardClassifier, classify_groups, spec_from_names
 from moescope.validate import validate_config
 
 DEFAULT_CONTEXT = 4096
@@ -117,37 +117,6 @@ class _Acc:
     dtypes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
-def _infer_spec_from_names(tensors: Inventory) -> MoESpec:
-    """Spec for a bare safetensors file: experts detected from names, top-k unknown."""
-    spec = MoESpec(model_type="unknown", family="unknown", known=False)
-    layers: set[int] = set()
-    experts: dict[int, set[int]] = defaultdict(set)
-    fused: dict[int, int] = defaultdict(int)  # a fused [E, ...] tensor holds experts 0..E-1
-    for g in classify_groups(tensors, spec):
-        c = g.cls
-        if c.layer is not None:
-            layers.add(c.layer)
-        if c.component != "routed_experts" or c.layer is None:
-            continue
-        if g.experts is not None:
-            experts[c.layer].update(g.experts)
-            continue
-        for i in g.positions:
-            shape = tensors.shapes[i]
-            if len(shape) >= 2:
-                # a count, not range(E): an empty tensor's header may claim any first dimension
-                fused[c.layer] = max(fused[c.layer], shape[0])
-                experts.setdefault(c.layer, set())
-    spec.num_layers = max(layers) + 1 if layers else 0
-    if experts:
-        spec.moe_layers = sorted(experts)
-        # experts 0..E-1 of the fused tensors, plus per-expert indices beyond them
-        spec.num_experts = max(fused[i] + sum(1 for e in v if e >= fused[i]) for i, v in experts.items())
-        spec.is_moe = spec.num_experts > 1
-    spec.tie_word_embeddings = not any("lm_head" in name for name in tensors.names)
-    return spec
-
-
 def _attention_layers(cfg: dict[str, Any], spec: MoESpec) -> tuple[list[dict[str, Any]], str]:
     """Per attention layer: heads, qk/v head dims, KV elements per token, sliding window."""
     fam = spec.family
@@ -214,7 +183,7 @@ def _resolve(ck: Checkpoint) -> tuple[dict[str, Any] | None, MoESpec, Inventory,
         tensors = ck.tensors or as_inventory(config_inventory(cfg, spec, where))
     else:
         tensors = ck.tensors
-        spec = _infer_spec_from_names(tensors)
+        spec = spec_from_names(tensors)
     if not spec.known and cfg is not None:
         notes.append(f"model_type {spec.model_type!r} is not a family moescope knows: accounted as dense")
     return cfg, spec, tensors, where, notes

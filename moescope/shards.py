@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 from moescope.errors import CheckpointError
 from moescope.forksplit import split_map
 from moescope.inventory import Inventory
-from moescope.safetensors_header import DTYPE_NAMES, INDEX_NAME, index_shards, parse_header, read_raw_header
+from moescope.jsonfiles import INDEX_NAME, index_shards
+from moescope.safetensors_header import DTYPE_NAMES, parse_header, read_raw_header
 
 __all__ = ["ShardRead", "read_indexed_headers", "read_local_headers"]
 
@@ -58,8 +59,8 @@ def read_local_headers(
     Args:
         root: the checkpoint directory.
         files: shard paths relative to ``root`` (already checked by
-            :func:`~moescope.safetensors_header.safe_child` or
-            :func:`~moescope.safetensors_header.index_shards`); recorded as each tensor's ``file``.
+            :func:`~moescope.jsonfiles.safe_child` or
+            :func:`~moescope.jsonfiles.index_shards`); recorded as each tensor's ``file``.
         workers: concurrent raw reads.
         then: run on each shard's tensors after parsing (see the module docstring).
 
@@ -85,7 +86,7 @@ def read_local_headers(
 def read_indexed_headers(
     root: Path, index: Path, workers: int = 8, then: Then | None = None
 ) -> tuple[list[str], list[ShardRead]]:
-    """:func:`~moescope.safetensors_header.index_shards` then :func:`read_local_headers`, the
+    """:func:`~moescope.jsonfiles.index_shards` then :func:`read_local_headers`, the
     index parsed beside the headers.
 
     The shards an index usually lists are the ``*.safetensors`` files beside it, so those are

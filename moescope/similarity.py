@@ -16,7 +16,7 @@ Five measures, each an ``[E, E]`` matrix per layer:
   block input while the model reads a corpus; at most ``samples`` tokens per layer are
   kept (a seeded random subset of the tokens seen), and every expert is run on them
   through the experts module itself (``experts(x, ids=j, weights=1)``), so the
-  family's own activation and layout are used.
+  family's own activation and layout are used (:mod:`moescope.similarity_outputs`).
 - ``coactivation``: from a trace, Jaccard overlap of the token sets two experts serve
   (``count_ab / (count_a + count_b - count_ab)``). Reported, but not part of the
   redundancy score: experts that fire together are combined, not interchangeable.
@@ -44,6 +44,10 @@ from moescope.routing import expert_weight_vectors, router_rows
 from moescope.similarity_files import heatmap_figure as heatmap_figure  # re-exported
 from moescope.similarity_files import plot_heatmaps as plot_heatmaps  # re-exported
 from moescope.similarity_files import write_report
+from moescope.similarity_outputs import capture_hook, sample_tokens
+from moescope.similarity_outputs import capture_inputs as capture_inputs  # re-exported
+from moescope.similarity_outputs import expert_outputs as expert_outputs  # re-exported
+from moescope.similarity_outputs import output_similarity as output_similarity  # re-exported
 
 MEASURES = ("weights", "weight_raw", "router", "outputs", "coactivation")
 REDUNDANCY_MEASURES = ("weights", "router", "outputs")
@@ -145,112 +149,6 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     sim = unit @ unit.T
     np.fill_diagonal(sim, 1.0)
     return np.clip(sim, -1.0, 1.0)
-
-
-def capture_inputs(
-    model: Any,
-    sites: Sequence[Any],
-    batches: Iterable[Any],
-    *,
-    samples: int = 512,
-    seed: int = 0,
-) -> dict[int, Any]:
-    """Hidden states at each MoE block input, at most ``samples`` tokens per layer.
-
-    Args:
-        model: the transformers model.
-        sites: MoE sites (``moescope.routing.find_moe_sites``).
-        batches: ``[B, S]`` token-id tensors.
-        samples: tokens kept per layer.
-        seed: seed of the token subset.
-
-    Returns:
-        layer -> ``[T, H]`` float32 tensor, ``T <= samples``.
-    """
-    import torch
-
-    pool: dict[int, list[torch.Tensor]] = {s.layer: [] for s in sites}
-    seen = {s.layer: 0 for s in sites}
-    cap = 4 * samples  # enough variety for the random subset, bounded memory
-
-    def hook(layer: int) -> Callable[..., None]:
-        def fn(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
-            hidden = args[0] if args else (kwargs or {}).get("hidden_states")
-            if hidden is None or seen[layer] >= cap:
-                return
-            flat = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
-            take = flat[: cap - seen[layer]]
-            pool[layer].append(take)
-            seen[layer] += take.shape[0]
-
-        return fn
-
-    handles = [s.block.register_forward_pre_hook(hook(s.layer), with_kwargs=True) for s in sites]
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                model(input_ids=ids.to(device))
-                if all(v >= cap for v in seen.values()):
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-    gen = torch.Generator().manual_seed(seed)
-    return {layer: _sample(chunks, gen, samples) for layer, chunks in pool.items() if chunks}
-
-
-def _sample(chunks: list[Any], gen: Any, samples: int) -> Any:
-    """A seeded random subset of ``samples`` captured rows, in their original order."""
-    import torch
-
-    allx = torch.cat(chunks)
-    idx = torch.randperm(allx.shape[0], generator=gen)[:samples]
-    return allx[idx.sort().values]
-
-
-def _capture_hook(pool: list[Any], seen: list[int], cap: int) -> Callable[..., None]:
-    """A pre-hook keeping at most ``cap`` input rows of a MoE block."""
-
-    def fn(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
-        hidden = args[0] if args else (kwargs or {}).get("hidden_states")
-        if hidden is None or seen[0] >= cap:
-            return
-        flat = hidden.detach().reshape(-1, hidden.shape[-1]).float().cpu()
-        take = flat[: cap - seen[0]]
-        pool.append(take)
-        seen[0] += take.shape[0]
-
-    return fn
-
-
-def expert_outputs(experts: Any, x: Any, num_experts: int, *, chunk: int = 256) -> Any:
-    """``[E, T, H]`` outputs of every expert on the same inputs ``x [T, H]``."""
-    import torch
-
-    param = next(experts.parameters())
-    outs = []
-    with torch.inference_mode():
-        for j in range(num_experts):
-            parts = []
-            for start in range(0, x.shape[0], chunk):
-                xs = x[start : start + chunk].to(device=param.device, dtype=param.dtype)
-                ids = torch.full((xs.shape[0], 1), j, dtype=torch.long, device=param.device)
-                w = torch.ones((xs.shape[0], 1), dtype=param.dtype, device=param.device)
-                parts.append(experts(xs, ids, w).float().cpu())
-            outs.append(torch.cat(parts))
-    return torch.stack(outs)
-
-
-def output_similarity(outputs: Any) -> np.ndarray:
-    """Mean over tokens of the per-token cosine between experts' outputs ``[E, T, H]``."""
-    import torch
-
-    unit = torch.nn.functional.normalize(outputs.double(), dim=-1)
-    sim = torch.einsum("ath,bth->ab", unit, unit) / outputs.shape[1]
-    mat = sim.numpy()
-    np.fill_diagonal(mat, 1.0)
-    return np.clip(mat, -1.0, 1.0)
 
 
 def coactivation_similarity(trace: Any, layer: int, num_experts: int) -> np.ndarray:
@@ -393,7 +291,7 @@ def _streamed_report(
     cap = 4 * samples
     pools: dict[int, list[Any]] = {s.layer: [] for s in sites}
     seen: dict[int, list[int]] = {s.layer: [0] for s in sites}
-    handles = [s.block.register_forward_pre_hook(_capture_hook(pools[s.layer], seen[s.layer], cap), with_kwargs=True) for s in sites]  # fmt: skip
+    handles = [s.block.register_forward_pre_hook(capture_hook(pools[s.layer], seen[s.layer], cap), with_kwargs=True) for s in sites]  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     done: list[LayerSimilarity] = []
     used = [0]
@@ -402,7 +300,7 @@ def _streamed_report(
         site = by_layer.get(layer)
         if site is None:
             return
-        x = _sample(pools[layer], gen, samples) if pools[layer] else None
+        x = sample_tokens(pools[layer], gen, samples) if pools[layer] else None
         done.append(_layer_similarity(site, x, trace, align_weights))
         used[0] = max(used[0], int(x.shape[0]) if x is not None else 0)
         if progress:

@@ -33,7 +33,7 @@ from moescope.arch import MoESpec, TensorClass, classify, moe_spec
 from moescope.errors import MoescopeError
 from moescope.inventory import Inventory
 
-__all__ = ["ClassGroup", "ShardClassifier", "classify_groups"]
+__all__ = ["ClassGroup", "ShardClassifier", "classify_groups", "spec_from_names"]
 
 #: below this many tensors the per-tensor path is as fast and simpler
 _MIN_TENSORS_FOR_GROUPING = 512
@@ -212,3 +212,34 @@ def _spec_or_none(config: dict[str, Any] | None) -> MoESpec | None:
         return moe_spec(config, "")
     except MoescopeError:
         return None
+
+
+def spec_from_names(tensors: Inventory) -> MoESpec:
+    """Spec for a bare safetensors file: experts detected from names, top-k unknown."""
+    spec = MoESpec(model_type="unknown", family="unknown", known=False)
+    layers: set[int] = set()
+    experts: dict[int, set[int]] = defaultdict(set)
+    fused: dict[int, int] = defaultdict(int)  # a fused [E, ...] tensor holds experts 0..E-1
+    for g in classify_groups(tensors, spec):
+        c = g.cls
+        if c.layer is not None:
+            layers.add(c.layer)
+        if c.component != "routed_experts" or c.layer is None:
+            continue
+        if g.experts is not None:
+            experts[c.layer].update(g.experts)
+            continue
+        for i in g.positions:
+            shape = tensors.shapes[i]
+            if len(shape) >= 2:
+                # a count, not range(E): an empty tensor's header may claim any first dimension
+                fused[c.layer] = max(fused[c.layer], shape[0])
+                experts.setdefault(c.layer, set())
+    spec.num_layers = max(layers) + 1 if layers else 0
+    if experts:
+        spec.moe_layers = sorted(experts)
+        # experts 0..E-1 of the fused tensors, plus per-expert indices beyond them
+        spec.num_experts = max(fused[i] + sum(1 for e in v if e >= fused[i]) for i, v in experts.items())
+        spec.is_moe = spec.num_experts > 1
+    spec.tie_word_embeddings = not any("lm_head" in name for name in tensors.names)
+    return spec

@@ -151,4 +151,10 @@ def test_inventory_is_a_leaf() -> None:
     """The tensor types sit below everything that reads or builds an inventory."""
     graph = import_graph()
     assert graph["moescope.inventory"] <= {"moescope.errors"}
-    assert graph["moescope.safetensors_header"] <= {"moescope.errors", "moescope.inventory"}
+    assert graph["moescope.jsonfiles"] <= {"moescope.errors", "moescope.inventory"}
+    assert graph["moescope.safetensors_header"] <= {
+        "moescope.errors",
+        "moescope.inventory",
+        "moescope.jsonfiles",
+    }
+    assert graph["moescope.forksplit"] == set()

@@ -173,7 +173,7 @@ def _hidden_size(config: Any) -> int | None:
 
 def _run_meta(model: Any, model_ref: str, settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """The run description stored in the state (and the summary)."""
-    from moescope.identity import model_fingerprint
+    from moescope.identity import checkpoint_dtype, model_fingerprint
 
     if _is_streamed(model):
         model = model.model
@@ -196,60 +196,6 @@ def _run_meta(model: Any, model_ref: str, settings: dict[str, Any], meta: dict[s
         run_meta["fingerprint"] = model_fingerprint(name_or_path)
     run_meta.setdefault("checkpoint_dtype", checkpoint_dtype(name_or_path))
     return run_meta
-
-
-#: safetensors dtype names of floating-point activations, as torch names them
-_ST_FLOAT = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def checkpoint_dtype(name_or_path: str) -> str | None:
-    """The dtype the checkpoint is stored in, read from disk (a loaded config says the load dtype).
-
-    ``torch_dtype`` (or ``dtype``) of the checkpoint's ``config.json``, else the dtype of its
-    expert weights in the safetensors headers (16- or 32-bit floats only: quantised experts
-    say nothing about activations). A local directory or a hub id already in the local
-    cache; None when neither says.
-    """
-    import json
-
-    root = Path(name_or_path) if name_or_path else None
-    if root is None or not root.is_dir():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name_or_path, "config.json") if name_or_path else None
-        except Exception:  # not a hub id, or no cache: nothing to read
-            cached = None
-        root = Path(cached).parent if isinstance(cached, str) else None
-    if root is None:
-        return None
-    try:
-        cfg = json.loads((root / "config.json").read_text())
-    except (OSError, ValueError):
-        cfg = {}
-    for c in (cfg, cfg.get("text_config") or {}) if isinstance(cfg, dict) else ():
-        value = c.get("torch_dtype") or c.get("dtype") if isinstance(c, dict) else None
-        if value in _ST_FLOAT.values():
-            return str(value)
-    return _safetensors_expert_dtype(root)
-
-
-def _safetensors_expert_dtype(root: Path) -> str | None:
-    """The most common float dtype of the expert tensors in ``root``'s safetensors headers."""
-    from collections import Counter
-
-    from moescope.safetensors_header import read_safetensors_header
-
-    seen: Counter[str] = Counter()
-    for path in sorted(root.glob("*.safetensors"))[:4]:
-        try:
-            _start, header = read_safetensors_header(path)
-        except Exception:  # an unreadable shard leaves the dtype unknown, the trace goes on
-            continue
-        for name, entry in header.items():
-            if "expert" in name and isinstance(entry, dict) and entry.get("dtype") in _ST_FLOAT:
-                seen[_ST_FLOAT[entry["dtype"]]] += 1
-    return seen.most_common(1)[0][0] if seen else None
 
 
 # --------------------------------------------------------------------------- the loop
