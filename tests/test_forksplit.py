@@ -263,3 +263,18 @@ def test_each_shard_is_classified_where_it_is_parsed(tmp_path: Path, forced: Non
             c = classify(ck.tensors.names[i], classes.spec, len(ck.tensors.shapes[i]))
             assert c._replace(expert=None) == g.cls
             assert (c.expert is None) == (g.experts is None)
+
+
+@pytest.mark.parametrize(
+    "positions", [[3], [0, 1, 2, 3], [5, 11, 17, 23], [2, 3, 7], [4, 9, 14, 20]], ids=str
+)
+def test_shard_positions_travel_back_unchanged(positions: list[int]) -> None:
+    from moescope.tensorclasses import _pack, _unpack
+
+    packed = _pack(positions)
+    assert list(_unpack(packed, 0)) == positions
+    assert list(_unpack(packed, 100)) == [p + 100 for p in positions]
+    # evenly spaced runs travel as (start, stop, step), the rest as raw bytes
+    assert isinstance(packed, tuple) == (
+        len(positions) >= 2 and len({b - a for a, b in zip(positions, positions[1:], strict=False)}) == 1
+    )
