@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -171,23 +171,7 @@ class PruneRun:
     def to_dict(self) -> dict[str, Any]:
         """The object ``moescope prune --json`` prints: the plan, and what was written (null
         fields for a dry run)."""
-        plan, result = self.plan, self.result
-        merge = getattr(plan, "merge", None)
-        return {
-            "dry_run": result is None,
-            "criterion": plan.criterion,
-            "num_experts_before": plan.num_experts,
-            "num_experts_after": plan.keep,
-            "layers": {str(layer): {"kept": kept} for layer, kept in plan.kept.items()},
-            "plan": jsonable(plan.records()),
-            "out": None if result is None else str(result.out),
-            "bytes_in": None if result is None else result.bytes_in,
-            "bytes_out": None if result is None else result.bytes_out,
-            "config_fields": None if result is None else result.config_fields,
-            "verified": None if result is None else result.verified,
-            "method": getattr(plan, "method", "drop"),
-            "merge": None if merge is None else merge.to_dict(),
-        }
+        return cast(dict[str, Any], jsonable(self.plan.summary(self.result)))
 
 
 # --------------------------------------------------------------------------- functions

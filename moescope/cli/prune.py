@@ -186,9 +186,9 @@ def prune_cmd(
 
 
 def _emit(output: Output, plan: Any, result: Any | None, criterion: str) -> None:
-    """``--json``: :func:`prune_record`; ``--csv``: the plan records; else a table (plan or result)."""
+    """``--json``: the plan's summary; ``--csv``: the plan records; else a table (plan or result)."""
     if output.fmt == "json":
-        output.json(prune_record(plan, result, criterion))
+        output.json(plan.summary(result))
     elif output.fmt == "csv":
         output.csv(plan.records(), PLAN_COLUMNS + (("merged_into",) if plan.merge is not None else ()))
     elif result is None:
@@ -199,25 +199,6 @@ def _emit(output: Output, plan: Any, result: Any | None, criterion: str) -> None
 
 #: keys of one plan record (``--csv`` columns, ``plan`` items of ``--json``)
 PLAN_COLUMNS = ("layer", "expert", "score", "rank", "action", "new_expert")
-
-
-def prune_record(plan: Any, result: Any | None, criterion: str) -> dict[str, Any]:
-    """The ``--json`` object: the plan, and what was written (null fields on a dry run)."""
-    return {
-        "dry_run": result is None,
-        "criterion": criterion,
-        "num_experts_before": plan.num_experts,
-        "num_experts_after": plan.keep,
-        "layers": {str(layer): {"kept": kept} for layer, kept in plan.kept.items()},
-        "plan": plan.records(),
-        "out": None if result is None else str(result.out),
-        "bytes_in": None if result is None else result.bytes_in,
-        "bytes_out": None if result is None else result.bytes_out,
-        "config_fields": None if result is None else result.config_fields,
-        "verified": None if result is None else result.verified,
-        "method": plan.method,
-        "merge": plan.merge.to_dict() if plan.merge is not None else None,
-    }
 
 
 def _print_plan(output: Output, plan: Any, criterion: str) -> None:

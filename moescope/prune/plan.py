@@ -93,6 +93,26 @@ class PrunePlan:
                 out.append(rec)
         return out
 
+    def summary(self, result: Any | None = None) -> dict[str, Any]:
+        """What ``moescope prune --json`` prints (and :meth:`moescope.api.PruneRun.to_dict`
+        gives): the plan, and what was written — ``result``, a
+        :class:`~moescope.prune.write.PruneResult`; its fields are null on a dry run."""
+        return {
+            "dry_run": result is None,
+            "criterion": self.criterion,
+            "num_experts_before": self.num_experts,
+            "num_experts_after": self.keep,
+            "layers": {str(layer): {"kept": kept} for layer, kept in self.kept.items()},
+            "plan": self.records(),
+            "out": None if result is None else str(result.out),
+            "bytes_in": None if result is None else result.bytes_in,
+            "bytes_out": None if result is None else result.bytes_out,
+            "config_fields": None if result is None else result.config_fields,
+            "verified": None if result is None else result.verified,
+            "method": self.method,
+            "merge": None if self.merge is None else self.merge.to_dict(),
+        }
+
     def _merged_into(self, layer: int) -> dict[int, int]:
         if self.merge is None:
             return {}
