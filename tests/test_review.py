@@ -20,6 +20,15 @@ def _ids(path: Path, tokens: int = 300) -> np.ndarray:
     return ids
 
 
+def _imported_trace(tmp_path: Path) -> Path:
+    """A trace directory imported from :func:`_ids` (``tmp_path/t``)."""
+    _ids(tmp_path / "ids.npy")
+    trace = tmp_path / "t"
+    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
+    assert invoke(args).exit_code == 0
+    return trace
+
+
 def test_import_routes_takes_one_path_as_str_or_path(tmp_path: Path) -> None:
     import moescope
 
@@ -35,12 +44,7 @@ def test_import_routes_takes_one_path_as_str_or_path(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_unknown_merge_by_is_a_usage_error(tmp_path: Path) -> None:
-    _ids(tmp_path / "ids.npy")
-    trace = tmp_path / "t"
-    assert (
-        invoke(["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "-q"]).exit_code
-        == 0
-    )
+    trace = _imported_trace(tmp_path)
     args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
     assert_clean_error(invoke([*args, "--merge-by", "bogus", "--dry-run"]), code=2, contains="--merge-by")
     line = assert_clean_error(invoke([*args, "--similarity", tmp_path / "nowhere", "--dry-run"]))
@@ -63,10 +67,7 @@ def test_sglang_response_bad_bytes_and_deep_json_name_the_file(tmp_path: Path) -
 
 
 def test_html_under_a_file_is_refused_cleanly(tmp_path: Path) -> None:
-    _ids(tmp_path / "ids.npy")
-    trace = tmp_path / "t"
-    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
-    assert invoke(args).exit_code == 0
+    trace = _imported_trace(tmp_path)
     blocker = tmp_path / "notes.txt"
     blocker.write_text("mine")
     line = assert_clean_error(invoke(["report", trace, "--html", blocker / "r.html", "-q"]))
@@ -75,10 +76,7 @@ def test_html_under_a_file_is_refused_cleanly(tmp_path: Path) -> None:
 
 
 def test_html_refuses_a_manifest_whose_layers_are_not_plans(tmp_path: Path) -> None:
-    _ids(tmp_path / "ids.npy")
-    trace = tmp_path / "t"
-    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
-    assert invoke(args).exit_code == 0
+    trace = _imported_trace(tmp_path)
     bad = tmp_path / "prune_manifest.json"
     for layers in ('{"0": "zz"}', '{"x": {}}'):
         bad.write_text(f'{{"tool": "moescope", "kind": "prune", "complete": true, "layers": {layers}}}')
@@ -88,10 +86,7 @@ def test_html_refuses_a_manifest_whose_layers_are_not_plans(tmp_path: Path) -> N
 
 
 def test_merge_by_weight_with_a_similarity_report_is_refused(tmp_path: Path) -> None:
-    _ids(tmp_path / "ids.npy")
-    trace = tmp_path / "t"
-    args = ["import", "ids", tmp_path / "ids.npy", "--model", "demo", "--out", trace, "--no-plots", "-q"]
-    assert invoke(args).exit_code == 0
+    trace = _imported_trace(tmp_path)
     args = ["prune", "demo", "--trace", trace, "--drop", "2", "--criterion", "frequency", "--method", "merge"]
     line = assert_clean_error(
         invoke([*args, "--merge-by", "weight", "--similarity", tmp_path, "--dry-run"]), code=2
