@@ -29,14 +29,13 @@ from dataclasses import asdict, dataclass, field
 from math import prod
 from typing import Any
 
-from moescope.arch import COMPONENTS, MoESpec, _get, classify, moe_spec
+from moescope.arch import COMPONENTS, MoESpec, _get, classify
 from moescope.checkpoint import Checkpoint, open_checkpoint
 from moescope.closedform import config_inventory
 from moescope.errors import ConfigError
 from moescope.inventory import Inventory, as_inventory, gc_paused
-from moescope.spec import is_raw_spec, spec_to_config
+from moescope.spec import config_spec
 from moescope.tensorclasses import ClassGroup, ShardClassifier, classify_groups, spec_from_names
-from moescope.validate import validate_config
 
 DEFAULT_CONTEXT = 4096
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "fp8": 1}
@@ -176,10 +175,7 @@ def _resolve(ck: Checkpoint) -> tuple[dict[str, Any] | None, MoESpec, Inventory,
     if cfg is not None:
         # Every field is checked before any arithmetic: a bad value is one clean error,
         # never an impossible number, a huge allocation or a traceback.
-        if is_raw_spec(cfg):
-            cfg = spec_to_config(cfg, where)
-        validate_config(cfg, where)
-        spec = moe_spec(cfg, where)
+        cfg, spec = config_spec(cfg, where)
         tensors = ck.tensors or as_inventory(config_inventory(cfg, spec, where))
     else:
         tensors = ck.tensors

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moescope.arch import MoESpec, moe_spec
 from moescope.errors import ConfigError
 from moescope.inventory import Inventory, TensorInfo
 from moescope.validate import (
@@ -46,6 +47,7 @@ from moescope.validate import (
     check_index_list,
     check_int,
     show,
+    validate_config,
 )
 
 _REQUIRED = ("num_layers", "hidden_size", "num_heads", "ffn_size", "vocab_size")
@@ -86,6 +88,20 @@ class _Fields:
     def flag(self, key: str, default: bool) -> bool:
         v = self.spec.get(key)
         return default if v is None else check_bool(v, key, self.where, _FIX)
+
+
+def config_spec(cfg: dict[str, Any], where: str) -> tuple[dict[str, Any], MoESpec]:
+    """The config accounting uses (a raw spec normalised by :func:`spec_to_config`), checked
+    by :func:`~moescope.validate.validate_config` before any arithmetic, and its
+    :class:`~moescope.arch.MoESpec`.
+
+    Raises:
+        ConfigError: a malformed or impossible field, named with ``where``.
+    """
+    if is_raw_spec(cfg):
+        cfg = spec_to_config(cfg, where)
+    validate_config(cfg, where)
+    return cfg, moe_spec(cfg, where)
 
 
 def spec_to_config(spec: dict[str, Any], where: str = "spec") -> dict[str, Any]:

@@ -30,7 +30,7 @@ from itertools import groupby, repeat
 from operator import getitem
 from typing import Any, NamedTuple, cast
 
-from moescope.arch import MoESpec, TensorClass, classify, moe_spec
+from moescope.arch import MoESpec, TensorClass, classify
 from moescope.errors import MoescopeError
 from moescope.inventory import Inventory
 
@@ -223,16 +223,12 @@ def _unpack(packed: tuple[int, int, int] | bytes, offset: int) -> Sequence[int]:
 
 def _spec_or_none(config: dict[str, Any] | None) -> MoESpec | None:
     """The spec :func:`moescope.params.account` derives from this config, or None if it fails."""
-    from moescope.spec import is_raw_spec, spec_to_config
-    from moescope.validate import validate_config
+    from moescope.spec import config_spec
 
     if config is None:
         return None
     try:
-        if is_raw_spec(config):
-            config = spec_to_config(config, "")
-        validate_config(config, "")
-        return moe_spec(config, "")
+        return config_spec(config, "")[1]
     except MoescopeError:
         return None
 

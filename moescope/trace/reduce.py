@@ -85,13 +85,13 @@ class Reducer:
         nrm = torch.stack([r.norms.reshape(bsz, seq, -1) for r in records]) if has_norms else None
         # the norms already are the contributions' (llama4), or those are norms x |weight|,
         # worked out for the whole group at once
-        wnrm = has_norms and all(getattr(r, "norms_are_weighted", False) for r in records)
+        weighted = has_norms and all(getattr(r, "norms_are_weighted", False) for r in records)
         if self._pending and self._pending[0][4].shape[1] != seq:
             self._reduce_pending()
         start = self._next_token if token0 is None else int(token0)
         self._next_token = start + int(mask.sum())
         self._pending.append(
-            (ids, wts, nrm, wnrm, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device), start)
+            (ids, wts, nrm, weighted, mask.to(ids.device), doc.to(ids.device), dom.to(ids.device), start)
         )
         if len(self._pending) >= self.group:
             self._reduce_pending()
@@ -119,12 +119,12 @@ def _real(t: Any, vidx: Any) -> Any:
     return t[vidx] if t.dim() == 1 else t[:, vidx]
 
 
-def _over_slots(op: Any, t: Any) -> Any:
-    """``op`` folded over the last (top-k slot) dimension: ``torch.maximum`` gives
-    ``t.max(-1).values``, ``torch.add`` ``t.sum(-1)``. Torch reduces a short innermost
-    dimension slowly (k=2: ~10x slower than this); from k=8 on its own reduction is as fast."""
+def _over_slots(t: Any, op: Any, reduce: Any) -> Any:
+    """``t`` reduced over its last (top-k slot) dimension: by ``reduce`` (torch's own, e.g.
+    ``lambda t: t.sum(-1)``) from 8 slots on, else by folding ``op`` (``torch.add``) over the
+    slots. Torch reduces a short innermost dimension slowly (k=2: ~10x slower than folding)."""
     if t.shape[-1] >= 8:
-        return t.amax(dim=-1) if op.__name__ == "maximum" else t.sum(dim=-1)
+        return reduce(t)
     slots = t.unbind(-1)
     out = slots[0]
     for s in slots[1:]:
@@ -274,8 +274,8 @@ def _add_confidence(st: TraceState, g: _Group) -> None:
 
     dev = g.ids_v.device
     n_l = g.n_l
-    top1 = _over_slots(torch.maximum, g.w_v)  # [L, N]
-    total = _over_slots(torch.add, g.w_v)
+    top1 = _over_slots(g.w_v, torch.maximum, lambda t: t.amax(dim=-1))  # [L, N]
+    total = _over_slots(g.w_v, torch.add, lambda t: t.sum(dim=-1))
     share = torch.where(total > 0, top1 / total.clamp(min=1e-30), torch.ones_like(total))
     bins = (share * HIST_BINS).long().clamp(0, HIST_BINS - 1)
     boff = (torch.arange(n_l, device=dev) * HIST_BINS)[:, None]
