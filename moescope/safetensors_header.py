@@ -293,13 +293,18 @@ def _decode_header(raw: bytes, label: str, fast: bool = True) -> dict[str, Any]:
     return header
 
 
-def _checked(raw: bytes, label: str, data_len: int | None, file: str | None, data_start: int) -> Inventory:
-    """Decode and check a header; a header that fails is decoded again by :mod:`json`, so the
-    error is the one :mod:`json`'s reading gives (see :func:`moescope.jsonfiles.fast_loads`)."""
+def _checked(
+    raw: bytes, label: str, data_len: int | None, file: str | None, data_start: int
+) -> tuple[dict[str, Any], Inventory]:
+    """Decode and check a header: (the header, its tensors). A header that fails is decoded
+    again by :mod:`json`, so the error is the one :mod:`json`'s reading gives (see
+    :func:`moescope.jsonfiles.fast_loads`)."""
+    header = _decode_header(raw, label)
     try:
-        return _check_entries(_decode_header(raw, label), label, data_len, file, data_start)
+        return header, _check_entries(header, label, data_len, file, data_start)
     except CheckpointError:
-        return _check_entries(_decode_header(raw, label, fast=False), label, data_len, file, data_start)
+        header = _decode_header(raw, label, fast=False)
+        return header, _check_entries(header, label, data_len, file, data_start)
 
 
 def parse_header(raw: bytes, file: str, file_size: int | None, label: str | None = None) -> Inventory:
@@ -320,7 +325,7 @@ def parse_header(raw: bytes, file: str, file_size: int | None, label: str | None
     label = label or file
     data_len = None if file_size is None else file_size - 8 - len(raw)
     with gc_paused():
-        return _checked(raw, label, data_len, file, 8 + len(raw))
+        return _checked(raw, label, data_len, file, 8 + len(raw))[1]
 
 
 def read_raw_header(path: Path) -> tuple[bytes, int]:
@@ -379,10 +384,5 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """
     raw, size = read_raw_header(path)
     with gc_paused():
-        header = _decode_header(raw, str(path))
-        try:
-            _check_entries(header, str(path), size - 8 - len(raw), path.name)
-        except CheckpointError:
-            header = _decode_header(raw, str(path), fast=False)
-            _check_entries(header, str(path), size - 8 - len(raw), path.name)
+        header, _ = _checked(raw, str(path), size - 8 - len(raw), path.name, 0)
     return 8 + len(raw), header
