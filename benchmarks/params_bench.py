@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moescope.arch import moe_spec  # noqa: E402
-from moescope.closedform import config_inventory  # noqa: E402
+from moescope.arch.closedform import config_inventory  # noqa: E402
+from moescope.arch.moe import moe_spec  # noqa: E402
 from tests.hubstub import HubStub, write_sparse_shard  # noqa: E402
 
 
@@ -183,7 +183,7 @@ def local_bench(d: Path, cfg_path: Path, n_tensors: int, args: argparse.Namespac
     """Whole-process wall time of ``moescope params`` on local sources, and the in-process split.
 
     The Kimi-K2 checkpoint is timed twice, interleaved run by run: as shipped (shard headers
-    parsed and classified on two cores, see ``moescope.forksplit``) and with
+    parsed and classified on two cores, see ``moescope.checkpoint.forksplit``) and with
     ``MOESCOPE_NO_FORK=1`` (one process), so the ratio holds even on a noisy machine. The
     config file's time is the floor every command pays (interpreter, typer, rich, imports).
     """
@@ -219,8 +219,8 @@ def local_bench(d: Path, cfg_path: Path, n_tensors: int, args: argparse.Namespac
     )
     code = (
         "import sys, time; t0 = time.perf_counter(); "
-        "from moescope.checkpoint import open_checkpoint; from moescope.params import account; "
-        "from moescope.tensorclasses import ShardClassifier; "
+        "from moescope.checkpoint.ref import open_checkpoint; from moescope.accounting.params import account; "
+        "from moescope.arch.tensorclasses import ShardClassifier; "
         "t1 = time.perf_counter(); c = ShardClassifier(); ck = open_checkpoint(sys.argv[1], per_shard=c); "
         "t2 = time.perf_counter(); account(ck, classes=c); t3 = time.perf_counter(); "
         "print(f'{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f} {ck.bytes_read}')"

@@ -100,8 +100,8 @@ def write_checkpoint(root: Path, layers: int, layers_per_shard: int) -> tuple[in
 
 def write_trace(root: Path, layers: int) -> None:
     """A real trace directory (state + derived files) with random loads, as `moescope trace` writes."""
-    from moescope.trace.write import write_trace_dir
-    from moescope.tracestate import TraceState
+    from moescope.tracedir.state import TraceState
+    from moescope.tracing.write import write_trace_dir
 
     state = TraceState(list(range(layers)), EXPERTS, 2, meta={"model": "bench"})
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def write_trace(root: Path, layers: int) -> None:
 
 CHILD = r"""
 import json, sys, time
-from moescope import prune as P
+from moescope import pruning as P
 
 
 def hwm():  # VmHWM is per address space (reset by exec), unlike ru_maxrss which a fork inherits

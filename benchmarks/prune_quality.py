@@ -33,8 +33,8 @@ def evaluate_dir(path: str, tokenizer: Any, corpus: str, args: argparse.Namespac
     import torch
     import transformers
 
-    from moescope.corpus import read_corpus
-    from moescope.evaluate import perplexity
+    from moescope.corpus.read import read_corpus
+    from moescope.evaluation.perplexity import perplexity
 
     transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -70,10 +70,11 @@ def main() -> None:
     ap.add_argument("--similarity-samples", type=int, default=512)
     args = ap.parse_args()
 
-    from moescope import prune as P
-    from moescope.model import load_model
-    from moescope.similarity import similarity
-    from moescope.trace import run_trace
+    from moescope import pruning as P
+    from moescope.checkpoint.ref import local_dir
+    from moescope.execution.load import load_model
+    from moescope.redundancy.run import similarity
+    from moescope.tracing import run_trace
 
     scratch = Path(tempfile.mkdtemp(prefix="prune_quality_"))
     t_start = time.perf_counter()
@@ -97,7 +98,7 @@ def main() -> None:
                 plots=False,
             )
         _, tokenizer = load_model(args.model)
-        src = str(P.resolve_checkpoint_dir(args.model))
+        src = str(local_dir(args.model))
         rows: list[tuple[str, str, str, dict[str, Any]]] = []
         print("evaluating the unpruned model...", file=sys.stderr)
         base = evaluate_dir(src, tokenizer, args.corpus, args)

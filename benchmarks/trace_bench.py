@@ -54,7 +54,7 @@ def load(tiny: bool, model_ref: str) -> tuple[Any, Any, str]:
     import transformers as tf
 
     if not tiny:
-        from moescope.model import load_model
+        from moescope.execution.load import load_model
 
         model, tok = load_model(model_ref, dtype="float32")
         return model, tok, model_ref
@@ -71,7 +71,7 @@ def load(tiny: bool, model_ref: str) -> tuple[Any, Any, str]:
 
 def documents(limit_tokens: int) -> Any:
     """The demo corpus (all splits), cycled until about ``limit_tokens`` characters."""
-    from moescope.corpus import read_corpus
+    from moescope.corpus.read import read_corpus
 
     docs = list(read_corpus("demo"))
     total = 0
@@ -88,8 +88,8 @@ def overhead(
     """Fastest plain pass versus fastest recorded+reduced pass over the same batches."""
     import torch
 
-    from moescope.routing import RoutingRecorder, config_top_k, require_moe_sites
-    from moescope.trace import TraceState, _Reducer
+    from moescope.execution.routing import RoutingRecorder, config_top_k, require_moe_sites
+    from moescope.tracing import Reducer, TraceState
 
     stream: list[int] = []
     for doc in documents(seq_len * batch_size * batches):
@@ -114,7 +114,7 @@ def overhead(
 
     def traced() -> tuple[float, float]:
         state = TraceState(layers=[s.layer for s in sites], num_experts=sites[0].num_experts, top_k=top_k)
-        red = _Reducer(state)
+        red = Reducer(state)
         t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode(), RoutingRecorder(sites) as rec:
             for b in range(batches):
@@ -157,7 +157,7 @@ def overhead(
 
 def child(args: argparse.Namespace) -> None:
     """Trace ``--child-tokens`` tokens and print peak RSS and timings as JSON."""
-    from moescope.trace import trace_model
+    from moescope.tracing import trace_model
 
     model, tok, _ = load(args.tiny, args.model)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -3,18 +3,18 @@
 What: ``import moescope`` exposes ``params``, ``trace``, ``load_trace``, ``report``,
 ``similarity``, ``prune``, ``evaluate``, ``import_routes`` and ``sweep`` (the table
 :data:`moescope.API` says where each lives). Most are the library functions the CLI
-calls, unchanged (``params`` is :func:`moescope.params.count_params`, ``report`` is
-:func:`moescope.stats.build_report`). This module holds the thin wrappers for the others,
+calls, unchanged (``params`` is :func:`moescope.accounting.params.count_params`, ``report`` is
+:func:`moescope.stats.report.build_report`). This module holds the thin wrappers for the others,
 which change nothing but the call and the result's shape:
 
-- :func:`trace` runs :func:`moescope.trace.run_trace` with its options spelled out and
+- :func:`trace` runs :func:`moescope.tracing.run_trace` with its options spelled out and
   returns a :class:`TraceRun` (``.to_dict()``, ``.load()``);
-- :func:`load_trace` reads a trace directory (:func:`moescope.tracedir.read_trace_dir`)
+- :func:`load_trace` reads a trace directory (:func:`moescope.tracedir.files.read_trace_dir`)
   as a :class:`Trace`: ``expert_load``, ``coactivation``, ``domain_load``, ``capacity``
   DataFrames, ``summary``, ``.to_dict()``, ``.report()``;
-- :func:`similarity` runs :func:`moescope.similarity.similarity` writing nothing unless
+- :func:`similarity` runs :func:`moescope.redundancy.run.similarity` writing nothing unless
   ``out`` is given, and returns a :class:`Similarity` (``pairs()``, ``layer_scores()``);
-- :func:`prune` runs :func:`moescope.prune.prune` and returns one :class:`PruneRun`
+- :func:`prune` runs :func:`moescope.pruning.prune` and returns one :class:`PruneRun`
   (plan, result, ``table`` DataFrame) instead of a tuple; a dry run needs no ``out``;
 - :func:`evaluate` and :func:`sweep` accept one corpus spec as a string.
 
@@ -36,16 +36,16 @@ import numpy as np
 import pandas as pd
 
 from moescope.errors import PruneError
-from moescope.evaluate import EvalResult
-from moescope.prune.plan import PrunePlan
-from moescope.prune.write import PruneResult
-from moescope.similarity import SimilarityReport
-from moescope.stats import Report, build_report
-from moescope.trace.run import TraceResult
-from moescope.tracedir import TraceDir, read_trace_dir
+from moescope.evaluation.perplexity import EvalResult
+from moescope.pruning.plan import PrunePlan
+from moescope.pruning.write import PruneResult
+from moescope.redundancy.report import SimilarityReport
+from moescope.stats.report import Report, build_report
+from moescope.tracedir.files import TraceDir, read_trace_dir
+from moescope.tracing.run import TraceResult
 
 if TYPE_CHECKING:
-    from moescope.sweep import SweepResult
+    from moescope.evaluation.sweep import SweepResult
 
 __all__ = [
     "PruneRun",
@@ -97,7 +97,7 @@ def _upgrade(obj: Any, cls: type[T]) -> T:
 
 @dataclass(frozen=True)
 class Trace(TraceDir):
-    """A trace directory loaded for analysis (:class:`moescope.tracedir.TraceDir`).
+    """A trace directory loaded for analysis (:class:`moescope.tracedir.files.TraceDir`).
 
     DataFrames (derived from ``state.npz``, equal to the CSV files): ``expert_load``,
     ``coactivation``, ``domain_load`` (None without domains), ``capacity``. Also ``summary``
@@ -109,13 +109,13 @@ class Trace(TraceDir):
         return {"path": str(self.path), **jsonable(self.summary)}
 
     def report(self, *, dtype_bytes: int | None = None) -> Report:
-        """Every statistic of this trace (:func:`moescope.stats.build_report`)."""
+        """Every statistic of this trace (:func:`moescope.stats.report.build_report`)."""
         return build_report(self.path, dtype_bytes=dtype_bytes)
 
 
 @dataclass
 class TraceRun(TraceResult):
-    """What :func:`trace` wrote (:class:`moescope.trace.TraceResult`): ``out_dir``,
+    """What :func:`trace` wrote (:class:`moescope.tracing.TraceResult`): ``out_dir``,
     ``tokens``, ``seconds``, ``tokens_per_second``, ``layers``, ``num_experts``, ``top_k``,
     ``summary``."""
 
@@ -130,7 +130,7 @@ class TraceRun(TraceResult):
 
 @dataclass
 class Similarity(SimilarityReport):
-    """Expert similarity per layer (:class:`moescope.similarity.SimilarityReport`):
+    """Expert similarity per layer (:class:`moescope.redundancy.run.SimilarityReport`):
     ``pairs()`` and ``layer_scores()`` DataFrames, ``layers[i].matrices`` arrays."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,14 +209,14 @@ def trace(
 ) -> TraceRun:
     """Trace ``model``'s routing over ``corpus`` into the trace directory ``out``.
 
-    The options are ``moescope trace``'s (:func:`moescope.trace.run_trace` documents each;
+    The options are ``moescope trace``'s (:func:`moescope.tracing.run_trace` documents each;
     ``**options`` passes the rest, e.g. ``plot_format``, ``shard``).
 
     Example:
         >>> run = trace("demo", "demo", "traces/demo", max_tokens=2000)  # doctest: +SKIP
         >>> run.load().expert_load.groupby("layer")["count"].sum()  # doctest: +SKIP
     """
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     result = run_trace(
         model,
@@ -249,7 +249,7 @@ def similarity(
     corpus: str | Sequence[str] = "demo",
     **options: Any,
 ) -> Similarity:
-    """Expert-to-expert similarity per MoE layer (:func:`moescope.similarity.similarity`).
+    """Expert-to-expert similarity per MoE layer (:func:`moescope.redundancy.run.similarity`).
 
     Args:
         model: ``demo``, a checkpoint directory or a hub id.
@@ -258,14 +258,14 @@ def similarity(
         corpus: corpus spec(s) whose tokens the ``outputs`` measure runs.
         **options: the library function's other options (``samples``, ``outputs``, ...).
     """
-    from moescope.similarity import similarity as run
+    from moescope.redundancy.run import similarity as run
 
     specs = [corpus] if isinstance(corpus, str) else list(corpus)
     return _upgrade(run(model, out, trace=trace, corpus=specs, **options), Similarity)
 
 
 def prune(model: str, trace: str | Path, out: str | Path | None = None, **options: Any) -> PruneRun:
-    """Score, plan and (unless ``dry_run=True``) write a pruned checkpoint (:func:`moescope.prune.prune`).
+    """Score, plan and (unless ``dry_run=True``) write a pruned checkpoint (:func:`moescope.pruning.prune`).
 
     Args:
         model: ``demo``, a checkpoint directory or a hub id.
@@ -277,7 +277,7 @@ def prune(model: str, trace: str | Path, out: str | Path | None = None, **option
     Raises:
         PruneError: no ``out`` for a run that writes; and every error of the library function.
     """
-    from moescope.prune import prune as run
+    from moescope.pruning import prune as run
 
     if out is None and not options.get("dry_run"):
         raise PruneError("prune writes a checkpoint: pass out=DIR, or dry_run=True to plan only.")
@@ -288,19 +288,19 @@ def prune(model: str, trace: str | Path, out: str | Path | None = None, **option
 def evaluate(model: str, corpus: str | Sequence[str], **options: Any) -> EvalResult:
     """Perplexity of ``model`` on ``corpus`` (one spec or several), overall and per domain.
 
-    :func:`moescope.evaluate.evaluate` with its options; returns its ``EvalResult``.
+    :func:`moescope.evaluation.perplexity.evaluate` with its options; returns its ``EvalResult``.
     """
-    from moescope.evaluate import evaluate as run
+    from moescope.evaluation.perplexity import evaluate as run
 
     return run(model, [corpus] if isinstance(corpus, str) else list(corpus), **options)
 
 
 def sweep(model: str, corpus: str | Sequence[str], **options: Any) -> SweepResult:
-    """Perplexity and cost of ``model`` at several routing settings (:func:`moescope.sweep.sweep`).
+    """Perplexity and cost of ``model`` at several routing settings (:func:`moescope.evaluation.sweep.sweep`).
 
     ``corpus`` is one spec or several; ``**options`` are the library function's (``top_k``,
     ``top_p``, ``max_tokens``, ...).
     """
-    from moescope.sweep import sweep as run
+    from moescope.evaluation.sweep import sweep as run
 
     return run(model, [corpus] if isinstance(corpus, str) else list(corpus), **options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moescope.published import compare
+from moescope.accounting.published import compare
 
 ROOT = Path(__file__).resolve().parent.parent / "sample_configs"
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"

@@ -441,7 +441,7 @@ def model_card(kind: str, metrics: dict[str, Any]) -> str:
         "## Use",
         "",
         "```python",
-        "from moescope.model import load_model",
+        "from moescope.execution.load import load_model",
         "",
         f'model, tok = load_model("{"demo" if kind == "moe" else "demo-dense"}")',
         "```",

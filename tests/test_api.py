@@ -1,9 +1,8 @@
 """The Python API: ``import moescope`` gives one function per command.
 
-Checked here: ``import moescope`` imports nothing heavy; every API name is callable and
-reaches its function whatever was imported first (the names ``params``, ``trace``,
-``similarity``, ``prune``, ``evaluate`` and ``sweep`` are also submodules, which Python
-binds over anything ``__init__`` set); each result's ``to_dict()`` is what the matching
+Checked here: ``import moescope`` imports nothing heavy; every API name is a plain function
+and reaches its target whatever was imported first (no submodule shares an API name, so
+nothing the import system binds can shadow one); each result's ``to_dict()`` is what the matching
 command prints with ``--json`` (so the CLI and the API run the same function); the loaded
 trace's DataFrames equal the CSV files; a dry-run prune keeps the experts an independent
 ranking of ``expert_load.csv`` keeps; and the README's "Python API" example runs.
@@ -11,6 +10,7 @@ ranking of ``expert_load.csv`` keeps; and the README's "Python API" example runs
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import os
@@ -104,10 +104,10 @@ print(json.dumps(first))
 
 _ORDERS = {
     "nothing first": "",
-    "submodules first": "import moescope.params, moescope.trace, moescope.similarity, moescope.prune, moescope.evaluate",
+    "submodules first": "import moescope.accounting.params, moescope.tracing, moescope.redundancy.run, moescope.pruning, moescope.evaluation.perplexity",
     "from-imports of submodule contents": (
-        "from moescope.prune import api\nfrom moescope.trace import run_trace\n"
-        "import moescope.trace.routes\nfrom moescope.similarity import similarity"
+        "from moescope.pruning import api\nfrom moescope.tracing import run_trace\n"
+        "import moescope.tracing.routes\nfrom moescope.redundancy.run import similarity"
     ),
     "from moescope import names": (
         "from moescope import params, trace, similarity, prune, evaluate, load_trace, report\n"
@@ -120,8 +120,8 @@ _ORDERS = {
     ),
     "moescope.api first": "import moescope.api",
     "reloaded": (
-        "import importlib, moescope, moescope.similarity\nimportlib.reload(moescope)\n"
-        "import moescope.params\nimportlib.reload(moescope.params)"
+        "import importlib, moescope, moescope.redundancy.run\nimportlib.reload(moescope)\n"
+        "import moescope.accounting.params\nimportlib.reload(moescope.accounting.params)"
     ),
 }
 
@@ -129,20 +129,17 @@ _ORDERS = {
 @pytest.mark.parametrize("prelude", list(_ORDERS.values()), ids=list(_ORDERS))
 def test_names_callable_in_any_import_order(prelude: str) -> None:
     seen = json.loads(_python(prelude + "\n" + _CHECK).strip().splitlines()[-1])
-    for name in ("params", "trace", "similarity", "prune", "evaluate"):
-        assert seen[name] == "CallableModule", name
-    assert seen["load_trace"] == seen["report"] == "function"
-    for name in ("import_routes", "sweep"):  # written by other work; callable once it exists
-        assert seen[name] in ("missing", "function", "CallableModule"), name
+    assert set(seen) == set(moescope.API)
+    assert all(kind == "function" for kind in seen.values()), seen
 
 
-def test_callable_module_is_still_the_module() -> None:
-    import moescope.params as params_module
-
-    assert moescope.params is params_module
-    assert moescope.params.count_params is moescope.api_function("params")
+def test_every_api_name_is_a_function() -> None:
+    for name in moescope.API:
+        assert inspect.isfunction(getattr(moescope, name)), name
+        assert importlib.util.find_spec(f"moescope.{name}") is None, f"a submodule shadows moescope.{name}"
+    assert moescope.params is moescope.api_function("params")
     assert "save_routes" in inspect.signature(moescope.trace).parameters  # notebook help / completion
-    assert "callable as moescope.api.trace" in repr(moescope.trace)
+    assert set(moescope.API) <= set(dir(moescope))
     with pytest.raises(AttributeError, match="no attribute"):
         moescope.not_an_api_name  # noqa: B018
 
@@ -158,18 +155,20 @@ def test_functions_of_other_commands(name: str) -> None:
 
 def test_corpus_may_be_one_string(monkeypatch: pytest.MonkeyPatch) -> None:
     """``evaluate`` and ``sweep`` take ``"demo"`` as one spec, not the specs d, e, m, o."""
-    import moescope.evaluate
+    import moescope.evaluation.perplexity
 
     calls: list[Any] = []
-    monkeypatch.setattr(moescope.evaluate, "evaluate", lambda model, corpus, **kw: calls.append(corpus))
+    monkeypatch.setattr(
+        moescope.evaluation.perplexity, "evaluate", lambda model, corpus, **kw: calls.append(corpus)
+    )
     moescope.evaluate("demo", "demo")
     moescope.evaluate("demo", ("demo:code", "demo:prose"))
     assert calls == [["demo"], ["demo:code", "demo:prose"]]
     try:
-        import moescope.sweep
+        import moescope.evaluation.sweep
     except ImportError:
         return
-    monkeypatch.setattr(moescope.sweep, "sweep", lambda model, corpus, **kw: calls.append(corpus))
+    monkeypatch.setattr(moescope.evaluation.sweep, "sweep", lambda model, corpus, **kw: calls.append(corpus))
     moescope.sweep("demo", "demo", top_k="1,2")
     assert calls[-1] == ["demo"]
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moescope.corpus import CorpusStats, Document, is_builtin, read_corpus
+from moescope.corpus.read import CorpusStats, Document, is_builtin, read_corpus
 from moescope.demo import corpus as demo_corpus
 from moescope.errors import CorpusError
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moescope.corpus import read_corpus
+from moescope.corpus.read import read_corpus
 from moescope.demo import DEMO_MODELS, demo_model_dir
 
 _BOS, _EOS, _PAD = 256, 257, 258
@@ -18,14 +18,14 @@ _BOS, _EOS, _PAD = 256, 257, 258
 
 @pytest.fixture(scope="module")
 def moe() -> tuple[Any, Any]:
-    from moescope.model import load_model
+    from moescope.execution.load import load_model
 
     return load_model("demo")
 
 
 @pytest.fixture(scope="module")
 def dense() -> tuple[Any, Any]:
-    from moescope.model import load_model
+    from moescope.execution.load import load_model
 
     return load_model("demo-dense")
 

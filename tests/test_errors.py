@@ -168,9 +168,9 @@ def _interrupt_with_outcome() -> BaseException:
 
 _NO_CUDA = pytest.mark.skipif(HAS_CUDA, reason="this torch has CUDA")
 _PARAMS = ["params", "demo"]
-_COUNT = "moescope.params.count_params"
-_RUN_TRACE = "moescope.trace.run_trace"
-_EVALUATE = "moescope.evaluate.evaluate"
+_COUNT = "moescope.accounting.params.count_params"
+_RUN_TRACE = "moescope.tracing.run_trace"
+_EVALUATE = "moescope.evaluation.perplexity.evaluate"
 _TRACE = ["trace", "demo", "{w}/corpus.txt", "--out", "{w}/t"]
 _SIM = ["similarity", "demo", "--out", "{w}/s"]
 _EVAL = ["eval", "demo", "{w}/corpus.txt"]
@@ -283,7 +283,7 @@ def test_error_table_appends_the_outcome_and_keeps_one_line() -> None:
 
 def test_value_error_from_moescope_is_the_message_and_from_elsewhere_is_generic() -> None:
     from moescope.cli._errors import format_error
-    from moescope.evaluate import perplexity
+    from moescope.evaluation.perplexity import perplexity
 
     with pytest.raises(ValueError) as ours:
         perplexity(None, None, [], seq_len=1)
@@ -295,7 +295,9 @@ def test_value_error_from_moescope_is_the_message_and_from_elsewhere_is_generic(
 
 
 def test_moescope_debug_reraises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("moescope.params.count_params", _raise(ZeroDivisionError("division by zero")))
+    monkeypatch.setattr(
+        "moescope.accounting.params.count_params", _raise(ZeroDivisionError("division by zero"))
+    )
     monkeypatch.setenv("MOESCOPE_DEBUG", "1")
     result = invoke(["params", "demo"])
     assert isinstance(result.exception, ZeroDivisionError)
@@ -321,7 +323,7 @@ def test_options_normalise_and_keep_defaults(monkeypatch: pytest.MonkeyPatch, wo
         and check_dtype("auto") == "auto"
     )
     assert check_device("CPU") == "cpu" and check_split("HeldOut") == "heldout" and check_split(None) is None
-    from moescope.prune import CRITERIA as LIBRARY_CRITERIA
+    from moescope.pruning import CRITERIA as LIBRARY_CRITERIA
 
     assert CRITERIA == LIBRARY_CRITERIA
     defaults = {
@@ -344,7 +346,7 @@ def test_options_normalise_and_keep_defaults(monkeypatch: pytest.MonkeyPatch, wo
         seen.update(kwargs)
         raise ZeroDivisionError("stop here")
 
-    monkeypatch.setattr("moescope.evaluate.evaluate", fake_evaluate)
+    monkeypatch.setattr("moescope.evaluation.perplexity.evaluate", fake_evaluate)
     invoke(["eval", "demo", str(workdir / "corpus.txt"), "--dtype", "BF16", "--split", "Train"])
     assert seen["dtype"] == "bfloat16" and seen["split"] == "train" and seen["device"] == "cpu"
 
@@ -353,7 +355,7 @@ def test_options_normalise_and_keep_defaults(monkeypatch: pytest.MonkeyPatch, wo
 
 
 def test_tokenizer_and_model_load_without_unpickling(no_unpickling: None) -> None:
-    from moescope.model import load_model
+    from moescope.execution.load import load_model
 
     model, tok = load_model("demo")
     assert tok("ab")["input_ids"] and sum(p.numel() for p in model.parameters()) > 0
@@ -363,11 +365,11 @@ def test_hub_model_is_loaded_with_use_safetensors(monkeypatch: pytest.MonkeyPatc
     """A cached hub id goes to from_pretrained with use_safetensors=True; a bin-only repo gets the fix."""
     import transformers
 
-    from moescope.checkpoint import _hub_env
+    from moescope.checkpoint.hub import hub_env
     from moescope.errors import CheckpointError
-    from moescope.model import load_model
+    from moescope.execution.load import load_model
 
-    cache = Path(_hub_env()["cache_dir"]) / "models--org--binhub"
+    cache = Path(hub_env()["cache_dir"]) / "models--org--binhub"
     commit = "0" * 40
     (cache / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
     (cache / "snapshots" / commit / "config.json").write_text('{"model_type": "mixtral"}')
@@ -390,7 +392,7 @@ def test_download_never_fetches_pickles_whatever_include_says(
 ) -> None:
     import huggingface_hub
 
-    from moescope.download import PICKLE_PATTERNS
+    from moescope.checkpoint.download import PICKLE_PATTERNS
 
     seen: dict[str, Any] = {}
 
@@ -499,7 +501,7 @@ def test_unreachable_hub_with_a_cached_model_reads_the_cache(
 ) -> None:
     import huggingface_hub.constants as c
 
-    from moescope.params import count_params
+    from moescope.accounting.params import count_params
     from tests.hubstub import HubStub
     from tests.tiny import tiny_model
 
@@ -520,7 +522,7 @@ def test_unreachable_hub_with_a_cached_model_reads_the_cache(
 
 
 def local_total(path: Path) -> int:
-    from moescope.params import count_params
+    from moescope.accounting.params import count_params
 
     return count_params(str(path)).total_params
 
@@ -531,7 +533,7 @@ def local_total(path: Path) -> int:
 def test_context_warnings() -> None:
     from transformers import GptOssConfig, MistralConfig, Qwen2Config
 
-    from moescope.evaluate import context_warnings
+    from moescope.evaluation.perplexity import context_warnings
 
     mistral = MistralConfig(max_position_embeddings=32768, sliding_window=4096)
     assert context_warnings(mistral, 4096) == []

@@ -1,4 +1,4 @@
-"""Tests for moescope.evaluate and `moescope eval`: windows, perplexity against HF's own loss."""
+"""Tests for moescope.evaluation.perplexity and `moescope eval`: windows, perplexity against HF's own loss."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from moescope.cli.app import app
-from moescope.evaluate import builtin_split, perplexity, windows
+from moescope.evaluation.perplexity import builtin_split, perplexity, windows
 
 _VOCAB = 99
 
@@ -72,7 +72,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def loaded(tiny_lm: Path) -> tuple[Any, Any]:
-    from moescope.model import load_model
+    from moescope.execution.load import load_model
 
     return load_model(str(tiny_lm), dtype="float32")
 
@@ -154,7 +154,7 @@ runner = CliRunner()
 
 
 def test_cli_eval_jsonl(tiny_lm: Path, tmp_path: Path) -> None:
-    pytest.importorskip("moescope.corpus")
+    pytest.importorskip("moescope.corpus.read")
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(
         "\n".join(

@@ -27,12 +27,12 @@ import transformers
 from typer.testing import CliRunner
 
 from moescope import families
-from moescope.arch import moe_spec, routing_groups
+from moescope.arch.closedform import has_closed_form
+from moescope.arch.moe import moe_spec, routing_groups
 from moescope.cli.app import app
-from moescope.closedform import has_closed_form
 from moescope.errors import NotMoEError
+from moescope.execution.routing import find_moe_sites
 from moescope.families import _base
-from moescope.routing import find_moe_sites
 from tests.test_routing import expected_routing, randomise_router_biases
 from tests.tiny import FAMILIES as TINY
 from tests.tiny import auto_class, char_tokenizer, meta_model, tiny_model
@@ -225,7 +225,7 @@ def _trace(path: Path, family: str, corpus: Path, out: Path) -> None:
         res = runner.invoke(app, [*args, "--batch-size", str(_WINDOWS), "--no-plots", "-q"])
         assert res.exit_code == 0, res.stderr
         return
-    from moescope.trace import trace_model  # an encoder-decoder: the CLI loads causal LMs only
+    from moescope.tracing import trace_model  # an encoder-decoder: the CLI loads causal LMs only
 
     class Doc:
         text, domain, doc_id = corpus.read_text(), None, None

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from moescope.checkpoint import Checkpoint
-from moescope.params import account
+from moescope.accounting.params import account
+from moescope.checkpoint.ref import Checkpoint
 from tests.tiny import tiny_model
 
 SEQ = 24

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import moescope.shards as shards
+import moescope.checkpoint.shards as shards
+from moescope.accounting.params import count_params
+from moescope.checkpoint.forksplit import can_fork, split_map
 from moescope.errors import CheckpointError
-from moescope.forksplit import can_fork, split_map
-from moescope.params import count_params
 from tests.hubstub import write_sparse_shard
 
 pytestmark = pytest.mark.skipif(
@@ -31,7 +31,8 @@ def _no_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     which would make every split here run in one process: count only this test's threads."""
     baseline = set(threading.enumerate()) - {threading.main_thread()}
     monkeypatch.setattr(
-        "moescope.forksplit.threading.active_count", lambda: len(set(threading.enumerate()) - baseline)
+        "moescope.checkpoint.forksplit.threading.active_count",
+        lambda: len(set(threading.enumerate()) - baseline),
     )
 
 
@@ -230,8 +231,8 @@ def test_unlisted_files_are_ignored_and_listed_subdirectories_read(
 
 def test_each_shard_is_classified_where_it_is_parsed(tmp_path: Path, forced: None) -> None:
     """The per-shard classes are used (not recomputed) and the parent parsed only part."""
-    from moescope.checkpoint import open_checkpoint
-    from moescope.tensorclasses import ShardClassifier
+    from moescope.arch.tensorclasses import ShardClassifier
+    from moescope.checkpoint.ref import open_checkpoint
 
     d = tmp_path / "ck"
     _checkpoint(d)
@@ -256,7 +257,7 @@ def test_each_shard_is_classified_where_it_is_parsed(tmp_path: Path, forced: Non
     assert groups is not None
     seen = sorted(i for g in groups for i in g.positions)
     assert seen == list(range(len(ck.tensors)))
-    from moescope.arch import classify
+    from moescope.arch.moe import classify
 
     for g in groups:
         for i in g.positions:
@@ -269,7 +270,7 @@ def test_each_shard_is_classified_where_it_is_parsed(tmp_path: Path, forced: Non
     "positions", [[3], [0, 1, 2, 3], [5, 11, 17, 23], [2, 3, 7], [4, 9, 14, 20]], ids=str
 )
 def test_shard_positions_travel_back_unchanged(positions: list[int]) -> None:
-    from moescope.tensorclasses import _pack, _unpack
+    from moescope.arch.tensorclasses import _pack, _unpack
 
     packed = _pack(positions)
     assert list(_unpack(packed, 0)) == positions

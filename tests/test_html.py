@@ -33,12 +33,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moescope.definitions import DEFINITIONS, WHY
 from moescope.errors import OutputError
-from moescope.plots import FIGURES, PLOT_FORMATS, write_plots
-from moescope.report_html import write_html_report
-from moescope.stats import MIN_PAIR_COUNT, NEAR_DEAD_FRACTION
-from moescope.trace import TraceState, write_trace_dir
+from moescope.reporting.page import write_html_report
+from moescope.stats.definitions import DEFINITIONS, WHY
+from moescope.stats.plots import FIGURES, PLOT_FORMATS, write_plots
+from moescope.stats.report import MIN_PAIR_COUNT, NEAR_DEAD_FRACTION
+from moescope.tracing import TraceState, write_trace_dir
 from tests.safety import assert_clean_error, invoke, snapshot
 
 CHROMIUM = next(
@@ -331,7 +331,7 @@ def _write(tmp: Path, state: TraceState, name: str = "t") -> Path:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo model traced (through the CLI, SVG plots) on a 3-domain slice of its corpus,
     its similarity (PDF heatmaps) and a pruning plan, and the HTML page of all three."""
-    from moescope.corpus import read_corpus
+    from moescope.corpus.read import read_corpus
 
     root = tmp_path_factory.mktemp("demo_html")
     picked: dict[str, int] = {}

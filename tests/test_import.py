@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from moescope.importers import FORMATS, STAT_LACKS, import_routes, model_shape
-from moescope.tracedir import read_trace_dir
+from moescope.tracedir.files import read_trace_dir
 from tests.safety import assert_clean_error, invoke, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,8 +104,8 @@ def _long_table(ids: np.ndarray, layers: list[int], **per_token: np.ndarray) -> 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The demo traced on its corpus with routes saved, and that routing in every format."""
-    from moescope.corpus import read_corpus
-    from moescope.trace import run_trace
+    from moescope.corpus.read import read_corpus
+    from moescope.tracing import run_trace
 
     work = tmp_path_factory.mktemp("import_demo")
     trace = work / "trace"

@@ -1,4 +1,4 @@
-"""`prune --method merge` and neuron alignment (moescope.align, moescope.prune.merge).
+"""`prune --method merge` and neuron alignment (moescope.redundancy.align, moescope.pruning.merge).
 
 The planted duplicate: expert 1 of every MoE layer is replaced by a copy of expert 0 with its
 hidden neurons permuted. transformers' own experts forward proves the copy computes the same
@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from moescope import align as A
-from moescope import prune as P
+from moescope import pruning as P
 from moescope.errors import PruneError
-from moescope.similarity import LayerSimilarity, SimilarityReport, expert_outputs, write_report
+from moescope.redundancy import align as A
+from moescope.redundancy.files import write_report
+from moescope.redundancy.outputs import expert_outputs
+from moescope.redundancy.report import LayerSimilarity, SimilarityReport
 from tests.safety import assert_clean_error, invoke
 from tests.test_prune import write_trace
 from tests.tiny import tiny_model
@@ -104,7 +106,7 @@ def test_alignment_recovers_a_permutation(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_planted_duplicate_computes_the_same_function(family: str, tmp_path: Path) -> None:
-    """The permutation moescope.align applies is function-preserving (transformers' own forward)."""
+    """The permutation moescope.redundancy.align applies is function-preserving (transformers' own forward)."""
     model = _planted(family, tmp_path / "src")
     x = torch.randn(5, model.config.get_text_config().hidden_size)
     for experts in _experts_modules(model):

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 
 from moescope.cli._output import Output, check_format, human
 from moescope.cli.app import app
-from moescope.trace.write import write_trace_dir
-from moescope.tracestate import TraceState
+from moescope.tracedir.state import TraceState
+from moescope.tracing.write import write_trace_dir
 
 runner = CliRunner()
 
@@ -213,7 +213,7 @@ def _state(shard: int | None = None, layers: tuple[int, ...] = (0, 1), experts: 
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trace shaped like the demo model (4 MoE layers of 8 experts) and two shards."""
-    from moescope.params import count_params
+    from moescope.accounting.params import count_params
 
     demo = count_params("demo")
     root = tmp_path_factory.mktemp("traces")
@@ -297,7 +297,7 @@ def test_eval_and_trace_machine_output(tmp_path: Path) -> None:
 
 
 def test_download_quiet_keeps_warnings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import moescope.download as dl
+    import moescope.checkpoint.download as dl
 
     monkeypatch.setattr(dl, "download", lambda *a, **k: tmp_path)
     res = runner.invoke(app, ["download", "org/name", "--include", "*.bin", "-q"], catch_exceptions=False)

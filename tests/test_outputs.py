@@ -244,7 +244,7 @@ def _c_merge_other_corpus(env: dict[str, Path], tmp: Path) -> tuple[list[Any], l
     shutil.copytree(env["s1"], s1)
     summary = json.loads((s1 / "summary.json").read_text())
     # a shard 1/2 of another corpus: change the state's recorded corpus fingerprint
-    from moescope.trace import TraceState
+    from moescope.tracing import TraceState
 
     state = TraceState.load(s1 / "state.npz")
     state.meta["corpus_fingerprint"] = "sha256:" + "0" * 64
@@ -484,25 +484,25 @@ def _is_complete_new(dest: Path, kind: str, old: dict[str, str], snap: dict[str,
 
 
 def _run_trace(env: dict[str, Path], out: Path) -> None:
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     run_trace(str(env["model"]), "demo", out, max_tokens=64, seq_len=32, plots=True, save_routes=True)
 
 
 def _run_merge(env: dict[str, Path], out: Path) -> None:
-    from moescope.trace import merge_traces
+    from moescope.tracing import merge_traces
 
     merge_traces([env["s0"], env["s1"]], out, plots=False)
 
 
 def _run_similarity(env: dict[str, Path], out: Path) -> None:
-    from moescope.similarity import similarity
+    from moescope.redundancy.run import similarity
 
     similarity(str(env["model"]), out, trace=env["full"], outputs=False, plots=False)  # old: no trace
 
 
 def _run_prune(env: dict[str, Path], out: Path) -> None:
-    from moescope.prune import prune
+    from moescope.pruning import prune
 
     prune(str(env["model"]), env["full"], out, drop=3, verify=False, overwrite=True)  # old: drop 2
 

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moescope import evaluate
-from moescope.packing import (
+from moescope.corpus.packing import (
     PackStats,
     collate,
     domain_streams,
@@ -25,6 +24,7 @@ from moescope.packing import (
     sliding_windows,
     token_batches,
 )
+from moescope.evaluation import perplexity as evaluate
 
 
 @dataclass
@@ -129,7 +129,7 @@ def test_eval_streams_are_the_same_documents_per_domain() -> None:
 
 def test_trace_runs_the_packed_stream(tmp_path: Path) -> None:
     """What trace routes is exactly the packed stream (BOS included), window by window."""
-    from moescope.trace import trace_model
+    from moescope.tracing import trace_model
     from tests.tiny import tiny_model
 
     torch.manual_seed(0)
@@ -145,7 +145,7 @@ def test_trace_runs_the_packed_stream(tmp_path: Path) -> None:
 
 
 def test_library_reads_held_out_demo_by_default(tmp_path: Path) -> None:
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     res = run_trace("demo", "demo", tmp_path / "t", max_tokens=32, seq_len=16, plots=False)
     assert res.summary["split"] == "heldout"

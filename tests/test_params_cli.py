@@ -160,7 +160,7 @@ def test_console_script_exit_codes(tmp_path: Path) -> None:
 
 def test_accounting_does_not_import_torch(ckpt: Path) -> None:
     code = (
-        "import sys; from moescope.params import count_params; "
+        "import sys; from moescope.accounting.params import count_params; "
         f"r = count_params({str(ckpt)!r}); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'; print(r.total_params)"
     )

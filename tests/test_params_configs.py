@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from moescope.arch import MoESpec, classify, moe_spec
-from moescope.checkpoint import Checkpoint
-from moescope.closedform import build_meta_model, config_inventory, has_closed_form
-from moescope.inventory import Inventory, TensorInfo, as_inventory
-from moescope.params import account, count_params
-from moescope.published import compare, rounds_to
-from moescope.tensorclasses import classify_groups
+from moescope.accounting.params import account, count_params
+from moescope.accounting.published import compare, rounds_to
+from moescope.arch.closedform import build_meta_model, config_inventory, has_closed_form
+from moescope.arch.inventory import Inventory, TensorInfo, as_inventory
+from moescope.arch.moe import MoESpec, classify, moe_spec
+from moescope.arch.tensorclasses import classify_groups
+from moescope.checkpoint.ref import Checkpoint
 from tests.tiny import FAMILIES, meta_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_sample_table_is_current() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Classification by name shape (moescope.tensorclasses) equals classifying every tensor
+# Classification by name shape (moescope.arch.tensorclasses) equals classifying every tensor
 # ---------------------------------------------------------------------------------------
 
 
@@ -191,7 +191,7 @@ def test_accounting_per_expert_equals_fused() -> None:
 def test_grouping_falls_back_when_the_expert_matters(monkeypatch: pytest.MonkeyPatch) -> None:
     """A classifier whose answer depends on the expert number (here: experts 5+ are "other")
     is caught by the spot checks, and the tensors are classified one by one."""
-    import moescope.tensorclasses as tc
+    import moescope.arch.tensorclasses as tc
 
     def picky(name: str, spec: MoESpec, ndim: int = 2) -> Any:
         c = classify(name, spec, ndim)

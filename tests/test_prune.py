@@ -1,4 +1,4 @@
-"""Tests for moescope.prune and `moescope prune`: tiny random models of six families.
+"""Tests for moescope.pruning and `moescope prune`: tiny random models of six families.
 
 (Every registry family is pruned end to end in tests/test_families.py; here the stages
 are checked in detail: scores, plans, byte ranges, sharding, logits, refusals, the CLI.)
@@ -20,11 +20,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from moescope import prune as P
+from moescope import pruning as P
 from moescope.cli.app import app
 from moescope.errors import CheckpointError, MoescopeError, PruneError, TraceError
-from moescope.trace.write import write_trace_dir
-from moescope.tracestate import TraceState
+from moescope.tracedir.state import TraceState
+from moescope.tracing.write import write_trace_dir
 from tests.tiny import char_tokenizer, tiny_model
 
 _HIDDEN = 32
@@ -277,7 +277,7 @@ def test_prune_reloads_and_runs(family: str, tiny_models: dict[str, Path], tmp_p
     n_pruned = sum(p.numel() for p in pruned.parameters())
     assert n_pruned == n_orig - _moe_param_shrink(orig, _EXPERTS, 1)
     assert n_pruned < n_orig
-    from moescope.params import count_params
+    from moescope.accounting.params import count_params
 
     # moescope params reads both checkpoints from their headers and agrees with transformers
     assert count_params(str(src)).total_params == n_orig
@@ -425,7 +425,7 @@ def test_dbrx_packed_rows(tmp_path: Path) -> None:
     cfg, fields = P.updated_config(ckpt.config, 2, 4)
     assert fields == ["ffn_config.moe_num_experts"] and cfg["ffn_config"]["moe_num_experts"] == 2
     info = ckpt.tensors["transformer.blocks.0.ffn.experts.mlp.w1"]
-    ranges = P._row_ranges(info, 4, [1, 3])
+    ranges = P.row_ranges(info, 4, [1, 3])
     raw = (tmp_path / "model.safetensors").read_bytes()
     got = np.frombuffer(b"".join(raw[s : s + n] for s, n in ranges), dtype=np.float32).reshape(-1, h)
     np.testing.assert_array_equal(got, np.concatenate([w1[3:6], w1[9:12]]))
@@ -634,10 +634,10 @@ def test_cli_errors(
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_end_to_end_trace_prune_eval(family: str, tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    trace_mod = pytest.importorskip("moescope.trace")
+    trace_mod = pytest.importorskip("moescope.tracing")
     import transformers
 
-    from moescope.evaluate import perplexity
+    from moescope.evaluation.perplexity import perplexity
 
     src = tiny_models[family]
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -19,7 +19,7 @@ import torch
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file, save_file
 
-from moescope.stream import StreamedModel
+from moescope.execution.stream import StreamedModel
 from tests.tiny import tiny_model
 
 _FP4 = np.array(
@@ -141,7 +141,7 @@ def test_mxfp4_experts(tmp_path: Path) -> None:
 
 
 def test_dequantize_mxfp4_nibble_order() -> None:
-    from moescope.quant import dequantize_mxfp4
+    from moescope.execution.quant import dequantize_mxfp4
 
     # byte 0x21: low nibble 1 (0.5) first, high nibble 2 (1.0) second; scale 128 doubles
     blocks = torch.tensor([[0x21] + [0] * 15], dtype=torch.uint8)

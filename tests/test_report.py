@@ -1,7 +1,7 @@
 """Report statistics against hand-computed definitions, on synthetic trace states (no model).
 
-Each test builds a :class:`moescope.trace.TraceState` with known sums, writes it as a
-trace directory and checks :mod:`moescope.stats` and ``moescope report`` against the
+Each test builds a :class:`moescope.tracing.TraceState` with known sums, writes it as a
+trace directory and checks :mod:`moescope.stats.report` and ``moescope report`` against the
 definitions computed directly here.
 """
 
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moescope import nullmodel
-from moescope import stats as st
 from moescope.cli.app import app
 from moescope.errors import TraceError
-from moescope.trace import CAPACITY_FACTORS, EP_DEGREES, TraceState, merge_traces, write_trace_dir
-from moescope.tracestate import OPEN_ARRAYS
+from moescope.stats import nullmodel
+from moescope.stats import report as st
+from moescope.tracedir.state import OPEN_ARRAYS
+from moescope.tracing import CAPACITY_FACTORS, EP_DEGREES, TraceState, merge_traces, write_trace_dir
 
 _E = 8
 
@@ -222,7 +222,7 @@ def test_report_cli_json_and_table(trace_dir: Path) -> None:
 
 
 def test_plots_are_written(tmp_path: Path) -> None:
-    from moescope.plots import write_plots
+    from moescope.stats.plots import write_plots
 
     paths = write_plots(_state(), tmp_path / "plots")
     names = {p.name for p in paths}

@@ -46,7 +46,7 @@ ORDER BY domain, layer, tokens DESC, expert
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo trace with routes over 3 domains x 3 short documents and one unlabelled document."""
-    from moescope.corpus import read_corpus
+    from moescope.corpus.read import read_corpus
 
     root = tmp_path_factory.mktemp("routes_duckdb")
     lines, per_domain = [], {}

@@ -2,7 +2,7 @@
 
 For every MoE family of the registry (``moescope.families``), a tiny random model from
 ``tests/tiny.py`` (hidden 32, 2 layers, 4 experts, vocab 99, fixed seed) runs once with ``output_router_logits=True`` (baseline)
-and once under :class:`moescope.routing.RoutingRecorder`. The test writes each routing rule
+and once under :class:`moescope.execution.routing.RoutingRecorder`. The test writes each routing rule
 the registry names (``Family.routing.rule``) out by hand (softmax-then-top-k, top-k-then-softmax, sigmoid, group-limited
 with correction bias, sparsemixer, capacity-limited top-1) and checks the recorded ids and
 weights against it; it also checks the norm-capturing experts forward leaves the model's
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from moescope import families
 from moescope.errors import NotMoEError
-from moescope.routing import RoutingRecorder, config_top_k, find_moe_sites, require_moe_sites
+from moescope.execution.routing import RoutingRecorder, config_top_k, find_moe_sites, require_moe_sites
 from tests.tiny import tiny_model
 
 _E, _VOCAB = 4, 99

@@ -1,4 +1,4 @@
-"""Tests for moescope.similarity and `moescope similarity`: planted redundancy, measures, CLI."""
+"""Tests for moescope.redundancy.run and `moescope similarity`: planted redundancy, measures, CLI."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moescope import similarity as S
 from moescope.cli.app import app
-from moescope.prune import read_trace
-from moescope.trace.write import write_trace_dir
-from moescope.tracedir import read_trace_dir
-from moescope.tracestate import TraceState
+from moescope.pruning import read_trace
+from moescope.redundancy import outputs as SO
+from moescope.redundancy import run as S
+from moescope.tracedir.files import read_trace_dir
+from moescope.tracedir.state import TraceState
+from moescope.tracing.write import write_trace_dir
 
 _VOCAB = 99
 _EXPERTS = 4
@@ -97,7 +98,7 @@ def test_expert_outputs_match_swiglu_by_hand() -> None:
     model = _mixtral(1)
     experts = model.model.layers[0].mlp.experts
     x = torch.randn(7, 32)
-    got = S.expert_outputs(experts, x, _EXPERTS, chunk=3)
+    got = SO.expert_outputs(experts, x, _EXPERTS, chunk=3)
     for j in range(_EXPERTS):
         gate, up = (x @ experts.gate_up_proj[j].T).chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up) @ experts.down_proj[j].T
@@ -106,7 +107,7 @@ def test_expert_outputs_match_swiglu_by_hand() -> None:
 
 def test_output_similarity_is_mean_token_cosine() -> None:
     outs = torch.randn(3, 5, 4)
-    mat = S.output_similarity(outs)
+    mat = SO.output_similarity(outs)
     want = torch.nn.functional.cosine_similarity(outs[0], outs[2], dim=-1).mean()
     assert mat[0, 2] == pytest.approx(float(want), abs=1e-6)
     assert mat[2, 0] == mat[0, 2] and mat[1, 1] == 1.0
@@ -157,7 +158,7 @@ def test_permuted_copy_scores_one_on_aligned_weights() -> None:
         experts.gate_up_proj[3] = torch.cat([gate[perm], up[perm]])
         experts.down_proj[3] = experts.down_proj[1][:, perm]
     x = torch.randn(6, 32)
-    outs = S.expert_outputs(experts, x, _EXPERTS)
+    outs = SO.expert_outputs(experts, x, _EXPERTS)
     torch.testing.assert_close(outs[3], outs[1], rtol=1e-5, atol=1e-6)  # the same function
     report = S.similarity_report(model, model_ref="tiny", batches=None)
     pairs = report.pairs().set_index(["layer", "expert_a", "expert_b"])
@@ -218,7 +219,7 @@ def test_cli_json_with_trace(saved: Path, tmp_path: Path) -> None:
 
 
 def test_cli_outputs_with_corpus(saved: Path, tmp_path: Path) -> None:
-    pytest.importorskip("moescope.corpus")
+    pytest.importorskip("moescope.corpus.read")
     corpus = tmp_path / "c.txt"
     corpus.write_text("def f(x): return x + 1\n" * 20)
     res = runner.invoke(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moescope.params import count_params
+from moescope.accounting.params import count_params
 from tests.hubstub import HubStub, write_sparse_shard
 from tests.tiny import tiny_model
 
@@ -362,8 +362,7 @@ def test_dbrx_packed_experts(tmp_path: Path) -> None:
 
 
 def test_resolve_ref_kinds(checkpoints: dict[str, tuple[Path, int]], monkeypatch: pytest.MonkeyPatch) -> None:
-    from moescope.checkpoint import ResolvedRef, resolve_ref
-    from moescope.model import ModelRef, parse_model_ref
+    from moescope.checkpoint.ref import resolve_ref
 
     d, _ = checkpoints["llama"]
     demo = resolve_ref("demo")
@@ -386,8 +385,6 @@ def test_resolve_ref_kinds(checkpoints: dict[str, tuple[Path, int]], monkeypatch
     assert hub.path_or_id == "org/name" and hub.where == "org/name@v1.0"
     assert resolve_ref("org/name@v1.0", revision="main").revision == "main"  # --revision wins
     assert resolve_ref("org/name").where == "org/name" and resolve_ref("org/name").revision is None
-    # model.parse_model_ref is the same resolver
-    assert ModelRef is ResolvedRef and parse_model_ref("org/name@v1") == resolve_ref("org/name@v1")
 
 
 @pytest.mark.parametrize(
@@ -404,12 +401,11 @@ def test_resolve_ref_kinds(checkpoints: dict[str, tuple[Path, int]], monkeypatch
 )
 def test_resolve_ref_one_wording(ref: str) -> None:
     """Every command words a reference that names nothing the same way, naming what it accepts."""
-    from moescope.checkpoint import open_checkpoint, resolve_ref
+    from moescope.checkpoint.ref import open_checkpoint, resolve_ref
     from moescope.errors import ModelNotFoundError
-    from moescope.model import parse_model_ref
 
     messages = set()
-    for resolve in (resolve_ref, parse_model_ref, open_checkpoint):
+    for resolve in (resolve_ref, open_checkpoint):
         with pytest.raises(ModelNotFoundError) as info:
             resolve(ref)
         messages.add(str(info.value))
@@ -422,7 +418,7 @@ def test_resolve_ref_one_wording(ref: str) -> None:
 def test_resolve_ref_special_file(tmp_path: Path) -> None:
     import os
 
-    from moescope.checkpoint import resolve_ref
+    from moescope.checkpoint.ref import resolve_ref
     from moescope.errors import ModelNotFoundError
 
     fifo = tmp_path / "pipe"
@@ -437,8 +433,8 @@ def test_resolve_ref_special_file(tmp_path: Path) -> None:
 
 
 def test_inventory_behaves_as_a_list_of_tensorinfo() -> None:
-    from moescope.closedform import TensorInfo as FromClosedform
-    from moescope.inventory import Inventory, TensorInfo, as_inventory, total_numel
+    from moescope.arch.closedform import TensorInfo as FromClosedform
+    from moescope.arch.inventory import Inventory, TensorInfo, as_inventory, total_numel
 
     assert FromClosedform is TensorInfo  # the old import path still works
     a, b, c = TensorInfo("a", (2, 3), "BF16", 12, "x", 80), TensorInfo("b", (4,)), TensorInfo("c", ())
@@ -460,8 +456,8 @@ def test_inventory_behaves_as_a_list_of_tensorinfo() -> None:
 
 def test_read_local_headers_names_the_first_bad_shard(tmp_path: Path) -> None:
     """Shards are read concurrently but checked in order: the first bad one is reported."""
+    from moescope.checkpoint.shards import read_local_headers
     from moescope.errors import CheckpointError
-    from moescope.shards import read_local_headers
 
     files = []
     for i in range(6):
@@ -502,7 +498,7 @@ def test_tensor_in_two_shards_is_refused(tmp_path: Path) -> None:
 
 def test_inventory_offsets_and_metadata_locate_the_bytes(tmp_path: Path) -> None:
     """``offset`` and ``nbytes`` are enough to read a tensor's bytes; ``__metadata__`` is kept per shard."""
-    from moescope.checkpoint import open_checkpoint
+    from moescope.checkpoint.ref import open_checkpoint
 
     tensors = {
         "a": torch.arange(6, dtype=torch.float32).reshape(2, 3),

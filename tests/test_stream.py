@@ -3,7 +3,7 @@
 Each family's tiny random model is saved with ``save_pretrained`` (the on-disk layout, which
 differs from the module layout for most families) and run twice on the same padded
 batches: loaded whole by transformers, and streamed one decoder layer at a time by
-:class:`moescope.stream.StreamedModel`. In float32 on CPU both run the same ops on the same
+:class:`moescope.execution.stream.StreamedModel`. In float32 on CPU both run the same ops on the same
 inputs, so the results must be identical.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from moescope.execution import parse_size
-from moescope.routing import RoutingRecorder, find_moe_sites
-from moescope.stream import StreamedModel
+from moescope.execution.plan import parse_size
+from moescope.execution.routing import RoutingRecorder, find_moe_sites
+from moescope.execution.stream import StreamedModel
 from tests.tiny import FAMILIES, tiny_model
 
 ENCODER_DECODER = {"switch_transformers"}
@@ -137,8 +137,8 @@ def test_streamed_trace_and_eval_equal_in_memory(family: str, tmp_path: Path) ->
     """The commands' own paths: `trace` and `eval` with --stream against --no-stream."""
     import pandas as pd
 
-    from moescope.evaluate import evaluate
-    from moescope.trace import run_trace
+    from moescope.evaluation.perplexity import evaluate
+    from moescope.tracing import run_trace
     from tests.tiny import char_tokenizer
 
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_device_map_auto_with_disk_offload_equals_whole(tmp_path: Path) -> None:
     """
     import json
 
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     kw: dict[str, Any] = dict(max_tokens=2000, plots=False)
     run_trace("demo", "demo", tmp_path / "whole", stream=False, **kw)
@@ -194,7 +194,7 @@ def test_streamed_similarity_equals_in_memory() -> None:
     """Each MoE layer is measured while it is the one resident layer: same matrices."""
     import numpy as np
 
-    from moescope.similarity import similarity
+    from moescope.redundancy.run import similarity
 
     whole = similarity("demo", None, samples=48, seq_len=32, stream=False)
     streamed = similarity("demo", None, samples=48, seq_len=32, stream=True)

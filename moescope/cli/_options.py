@@ -11,7 +11,7 @@ spelling (``bf16`` arrives as ``bfloat16``).
 - :data:`DeviceOpt`: ``cpu``, ``cuda``, ``cuda:N``, ``mps``; CUDA and MPS are checked
   against this torch and machine (torch is imported only for those values).
 - :data:`SplitOpt`: ``train`` or ``heldout``, the splits of the built-in corpus.
-- :data:`CriterionOpt`: the pruning criteria of :data:`moescope.prune.CRITERIA`.
+- :data:`CriterionOpt`: the pruning criteria of :data:`moescope.pruning.CRITERIA`.
 - :data:`PlotFormatOpt`: ``png``, ``svg`` or ``pdf``, the plot files' format.
 """
 
@@ -25,7 +25,7 @@ import typer
 from moescope.cli._errors import NO_CUDA
 from moescope.demo.corpus import SPLITS
 
-#: dtype spellings -> the canonical name ``moescope.model.torch_dtype`` takes
+#: dtype spellings -> the canonical name ``moescope.execution.load.torch_dtype`` takes
 DTYPES: dict[str, str] = {
     "auto": "auto",
     "float32": "float32",
@@ -38,7 +38,7 @@ DTYPES: dict[str, str] = {
     "half": "float16",
 }
 
-#: pruning criteria; equal to ``moescope.prune.CRITERIA`` (tested), spelled out here so that
+#: pruning criteria; equal to ``moescope.pruning.CRITERIA`` (tested), spelled out here so that
 #: parsing the command line does not import numpy and pandas
 CRITERIA: tuple[str, ...] = ("frequency", "soft", "reap", "ean", "random")
 
@@ -162,7 +162,7 @@ def check_max_memory(value: str | None) -> str | None:
     """A size (``20GiB``) or accelerate's per-device form (``0=20GiB,cpu=60GiB``)."""
     if value is None:
         return None
-    from moescope.execution import parse_size
+    from moescope.execution.plan import parse_size
 
     try:
         for part in value.split(","):
@@ -210,7 +210,7 @@ DeviceMapOpt = Annotated[
 ]
 
 
-#: plot file formats; equal to ``moescope.plots.PLOT_FORMATS`` (tested), spelled out here so
+#: plot file formats; equal to ``moescope.stats.plots.PLOT_FORMATS`` (tested), spelled out here so
 #: that parsing the command line does not import numpy and pandas
 PLOT_FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
 

@@ -48,7 +48,8 @@ def download_cmd(
     *.pkl, *.pickle, *.ckpt) are never fetched, whatever --include says.
     Prints the local snapshot path on stdout.
     """
-    from moescope.download import PICKLE_PATTERNS, download, pickle_patterns
+    from moescope.checkpoint.download import download, pickle_patterns
+    from moescope.checkpoint.hub import PICKLE_PATTERNS
 
     output = Output(quiet=quiet)
     named = pickle_patterns(include)

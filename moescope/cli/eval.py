@@ -1,6 +1,6 @@
 """`moescope eval`: perplexity of a model on a corpus, overall and per domain.
 
-Validates flags, calls :func:`moescope.evaluate.evaluate`, prints a table, ``--json``
+Validates flags, calls :func:`moescope.evaluation.perplexity.evaluate`, prints a table, ``--json``
 (an object with ``perplexity``, ``tokens`` and ``domains``) or ``--csv`` (one row per
 domain plus ``all``) through :class:`moescope.cli._output.Output`.
 """
@@ -69,7 +69,7 @@ def eval_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of MODEL on CORPUS (sliding window), overall and per domain."""
-    from moescope.evaluate import evaluate
+    from moescope.evaluation.perplexity import evaluate
 
     out = Output.from_flags(json_out, csv_out, quiet)
     step = window_step(seq_len, stride)

@@ -44,7 +44,7 @@ def merge_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Merge shard trace directories into what one run would have written."""
-    from moescope.trace import merge_traces
+    from moescope.tracing import merge_traces
 
     output = Output.from_flags(json_out, csv_out, quiet)
     summary: dict[str, Any] = merge_traces(traces, out, plots=not no_plots)

@@ -94,7 +94,7 @@ def params_cmd(
     Reads only config.json and safetensors headers (never the weights); hub ids use the
     HF cache, HF_TOKEN, HF_ENDPOINT and HF_HUB_OFFLINE like every HF tool.
     """
-    from moescope.params import count_params
+    from moescope.accounting.params import count_params
 
     out = Output.from_flags(json_out, csv_out, quiet)
     reports = []
@@ -132,7 +132,7 @@ def short_label(ref: str) -> str:
 
 
 def _table_rows(reports: list) -> list[list[str]]:
-    from moescope.arch import COMPONENTS
+    from moescope.arch.moe import COMPONENTS
 
     def row(label: str, fn) -> list[str]:  # type: ignore[no-untyped-def]
         return [label, *[fn(r) for r in reports]]

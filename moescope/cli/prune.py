@@ -1,6 +1,6 @@
 """`moescope prune`: drop the least useful experts per layer and write a smaller checkpoint.
 
-Validates flags, calls :func:`moescope.prune.prune`, prints the plan and what was written
+Validates flags, calls :func:`moescope.pruning.prune`, prints the plan and what was written
 (table, ``--json`` or ``--csv``, through :class:`moescope.cli._output.Output`; the JSON
 object has one shape with or without ``--dry-run``). The checkpoint is streamed shard by shard and reloaded with transformers
 to prove it runs, in the checkpoint's own dtype unless ``--dtype`` says otherwise, on
@@ -136,7 +136,7 @@ def prune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Drop experts per MoE layer by a routing criterion and write a checkpoint that loads and runs."""
-    from moescope.prune import CRITERIA, MERGE_BY, METHODS, ROUTER_RULES, prune
+    from moescope.pruning import CRITERIA, MERGE_BY, METHODS, ROUTER_RULES, prune
 
     output = Output.from_flags(json_out, csv_out, quiet)
     if sum(v is not None for v in (drop, keep, ratio)) != 1:

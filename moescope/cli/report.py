@@ -1,12 +1,12 @@
 """`moescope report`: routing statistics of a trace directory.
 
-Calls :func:`moescope.stats.build_report` and prints rich tables (per-layer imbalance,
+Calls :func:`moescope.stats.report.build_report` and prints rich tables (per-layer imbalance,
 confidence, reuse and co-activation; capacity drops; expert-parallel load and traffic;
 most co-activated pairs; domain specialisation) or, with ``--json``, one object holding
 every table as a list of records, or, with ``--csv``, the per-layer table (the ``layers``
 records of ``--json``). Output goes through :class:`moescope.cli._output.Output`.
 ``--html FILE`` also writes the whole report as one self-contained page
-(:func:`moescope.report_html.write_html_report`), with ``--similarity`` and
+(:func:`moescope.reporting.page.write_html_report`), with ``--similarity`` and
 ``--prune-manifest`` adding the redundant pairs and the pruning plan.
 """
 
@@ -22,8 +22,9 @@ from moescope.cli._errors import friendly
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
 
 if TYPE_CHECKING:
-    from moescope.report_html import HtmlReport
-    from moescope.stats import Report
+    from moescope.reporting.page import HtmlReport
+    from moescope.stats.report import Report
+    from moescope.tracedir.files import TraceDir
 
 EXAMPLES = """
 Examples:
@@ -86,15 +87,18 @@ def report_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Routing statistics of a trace: imbalance, dead experts, confidence, co-activation, what-ifs."""
-    from moescope.stats import build_report
+    from moescope.stats.report import build_report
 
     out = Output.from_flags(json_out, csv_out, quiet)
     if dtype_bytes is not None and dtype_bytes < 1:
         raise typer.BadParameter("--dtype-bytes must be at least 1.")
     if html is None and (similarity is not None or prune_manifest is not None):
         raise typer.BadParameter("--similarity and --prune-manifest go into the page: add --html FILE.")
-    rep = build_report(trace, dtype_bytes=dtype_bytes)
-    page = _write_html(out, trace, html, similarity, prune_manifest, rep) if html else None
+    from moescope.tracedir.files import read_trace_dir
+
+    traced = read_trace_dir(trace)  # read once, for the tables and the page
+    rep = build_report(traced, dtype_bytes=dtype_bytes)
+    page = _write_html(out, traced, html, similarity, prune_manifest, rep) if html else None
     if out.fmt == "json":
         out.json(rep.to_dict())
         return
@@ -119,14 +123,14 @@ def report_cmd(
 
 def _write_html(
     out: Output,
-    trace: Path,
+    trace: TraceDir,
     html: Path,
     similarity: Path | None,
     manifest: Path | None,
     rep: Report,
 ) -> HtmlReport:
     """Write the page before printing (a refused destination fails before any table is shown)."""
-    from moescope.report_html import write_html_report
+    from moescope.reporting.page import write_html_report
 
     page = write_html_report(trace, html, similarity=similarity, prune_manifest=manifest, report=rep)
     for warning in page.warnings:

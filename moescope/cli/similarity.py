@@ -1,6 +1,6 @@
 """`moescope similarity`: expert-to-expert similarity per layer, heatmaps, most redundant pairs.
 
-Validates flags, calls :func:`moescope.similarity.similarity`, writes ``pairs.csv``,
+Validates flags, calls :func:`moescope.redundancy.run.similarity`, writes ``pairs.csv``,
 ``layers.csv``, ``similarity.json`` and ``plots/`` under ``--out``, and prints the most
 redundant pairs (table), every pair (``--json``, most redundant first within each
 layer) or CSV, through :class:`moescope.cli._output.Output`.
@@ -94,7 +94,7 @@ def similarity_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Expert similarity per MoE layer (weights, router, outputs, co-activation) and redundant pairs."""
-    from moescope.similarity import similarity
+    from moescope.redundancy.run import similarity
 
     output = Output.from_flags(json_out, csv_out, quiet)
     if samples < 1 or seq_len < 2 or top < 1:

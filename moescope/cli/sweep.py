@@ -1,11 +1,11 @@
 """`moescope sweep`: perplexity, experts per token and FLOPs as top-k / top-p routing changes.
 
 Validates flags (a setting that does not fit the model is a usage error, exit 2, before
-the model is loaded), calls :func:`moescope.sweep.sweep`, prints a table, ``--json`` (an
+the model is loaded), calls :func:`moescope.evaluation.sweep.sweep`, prints a table, ``--json`` (an
 array of records: ``setting``, ``top_k``, ``top_p``, ``experts_per_token``,
 ``active_params``, ``flops_per_token``, ``perplexity``, ``domains``, ...) or ``--csv``
 through :class:`moescope.cli._output.Output`, and with ``--plot FILE`` writes perplexity
-versus FLOPs per token (:func:`moescope.sweep.write_plot`).
+versus FLOPs per token (:func:`moescope.evaluation.sweep_plot.write_plot`).
 """
 
 from __future__ import annotations
@@ -112,15 +112,16 @@ def sweep_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity, experts per token and FLOPs of MODEL on CORPUS as top-k / top-p routing changes."""
-    from moescope.override import RoutingSettingError
-    from moescope.sweep import parse_settings, sweep, write_plot
+    from moescope.evaluation.override import RoutingSettingError
+    from moescope.evaluation.sweep import parse_settings, sweep
+    from moescope.evaluation.sweep_plot import write_plot
 
     out = Output.from_flags(json_out, csv_out, quiet)
     step = window_step(seq_len, stride)
     if batch_size < 1 or max_tokens < 0 or context < 1:
         raise typer.BadParameter("--batch-size and --context must be at least 1, --max-tokens at least 0.")
     if plot is not None:
-        from moescope.sweep.plot import check_plot_path
+        from moescope.evaluation.sweep_plot import check_plot_path
 
         if plot.suffix.lower() != ".png":
             raise typer.BadParameter(f"--plot {plot}: write a .png file (e.g. sweep.png).")

@@ -1,6 +1,6 @@
 """`moescope trace`: record which experts a MoE model routes each token of a corpus to.
 
-Validates flags, calls :func:`moescope.trace.run_trace`, shows a progress bar with
+Validates flags, calls :func:`moescope.tracing.run_trace`, shows a progress bar with
 tokens/s on stderr (only on a terminal), and prints a per-layer table (or the summary as
 ``--json``, or its per-layer records as ``--csv``) through :class:`moescope.cli._output.Output`. torch and transformers are imported inside the command so ``--help`` is fast.
 """
@@ -106,7 +106,7 @@ def trace_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Trace MODEL's routing over CORPUS into a trace directory (load, co-activation, plots)."""
-    from moescope.trace import run_trace
+    from moescope.tracing import run_trace
 
     output = Output.from_flags(json_out, csv_out, quiet)
     if seq_len < 1 or batch_size < 1:
@@ -151,7 +151,7 @@ def trace_cmd(
 
 def _placement(shard: str | None, out: Path, device: str) -> tuple[Any, Path, str]:
     """``--shard`` parsed, ``{rank}`` in ``--out`` filled in, one GPU per torchrun process."""
-    from moescope.trace import parse_shard
+    from moescope.tracing import parse_shard
 
     try:
         shard_t = parse_shard(shard)

@@ -2,9 +2,9 @@
 
 A :class:`Family` is plain data (no torch, no transformers): config field names, MoE layer
 placement, routing rule, tensor naming, hook adapter, pruning support, attention facts. The
-stages read it: :mod:`moescope.arch` (``MoESpec``, tensor classifier), :mod:`moescope.routing`
-(hooks), :mod:`moescope.prune` (layout, slices, config rewrite, top-k) and
-:mod:`moescope.similarity` (expert weights, router rows). Field names are dotted paths into
+stages read it: :mod:`moescope.arch.moe` (``MoESpec``, tensor classifier), :mod:`moescope.execution.routing`
+(hooks), :mod:`moescope.pruning` (layout, slices, config rewrite, top-k) and
+:mod:`moescope.redundancy.run` (expert weights, router rows). Field names are dotted paths into
 ``config.json`` (``ffn_config.moe_num_experts``).
 
 :class:`Reader` reads a config dict with the checks every stage shares (whole numbers, not
@@ -304,7 +304,7 @@ class Tensors:
 
 @dataclass(frozen=True)
 class Hooks:
-    """What :mod:`moescope.routing` needs to record a family's routing.
+    """What :mod:`moescope.execution.routing` needs to record a family's routing.
 
     Attributes:
         adapter: one of :data:`ADAPTERS`: ``fused`` (pre-hook on an experts module decorated
@@ -355,7 +355,7 @@ class Family:
         hooks: what routing needs; None when the format has no model to run.
         attention: attention/KV facts.
         aliases: other ``model_type`` values read as this family (``kimi_k2``).
-        closed_form: name of the closed-form inventory in :mod:`moescope.closedform`, None
+        closed_form: name of the closed-form inventory in :mod:`moescope.arch.closedform`, None
             when parameters are counted on the meta device.
         tie_default: ``tie_word_embeddings`` when the config omits it.
         experts_implementation: ``from_pretrained`` accepts ``experts_implementation``.

@@ -4,7 +4,7 @@ from moescope.families._base import EXPERT_COUNT_KEYS, Family, Fields, Placement
 
 FAMILY = Family(
     name="moescope_spec",
-    summary="a moescope spec file (see moescope.spec): dimensions from a paper, accounted in closed form",
+    summary="a moescope spec file (see moescope.arch.specfile): dimensions from a paper, accounted in closed form",
     config_class=None,
     fields=Fields(
         experts=("num_experts", *(k for k in EXPERT_COUNT_KEYS if k != "num_experts")),

@@ -3,7 +3,7 @@
 What: :func:`import_routes` reads ``sglang-dump``, ``sglang-response`` or ``ids`` files
 (:mod:`moescope.importers.sglang`, :mod:`moescope.importers.ids`), takes the routing shape
 from ``--model`` (header-only), reduces the routing with the trace's own reducer and
-writes the directory with :func:`moescope.trace.write_trace_dir` through
+writes the directory with :func:`moescope.tracing.write_trace_dir` through
 :func:`moescope.outdir.atomic_output`. ``summary.json`` records ``source`` (the format)
 and ``lacks`` (what the source does not carry); ``expert_load.csv`` counts equal the input.
 
@@ -244,9 +244,9 @@ def import_routes(
     """
     from moescope.importers.common import check_paths, model_shape
     from moescope.outdir import atomic_output, check_destination
-    from moescope.trace.write import write_trace_dir
-    from moescope.tracedir import KIND
-    from moescope.tracestate import TraceState
+    from moescope.tracedir.files import KIND
+    from moescope.tracedir.state import TraceState
+    from moescope.tracing.write import write_trace_dir
 
     if format not in FORMATS:
         raise RoutingImportError(f"unknown import format {format!r}; use one of {', '.join(FORMATS)}.")

@@ -3,13 +3,13 @@
 What:
 
 - :func:`model_shape` reads MoE layers, experts, top-k (and hidden size, dtype, fingerprint)
-  from ``--model`` through the header-only accounting (:func:`moescope.checkpoint.open_checkpoint`,
-  :func:`moescope.arch.moe_spec`); no weights are read.
+  from ``--model`` through the header-only accounting (:func:`moescope.checkpoint.ref.open_checkpoint`,
+  :func:`moescope.arch.moe.moe_spec`); no weights are read.
 - :func:`to_moe_layers` and :func:`normalise` turn recorded expert ids ``[tokens, layers, K]``
   (all decoder layers or only the MoE ones, any ``K``, ``-1`` for empty slots, optionally
   physical ids with a physical-to-logical map) into logical ids ``[tokens, moe_layers, top_k]``,
   refusing ids outside the model, more than ``top_k`` experts per token, or repeats.
-- :class:`RouteSink` feeds normalised routing to :class:`moescope.trace.reduce.Reducer`,
+- :class:`RouteSink` feeds normalised routing to :class:`moescope.tracing.reduce.Reducer`,
   either one forward pass at a time (:meth:`RouteSink.batch`) or as a token stream packed
   like ``moescope trace`` packs (:meth:`RouteSink.stream`: ``seq_len`` windows,
   ``batch_size`` windows per batch), so the online sums are the ones a trace computes.
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import MoescopeError, NotMoEError
-from moescope.tracestate import TraceState
+from moescope.tracedir.state import TraceState
 
 #: names recorded in ``summary.json`` ``lacks`` (what an imported source does not carry)
 LACKS_GATE_WEIGHTS = "gate_weights"
@@ -87,11 +87,11 @@ def model_shape(ref: str, revision: str | None = None) -> ModelShape:
         NotMoEError: the model routes no experts.
         RoutingImportError: a bare ``.safetensors`` file without a config.
     """
-    from moescope.arch import moe_spec, text_config
-    from moescope.checkpoint import open_checkpoint, resolve_ref
-    from moescope.identity import fingerprint_ref
-    from moescope.spec import is_raw_spec, spec_to_config
-    from moescope.validate import validate_config
+    from moescope.arch.moe import moe_spec, text_config
+    from moescope.arch.specfile import is_raw_spec, spec_to_config
+    from moescope.arch.validate import validate_config
+    from moescope.checkpoint.identity import fingerprint_ref
+    from moescope.checkpoint.ref import open_checkpoint, resolve_ref
 
     ck = open_checkpoint(ref, revision)
     cfg = ck.config
@@ -233,7 +233,7 @@ def physical_to_logical(ids: np.ndarray, phys_map: np.ndarray | None, where: str
 
 @dataclass
 class _Record:
-    """One MoE layer of one batch, shaped as :class:`moescope.routing.RoutingRecorder` records it."""
+    """One MoE layer of one batch, shaped as :class:`moescope.execution.routing.RoutingRecorder` records it."""
 
     ids: Any
     weights: Any
@@ -286,7 +286,7 @@ class RouteSink:
     _done: int = 0
 
     def __post_init__(self) -> None:
-        from moescope.trace.reduce import Reducer
+        from moescope.tracing.reduce import Reducer
 
         self._reducer = Reducer(self.state)
 

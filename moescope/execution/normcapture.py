@@ -1,0 +1,109 @@
+"""Experts forwards that also keep each routed expert's output norm, for the trace's recorder.
+
+:class:`moescope.execution.routing.RoutingRecorder` swaps these in for the experts' own forward (fused
+families and DBRX) while it records: they compute what transformers' eager loop computes —
+the fused one sums every expert's contribution in eager's order, so the outputs are the same
+bit for bit (``tests/test_routing.py``) — and store ``[tokens, k]`` output norms in
+``rec._norms[index]``. ``rec`` is the recorder (typed loosely: this module sits below it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["dbrx_forward_with_norms", "fused_forward_with_norms"]
+
+
+def fused_forward_with_norms(rec: Any, index: int) -> Callable[..., Any]:
+    """An experts forward equivalent to transformers' eager loop that also keeps output norms.
+
+    It follows the attributes ``use_experts_implementation`` sets (``has_gate``,
+    ``has_bias``, ``is_transposed``, ``has_post_expert_norm``, ``_apply_gate``), as the
+    library's own ``batched_mm``/``grouped_mm`` implementations do, so it serves every
+    decorated family; tests check its output equals the eager one.
+    """
+
+    def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        out = torch.zeros_like(hidden_states)
+        n_exp = self.num_experts
+        n_tok = top_k_index.shape[0]
+        with torch.no_grad():
+            # every (slot, token) assignment sorted by expert, stably: within an expert the
+            # order is slot-major as torch.where over eager's one-hot mask gives it, so the
+            # sums below are eager's, bit for bit, without a [tokens, k, E+1] one-hot mask
+            flat = top_k_index.t().reshape(-1)  # entry slot * tokens + token
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=n_exp + 1).tolist()
+            pos_all, tok_all = order // n_tok, order % n_tok
+        # each expert's output norms, written into [tokens, k] once after the loop (one
+        # index_put per layer instead of one per expert: the per-op cost is what a tiny model
+        # pays for tracing); id n_exp marks a dropped slot, as in eager
+        vals = []
+        start = 0
+        for e, count in enumerate(counts[:n_exp]):
+            if not count:
+                continue
+            tok, pos = tok_all[start : start + count], pos_all[start : start + count]
+            start += count
+            x = hidden_states[tok]
+            if self.has_gate:
+                w_in = self.gate_up_proj[e]
+                b_in = self.gate_up_proj_bias[e] if self.has_bias else None
+            else:
+                w_in = self.up_proj[e]
+                b_in = self.up_proj_bias[e] if self.has_bias else None
+            h = x @ w_in if self.is_transposed else F.linear(x, w_in)
+            if b_in is not None:
+                h = h + b_in
+            h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+            w_out = self.down_proj[e]
+            y = h @ w_out if self.is_transposed else F.linear(h, w_out)
+            if self.has_bias:
+                y = y + self.down_proj_bias[e]
+            if self.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            vals.append(torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32))
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
+        if vals:  # the routed assignments are the first `start` of the sorted ones
+            norms.index_put_((tok_all[:start], pos_all[:start]), torch.cat(vals))
+        rec._norms[index] = norms
+        return out
+
+    return forward
+
+
+def dbrx_forward_with_norms(rec: Any, index: int) -> Callable[..., Any]:
+    """DBRX's experts loop (2-D ``[E*I, H]`` weights) with output norms kept."""
+
+    def forward(self: Any, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        batch = hidden_states.shape[0]
+        hidden = hidden_states.reshape(-1, self.hidden_size)
+        out = torch.zeros_like(hidden)
+        norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        shape = (-1, self.ffn_hidden_size, self.hidden_size)
+        for row in hit.tolist():
+            e = row[0]
+            if e >= self.num_experts:
+                continue
+            pos, tok = torch.where(mask[e])
+            w1 = self.mlp.w1.view(shape)[e]
+            v1 = self.mlp.v1.view(shape)[e]
+            w2 = self.mlp.w2.view(shape)[e]
+            y = self.mlp(hidden[tok], w1, v1, w2).view(-1, self.hidden_size)
+            norms[tok, pos] = y.float().norm(dim=-1)
+            out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+        rec._norms[index] = norms
+        return out.view(batch, -1, self.hidden_size)
+
+    return forward
