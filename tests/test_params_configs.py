@@ -13,7 +13,8 @@ import pytest
 
 from moescope.accounting.params import account, count_params
 from moescope.accounting.published import compare, rounds_to
-from moescope.arch.closedform import build_meta_model, config_inventory, has_closed_form
+from moescope.arch.closedform import config_inventory, has_closed_form
+from moescope.arch.discover import build_meta_model
 from moescope.arch.inventory import Inventory, TensorInfo, as_inventory
 from moescope.arch.moe import MoESpec, classify, moe_spec
 from moescope.arch.tensorclasses import classify_groups

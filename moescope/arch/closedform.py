@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from moescope.arch.discover import build_meta_model
 from moescope.arch.inventory import Inventory, TensorInfo
 from moescope.arch.moe import MoESpec, family_of
 from moescope.arch.specfile import spec_inventory
@@ -24,7 +25,6 @@ from moescope.families import get as _get
 __all__ = [
     "Inventory",
     "TensorInfo",
-    "build_meta_model",
     "config_inventory",
     "has_closed_form",
     "meta_inventory",
@@ -290,53 +290,6 @@ def config_inventory(cfg: dict[str, Any], spec: MoESpec, where: str = "config.js
     if fn is None:
         return meta_inventory(cfg, where)
     return fn(cfg, spec, where)
-
-
-def _fix_for_transformers(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Published configs that the installed transformers refuses as written."""
-    cfg = dict(cfg)
-    if cfg.get("model_type") == "dbrx" and isinstance(cfg.get("ffn_config"), dict):
-        ffn = dict(cfg["ffn_config"])
-        if isinstance(ffn.get("moe_normalize_expert_weights"), int):
-            ffn["moe_normalize_expert_weights"] = float(ffn["moe_normalize_expert_weights"])
-        cfg["ffn_config"] = ffn
-    if cfg.get("model_type") == "kimi_k2":
-        cfg["model_type"] = "deepseek_v3"
-    return cfg
-
-
-def build_meta_model(cfg: dict[str, Any]) -> Any:
-    """Build the transformers model for a config dict on the meta device (no memory, no weights).
-
-    Used as the fallback for families without a closed form and as the test oracle.
-    """
-    import torch
-    import transformers
-
-    cfg = _fix_for_transformers(cfg)
-    mt = str(cfg.get("model_type") or "")
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
-    try:
-        config = transformers.AutoConfig.for_model(mt, **kwargs)
-    except (ValueError, KeyError) as exc:
-        raise ConfigError(
-            f"transformers does not know model_type {mt!r} ({exc}); pass a checkpoint with safetensors "
-            "weights so moescope can read its tensors instead."
-        ) from exc
-    archs = cfg.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    prev = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            if cls is not None:
-                return cls._from_config(config)
-            try:
-                return transformers.AutoModelForCausalLM.from_config(config)
-            except ValueError:
-                return transformers.AutoModel.from_config(config)
-    finally:
-        transformers.logging.set_verbosity(prev)
 
 
 def meta_inventory(cfg: dict[str, Any], where: str = "config.json") -> Inventory:

@@ -89,6 +89,7 @@ class MoESpec:
         tie_word_embeddings: whether the LM head shares the input embedding.
         mtp_layers: number of multi-token-prediction layers stored after the decoder layers.
         known: whether moescope knows this family (False: dense fallback).
+        generic: read from transformers' modules (no registry record): :mod:`moescope.arch.discover`.
     """
 
     model_type: str
@@ -112,6 +113,7 @@ class MoESpec:
     mtp_layers: int = 0
     encoder_layers: int = 0
     known: bool = True
+    generic: bool = False
 
     @property
     def moe_set(self) -> frozenset[int]:
@@ -164,6 +166,8 @@ def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
     spec.num_layers = r.num_layers()
     if record is None:
         spec.known = fam in DENSE_FAMILIES
+        if not spec.known and fam != "moescope_spec":
+            _read_generic(spec, cfg, where)
     else:
         _read_family(spec, record, r)
     spec.is_moe = bool(spec.num_experts > 1 and spec.moe_layers)
@@ -183,6 +187,72 @@ def moe_spec(cfg: dict[str, Any], where: str = "config.json") -> MoESpec:
         if fam not in MOE_FAMILIES:
             spec.num_experts = spec.top_k = 0
     return spec
+
+
+#: config fields of the shared experts' count and total width, for families without a record
+_SHARED_COUNT_KEYS = (
+    "n_shared_experts",
+    "num_shared_experts",
+    "shared_expert_count",
+    "moe_num_shared_experts",
+)
+_SHARED_WIDTH_KEYS = (
+    "shared_expert_intermediate_size",
+    "shared_intermediate_size",
+    "moe_shared_expert_intermediate_size",
+)
+_EXPERT_WIDTH_KEYS = (
+    "moe_intermediate_size",
+    "expert_intermediate_size",
+    "moe_ffn_hidden_size",
+    "intermediate_size",
+)
+
+
+def _read_generic(spec: MoESpec, cfg: dict[str, Any], where: str) -> None:
+    """Fill ``spec`` from the model transformers builds for ``cfg`` (:mod:`moescope.arch.discover`).
+
+    Leaves ``spec.known`` False only when the installed transformers does not know the
+    ``model_type`` either.
+
+    Raises:
+        ConfigError: the model has experts but its experts per token cannot be told.
+    """
+    from moescope.arch.discover import discover
+
+    found = discover(cfg, where)
+    if found is None:
+        return
+    spec.known = True
+    spec.generic = True
+    scope = cfg.get(found.text_scope) if found.text_scope else cfg
+    r = Reader(scope if isinstance(scope, dict) else cfg, where)
+    spec.num_layers = r.num_layers() or spec.num_layers
+    if not found.is_moe:
+        return
+    layers = sorted({s.layer for s in found.sites if s.layer is not None and s.num_experts > 1})
+    spec.moe_layers = layers
+    spec.num_experts = found.num_experts
+    spec.num_experts_field = found.num_experts_field
+    if found.top_k is None:
+        raise ConfigError(
+            f"{where}: model_type {spec.model_type!r} has {found.num_experts} routed experts but neither its "
+            f"router nor its config says how many each token uses (looked for num_experts_per_tok, moe_topk, top_k, ...); "
+            "add num_experts_per_tok to the config."
+        )
+    spec.top_k, spec.top_k_field = found.top_k, found.top_k_field
+    width_key = next((k for k in _EXPERT_WIDTH_KEYS if isinstance(r.get(k), int)), None)
+    if width_key is not None:
+        spec.expert_intermediate_size, spec.expert_width_field = int(r.get(width_key)), width_key
+    shared = [s for s in found.sites if s.shared]
+    if shared:
+        n = next((r.get(k) for k in _SHARED_COUNT_KEYS if isinstance(r.get(k), int)), None)
+        spec.num_shared_experts = int(n) if n else 1
+        w = next((r.get(k) for k in _SHARED_WIDTH_KEYS if isinstance(r.get(k), int)), None)
+        spec.shared_intermediate_size = (
+            int(w) if w else spec.num_shared_experts * spec.expert_intermediate_size
+        )
+    spec.norm_topk_prob = r.get("norm_topk_prob") if isinstance(r.get("norm_topk_prob"), bool) else None
 
 
 def _read_family(spec: MoESpec, record: Family, r: Reader) -> None:
@@ -343,18 +413,27 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
 
 
 @functools.cache
-def _family_markers(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _family_markers(
+    family: str,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     """Name parts that mark a family's routed and shared experts beyond the generic ``.experts.``.
 
     Granite stores its routed experts as ``block_sparse_moe.input_linear`` / ``output_linear``
-    and its shared expert as ``shared_mlp``; the registry says so.
+    and its shared expert as ``shared_mlp``; the registry says so. A family without a record
+    gets (routed, shared, router) from the modules :mod:`moescope.arch.discover` found.
     """
     record = families.lookup(family)
     if record is None:
-        return (), ()
+        from moescope.arch.discover import discovered
+
+        found = discovered(family)
+        if found is None:
+            return (), (), (), (), ()
+        towers = tuple(f".{t.lower()}." for t in found.towers)
+        return (*found.markers(), tuple(f".{b}" for b in found.buffers), towers)
     t = record.tensors
     routed = tuple(f".{b}.{p}".lower() for b in t.blocks for p in t.experts if p != "experts.")
-    return routed, tuple(f".{p}".lower() for p in t.shared)
+    return routed, tuple(f".{p}".lower() for p in t.shared), (), (), ()
 
 
 @functools.lru_cache(maxsize=65536)
@@ -362,7 +441,8 @@ def _classify_shape(
     name: str, multi_dim: bool, outside_layers: bool, router_ok: bool, mtp_layer: bool, family: str = ""
 ) -> tuple[str, bool, int, bool]:
     """(component, is_param, param_factor, is_matmul) of a name with numbers blanked."""
-    is_param = not _NOT_PARAM_RE.search(name)
+    routed, shared, routers, buffers, towers = _family_markers(family)
+    is_param = not _NOT_PARAM_RE.search(name) and not (buffers and name.endswith(buffers))
     factor = 2 if name.endswith("_blocks") else 1
     base = name[: -len("_blocks")] if factor == 2 else name
     lname = base.lower()
@@ -372,16 +452,17 @@ def _classify_shape(
     def tc(component: str, mm: bool = matmul) -> tuple[str, bool, int, bool]:
         return component, is_param, factor, mm and component not in ("embedding", "vision", "mtp")
 
-    if _VISION_RE.search(lname):
+    if _VISION_RE.search(lname) or (towers and any(t in "." + lname for t in towers)):
         return tc("vision")
     if lname.startswith("mtp.") or ".mtp." in lname or mtp_layer:
         return tc("mtp")
-    routed, shared = _family_markers(family)
     if "shared_expert" in lname or any(m in lname for m in shared):
         return tc("shared_experts")
     if ".experts." in lname or lname.endswith(".experts") or any(m in lname for m in routed):
         return tc("routed_experts")
-    if (_ROUTER_RE.search(lname) or _ROUTER2_RE.search(lname)) and router_ok:
+    if (
+        _ROUTER_RE.search(lname) or _ROUTER2_RE.search(lname) or any(m in lname for m in routers)
+    ) and router_ok:
         return tc("router")
     if _EMBED_RE.search(lname) and outside_layers:
         return tc("embedding", mm=False)

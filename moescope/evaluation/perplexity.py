@@ -202,6 +202,14 @@ def _score(
         if progress:
             progress(done[0], len(jobs))
 
+    if getattr(model, "_moescope_head", None) == "base":
+        from moescope.errors import CheckpointError
+
+        kind = getattr(getattr(model, "config", None), "model_type", "?")
+        raise CheckpointError(
+            f"model_type {kind!r} has no language-model head in transformers (a text sub-model), so it "
+            "gives no perplexity; evaluate the full model it belongs to."
+        )
     with torch.inference_mode():
         if streamed:
             model.run([{"input_ids": ids} for ids in inputs], logits=consume, max_hidden_bytes=hidden_budget)

@@ -98,7 +98,7 @@ def load_model(
         CheckpointError: transformers cannot load it (message says why), or the weights are pickles.
     """
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     mref = as_ref(ref, revision)
     ref = mref.ref
@@ -137,15 +137,20 @@ def load_model(
         transformers.utils.logging.disable_progress_bar()
     model: Any
     try:
+        # only how to find the files: anything else would become a config attribute
+        hub_keys = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
+        config_kwargs = {k: v for k, v in kwargs.items() if k in hub_keys}
+        config = transformers.AutoConfig.from_pretrained(mref.path_or_id, **config_kwargs)
+        head, kind = auto_class(config)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                mref.path_or_id, experts_implementation=impl, use_safetensors=True, **kwargs
+            model = head.from_pretrained(
+                mref.path_or_id, config=config, experts_implementation=impl, use_safetensors=True, **kwargs
             )
         except (ValueError, TypeError) as exc:
             # Some families (llama4, dbrx, switch) refuse the setting: load with their default.
             if "experts_implementation" not in str(exc) and "experts" not in str(exc):
                 raise
-            model = AutoModelForCausalLM.from_pretrained(mref.path_or_id, use_safetensors=True, **kwargs)
+            model = head.from_pretrained(mref.path_or_id, config=config, use_safetensors=True, **kwargs)
         # tokenizer.json / sentencepiece / tiktoken files: none of them is a pickle
         tok = AutoTokenizer.from_pretrained(mref.path_or_id, **tok_kwargs)
     except OSError as exc:
@@ -164,12 +169,46 @@ def load_model(
         raise ModelNotFoundError(f"cannot load {ref}: {first}{hint}") from exc
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"transformers cannot load {ref}: {str(exc).splitlines()[0]}") from exc
+    model._moescope_head = kind  # `base`: no LM head, so no perplexity (moescope.evaluation)
     if device_map is None:
         model.to(device)
     else:
         model._moescope_offload = offload  # the offload folder lives as long as the model
     model.eval()
     return model, tok
+
+
+#: the Auto classes tried for a config, in order, with the kind of model each gives
+AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "causal"),
+    ("AutoModelForImageTextToText", "image_text"),
+    ("AutoModelForSeq2SeqLM", "seq2seq"),
+)
+
+
+def auto_class(config: Any) -> tuple[Any, str]:
+    """``(Auto class, kind)`` that builds a language-model head for ``config``.
+
+    A causal LM where transformers maps the config to one; else the image-text-to-text class
+    of a vision-language MoE (its text path runs on token ids alone); else sequence-to-sequence
+    (switch_transformers, nllb-moe); else the bare model (``base``: a text sub-model such as
+    ``qwen3_vl_moe_text``, whose routing can be traced but which gives no logits).
+
+    Raises:
+        CheckpointError: none of them maps this config.
+    """
+    import transformers
+
+    for name, kind in AUTO_CLASSES:
+        cls = getattr(transformers, name, None)
+        if cls is not None and type(config) in cls._model_mapping:
+            return cls, kind
+    if type(config) in transformers.AutoModel._model_mapping:  # a text sub-model: routing, no logits
+        return transformers.AutoModel, "base"
+    raise CheckpointError(
+        f"transformers has no language-model head for model_type {getattr(config, 'model_type', '?')!r} "
+        "(causal LM, image-text-to-text or seq2seq); moescope cannot run it."
+    )
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:

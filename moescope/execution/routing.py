@@ -191,13 +191,24 @@ def config_top_k(config: Any) -> int | None:
     """Experts per token from a transformers config object, by the family's registry record.
 
     A family whose routing rule fixes k (phimoe's sparsemixer: 2, switch: 1) gets that k
-    whatever the config says. For a family moescope does not know, only the transformers
-    convention ``num_experts_per_tok`` is read; ``None`` when it is absent (callers refuse).
+    whatever the config says. For a family without a record, the fields of
+    :data:`moescope.arch.discover.TOP_K_KEYS` are read (the top level, then a nested text
+    config); ``None`` when none is present (callers refuse).
     """
     record = families.lookup(getattr(config, "model_type", None))
-    if record is None:
-        k = getattr(config, "num_experts_per_tok", None)
-        return k if isinstance(k, int) and k > 0 else None
+    if record is None:  # the fields the generic adapter reads (moescope.arch.discover)
+        from moescope.arch.discover import TOP_K_KEYS
+
+        scopes = [
+            config,
+            *(getattr(config, a, None) for a in ("text_config", "language_config", "llm_config")),
+        ]
+        for scope in (x for x in scopes if x is not None):
+            for key in TOP_K_KEYS:
+                k = getattr(scope, key, None)
+                if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+                    return k
+        return None
     f = record.fields
     if f.fixed_top_k is not None:
         return f.fixed_top_k

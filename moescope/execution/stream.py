@@ -141,9 +141,9 @@ class StreamedModel:
         import torch
         import transformers
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        from moescope.execution.load import default_experts_implementation, torch_dtype
+        from moescope.execution.load import auto_class, default_experts_implementation, torch_dtype
 
         self.path = Path(path)
         self.device = torch.device(device)
@@ -177,10 +177,9 @@ class StreamedModel:
             if isinstance(want, str):
                 want = getattr(torch, want)
         self.dtype = want
+        head, _kind = auto_class(config)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=self.dtype, trust_remote_code=trust_remote_code
-            )
+            model = head.from_config(config, dtype=self.dtype, trust_remote_code=trust_remote_code)
         model.eval()
         with contextlib.suppress(Exception):  # families whose experts take no implementation
             model.set_experts_implementation(default_experts_implementation(str(device)))
