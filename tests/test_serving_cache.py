@@ -23,7 +23,6 @@ from tests.serving_fixtures import demo_trace  # noqa: F401  (fixture)
 SEQ = np.array([0, 1, 2, 0, 1, 3, 0, 1, 2, 3])
 
 
-
 def test_hand_made_sequence() -> None:
     # worked out by hand in the order the requests arrive (see the comments of each policy)
     assert lru_hits(SEQ, [1, 2, 3, 4]) == [0, 0, 4, 6]
@@ -66,8 +65,9 @@ def _brute(uses: list[int], size: int, policy: str) -> int:
                 elif policy == "lfu":
                     cache.remove(min(cache, key=lambda r: (freq[r], last[r])))
                 else:
-                    def nxt(r: int) -> int:
-                        return next((u for u in range(t + 1, len(uses)) if uses[u] == r), len(uses))
+
+                    def nxt(r: int, now: int = t) -> int:
+                        return next((u for u in range(now + 1, len(uses)) if uses[u] == r), len(uses))
 
                     cache.remove(max(cache, key=nxt))
             cache.append(e)
@@ -75,7 +75,7 @@ def _brute(uses: list[int], size: int, policy: str) -> int:
     return hits
 
 
-def test_demo_trace_matches_brute_force(demo_trace: Path) -> None:
+def test_demo_trace_matches_brute_force(demo_trace: Path) -> None:  # noqa: F811
     routes = load_routes(demo_trace)
     assert routes.tokens > 1000 and routes.num_experts == 8
     results = simulate_cache(routes, sizes=[1, 2, 3, 5, 7])

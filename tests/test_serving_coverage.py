@@ -15,7 +15,6 @@ from moescope.serving.compare import compare_traces
 from tests.serving_fixtures import DOCS, demo_trace  # noqa: F401  (fixture)
 
 
-
 def _docs(routes) -> list[list[int]]:  # type: ignore[no-untyped-def]
     """Token indices of each document, in order, by a plain loop."""
     docs: dict[int, list[int]] = {}
@@ -24,7 +23,7 @@ def _docs(routes) -> list[list[int]]:  # type: ignore[no-untyped-def]
     return list(docs.values())
 
 
-def test_coverage_equals_brute_force(demo_trace: Path) -> None:
+def test_coverage_equals_brute_force(demo_trace: Path) -> None:  # noqa: F811
     routes = load_routes(demo_trace)
     docs = _docs(routes)
     assert len(docs) == DOCS
@@ -65,7 +64,7 @@ def test_independence_baseline_by_enumeration() -> None:
         assert independent_coverage(q, b) == pytest.approx(expected)
 
 
-def test_predictability_recount(demo_trace: Path) -> None:
+def test_predictability_recount(demo_trace: Path) -> None:  # noqa: F811
     routes = load_routes(demo_trace)
     half = (routes.doc % 2).tolist()
     k = routes.top_k
@@ -85,7 +84,12 @@ def test_predictability_recount(demo_trace: Path) -> None:
             for t in range(routes.tokens):
                 if half[t] == h:
                     c = succ.get(int(src[t, 0]), Counter())
-                    pred = [e for e, _ in sorted(((e, c.get(e, 0)) for e in range(8)), key=lambda x: (-x[1], x[0]))[:k]]
+                    pred = [
+                        e
+                        for e, _ in sorted(((e, c.get(e, 0)) for e in range(8)), key=lambda x: (-x[1], x[0]))[
+                            :k
+                        ]
+                    ]
                     hits += pred[0] == dst[t, 0]
                     recall += len(set(pred) & {int(e) for e in dst[t]}) / k
                     base1 += top[0] == dst[t, 0]
@@ -97,7 +101,7 @@ def test_predictability_recount(demo_trace: Path) -> None:
         )
 
 
-def test_compare_self_is_zero(demo_trace: Path) -> None:
+def test_compare_self_is_zero(demo_trace: Path) -> None:  # noqa: F811
     c = compare_traces(demo_trace, demo_trace)
     assert all(r.load_shift == 0 and r.jsd == pytest.approx(0) and not r.top_rank_changes for r in c.layers)
     assert c.domains and all(r.load_shift == 0 for r in c.domains)

@@ -123,13 +123,21 @@ def model_bytes(
                 routed_layer[layer] += float(sum(tensors.nbytes[i] for i in g.positions))
     else:
         if rep.weight_bytes is None:
-            raise ConfigError(f"{ref}: the config has no torch_dtype, so its stored bytes are unknown; pass --dtype bf16.")
+            raise ConfigError(
+                f"{ref}: the config has no torch_dtype, so its stored bytes are unknown; pass --dtype bf16."
+            )
         total = float(rep.weight_bytes)
         factor = total / rep.total_params if rep.total_params else 0.0
         for layer, n in acc.routed_by_layer.items():
             routed_layer[layer] = n * factor
-    if rep.kv_cache_bytes_per_token is None or rep.kv_cache_bytes_at_context is None or rep.flops_per_token is None:
-        raise ConfigError(f"{ref}: no KV-cache or FLOPs figure (attention or top-k unknown); pass a config.json.")
+    if (
+        rep.kv_cache_bytes_per_token is None
+        or rep.kv_cache_bytes_at_context is None
+        or rep.flops_per_token is None
+    ):
+        raise ConfigError(
+            f"{ref}: no KV-cache or FLOPs figure (attention or top-k unknown); pass a config.json."
+        )
     e_n = rep.num_experts if rep.is_moe else 0
     per_expert = {layer: v / e_n for layer, v in sorted(routed_layer.items())} if e_n else {}
     routed = float(sum(routed_layer.values()))

@@ -196,7 +196,9 @@ def default_cache_sizes(num_experts: int, top_k: int) -> list[int]:
     return sorted(s for s in sizes if 0 < s < num_experts)
 
 
-def cache_sizes_for_budget(budget_bytes: float, expert_bytes: float, moe_layers: int, num_experts: int) -> int:
+def cache_sizes_for_budget(
+    budget_bytes: float, expert_bytes: float, moe_layers: int, num_experts: int
+) -> int:
     """Experts per layer that a budget holds when every MoE layer caches as many (at most E).
 
     Raises:

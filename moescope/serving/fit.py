@@ -130,7 +130,7 @@ def preset(name: str, **overrides: float | None) -> Hardware:
     if name not in PRESETS:
         raise ConfigError(f"--preset {name!r}: use one of {', '.join(PRESETS)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PRESETS[name], **given) if given else PRESETS[name]
+    return replace(PRESETS[name], **given) if given else PRESETS[name]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -235,10 +235,17 @@ def trace_touch(mb: ModelBytes, routes: Any, batches: Sequence[int]) -> Touch:
     for c in cov:
         by[c.batch].append(c.touch)
         src[c.batch] = (
-            "concurrent" if c.concurrent is not None else "consecutive" if c.consecutive is not None else "independent"
+            "concurrent"
+            if c.concurrent is not None
+            else "consecutive"
+            if c.consecutive is not None
+            else "independent"
         )
     counts = np.stack(
-        [np.bincount(routes.layer(la)[routes.layer(la) >= 0].astype(np.int64), minlength=mb.num_experts) for la in routes.layers]
+        [
+            np.bincount(routes.layer(la)[routes.layer(la) >= 0].astype(np.int64), minlength=mb.num_experts)
+            for la in routes.layers
+        ]
     )
     order = np.argsort(-counts, axis=1, kind="stable")
     return Touch({b: np.array(v) for b, v in by.items()}, src, order)
@@ -276,7 +283,9 @@ def _row(mb: ModelBytes, hw: Hardware, b: int, touch: Touch | None, offload: str
         c_ram = min(e_n - c_gpu, int(hw.ram // unit))
         c_disk = e_n - c_gpu - c_ram
         if c_disk and (hw.disk is None or c_disk * unit > hw.disk):
-            have = f"{hw.ram / GiB:.2f} GiB RAM" + ("" if hw.disk is None else f" + {hw.disk / GiB:.2f} GiB disk")
+            have = f"{hw.ram / GiB:.2f} GiB RAM" + (
+                "" if hw.disk is None else f" + {hw.disk / GiB:.2f} GiB disk"
+            )
             why = (
                 f"experts need {mb.routed_bytes / GiB:.2f} GiB; {c_gpu} per layer fit on the GPU, {c_ram} in "
                 f"{have}{'' if hw.disk is not None else ' (pass --disk to use one)'}"
@@ -328,7 +337,8 @@ def assumptions(mb: ModelBytes, hw: Hardware, offload: str, traced: bool) -> lis
         "roofline: a step takes as long as its slowest resource at peak rate, transfers and compute fully "
         "overlapped, so tokens/s is an upper bound; compute = batch × params' FLOPs/token at the context",
         "placement: dense weights and KV cache on the GPU; then the same number of experts per layer on the "
-        "GPU, in RAM, on disk, " + ("hottest first by the trace's counts" if traced else "any (uniform routing)"),
+        "GPU, in RAM, on disk, "
+        + ("hottest first by the trace's counts" if traced else "any (uniform routing)"),
     ]
     if mb.is_moe:
         lines.append(

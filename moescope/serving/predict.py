@@ -90,9 +90,6 @@ def predictability(routes: Routes) -> list[Predictability]:
             tot += np.array(_scores(src, dst, fit, score, routes.num_experts, k))
         n = tot[4]
         div = n if n and np.isfinite(n) else np.nan
-        out.append(
-            Predictability(
-                layer, nxt, *(float(v) for v in tot[:4] / div), int(n) if n == n else 0
-            )
-        )
+        t1, tk, b1, bk = (float(v) for v in tot[:4] / div)
+        out.append(Predictability(layer, nxt, t1, tk, b1, bk, int(n) if n == n else 0))
     return out

@@ -138,7 +138,9 @@ def load_routes(trace: str | Path | TraceDir, max_tokens: int | None = None) -> 
             raise TraceError(f"{part}: unreadable route chunk ({exc}); retrace with --save-routes.") from None
         missing = [c for c in want if c not in schema.names]
         if missing:
-            raise TraceError(f"{part}: no column {missing[0]}; the routes do not match {td.path}/summary.json.")
+            raise TraceError(
+                f"{part}: no column {missing[0]}; the routes do not match {td.path}/summary.json."
+            )
         cols = want + (["domain"] if "domain" in schema.names else [])
         tables.append(pq.read_table(part, columns=cols))
     table = pa.concat_tables(tables)
