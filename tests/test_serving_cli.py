@@ -116,3 +116,12 @@ def test_diff_cli(demo_trace: Path) -> None:  # noqa: F811
 def test_spelled_out_names_match_the_library() -> None:
     assert offload_cli.POLICIES == POLICIES
     assert fit_cli.PRESETS == tuple(PRESETS)
+
+
+def test_html_report_has_the_serving_section(demo_trace: Path, tmp_path: Path) -> None:  # noqa: F811
+    page = tmp_path / "r.html"
+    r = runner.invoke(app, ["report", str(demo_trace), "--html", str(page)], catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    html = page.read_text()
+    assert 'id="serving"' in html and "belady" in html and "concurrent documents" in html
+    assert html.count("<svg") >= 7  # the trace's six figures and the hit-rate curve

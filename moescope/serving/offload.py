@@ -65,6 +65,7 @@ def offload_report(
     model: str | None = None,
     dtype: str = "stored",
     max_tokens: int | None = None,
+    size_experts: bool = True,
 ) -> OffloadReport:
     """Cache hit rates, batch coverage and cross-layer predictability of a trace.
 
@@ -77,6 +78,7 @@ def offload_report(
         model: the model that sizes the experts (default: the one the trace was recorded on).
         dtype: weight format of the experts (``stored``, ``bf16``, ``fp8``, ``int4``).
         max_tokens: use only the first this many tokens of the trace.
+        size_experts: look up the experts' bytes (False: the bytes columns stay None).
 
     Raises:
         TraceError: no routes, or not a trace.
@@ -89,7 +91,7 @@ def offload_report(
     notes: list[str] = []
     ref = model or routes.model
     mb: ModelBytes | None = None
-    if ref is not None:
+    if ref is not None and (size_experts or budget is not None):
         try:
             mb = model_bytes(ref, dtype=dtype)
         except MoescopeError as exc:
