@@ -87,8 +87,8 @@ def serving_section(ctx: Any, trace_path: str) -> tuple[str, str, str] | None:
             cells.append(rp.fmt(sum(sel) / len(sel)) if sel else "–")
         rows.append([p, *cells])
     cov: dict[int, list[Any]] = {}
-    for c in rep.coverage:
-        cov.setdefault(c.batch, []).append(c)
+    for row in rep.coverage:
+        cov.setdefault(row.batch, []).append(row)
 
     def mean(vals: list[Any]) -> str:
         return "–" if any(v is None for v in vals) else rp.fmt(sum(vals) / len(vals), ".2f")
