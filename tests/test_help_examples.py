@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["params", "download", "trace", "report", "merge", "similarity", "prune", "eval", "sweep"]
 #: commands whose examples need input files of their own; their test module runs the examples
 #: (``import``: tests/test_import.py::test_help_examples_run, with a dump, responses, Parquet, npy)
-RUN_ELSEWHERE = ["import"]
+#: (``offload``, ``fit``, ``diff``: need a routes trace or two; tests/test_serving_cli.py runs them)
+RUN_ELSEWHERE = ["import", "offload", "fit", "diff"]
 MODULES = {"import": "import_"}
 
 

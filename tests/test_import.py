@@ -498,7 +498,7 @@ def test_hostile_inputs_one_error_line(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     np.save(tmp_path / "r.npy", np.zeros((2, 4, 2), dtype=np.int64))
     assert_clean_error(
-        invoke(["import", "vllm", tmp_path / "r.npy", "--model", "demo", "--out", tmp_path / "t"]), 2
+        invoke(["import", "tensorrt-llm", tmp_path / "r.npy", "--model", "demo", "--out", tmp_path / "t"]), 2
     )
     res = invoke(
         ["import", "ids", tmp_path / "r.npy", "--model", "demo", "--out", tmp_path / "t", "--seq-len", "0"]

@@ -61,6 +61,7 @@ LAYERS: dict[str, int] = {
     "tracing": 6,
     "evaluation": 6,
     "redundancy": 6,
+    "serving": 6,
     # what is built from passes and traces
     "pruning": 7,
     "importers": 7,

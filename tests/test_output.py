@@ -159,6 +159,9 @@ _ARGS: dict[str, list[str]] = {
     "eval": ["demo", "demo"],
     "sweep": ["demo", "demo"],
     "import": ["ids", "{w}/routes.npy", "--model", "demo", "--out", "{w}/i"],
+    "offload": ["{w}/t"],
+    "fit": ["demo", "--preset", "rtx4090"],
+    "diff": ["{w}/a", "{w}/b"],
 }
 
 

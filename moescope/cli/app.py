@@ -32,6 +32,9 @@ COMMANDS = {
     "prune": "moescope.cli.prune",
     "eval": "moescope.cli.eval",
     "sweep": "moescope.cli.sweep",
+    "offload": "moescope.cli.offload",
+    "fit": "moescope.cli.fit",
+    "diff": "moescope.cli.diff",
 }
 
 

@@ -17,7 +17,7 @@ from moescope.cli._options import RevisionOpt
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt
 
 #: the formats (equal to ``moescope.importers.FORMATS``, tested; spelled out so --help is fast)
-FORMATS = ("sglang-dump", "sglang-response", "ids")
+FORMATS = ("sglang-dump", "sglang-response", "ids", "vllm")
 
 EXAMPLES = """
 Examples:
@@ -26,6 +26,7 @@ Examples:
   moescope import sglang-response responses.jsonl --model demo --out traces/served
   moescope import ids routes.parquet --model demo --out traces/imported --json
   moescope import ids routes.npy --model demo --out traces/imported   (no documents: token order unknown)
+  moescope import vllm routes.npy --model demo --out traces/vllm --save-routes   (one request; then: moescope offload traces/vllm)
 
 Formats:
   sglang-dump      files SGLang's expert-distribution recorder writes (launch with
@@ -37,6 +38,15 @@ Formats:
                    request with "return_routed_experts": true); each response is one document.
   ids              Parquet, one row per token, layer and slot: layer, token, expert [, weight, doc,
                    domain]; or a .npy integer array [tokens, layers, k] (-1: empty slot).
+  vllm             vLLM's per-request routed_experts [tokens, layers, k] (serve with
+                   --enable-return-routed-experts): .npy (one request), .npz (one request per
+                   array), or JSON lines of responses (choices[].routed_experts, or a saved
+                   output's routed_experts; nested lists or base64 int32). Each request is one
+                   document. SGLang's OpenAI-compatible responses (choices[].sgl_ext.routed_experts)
+                   are read by sglang-response.
+
+--save-routes also writes routes/ (per-token routing in token order, for moescope offload and fit
+--trace) when the source has token order (responses, vllm, ids with doc).
 
 --model (hub id, directory or config file) gives the MoE layers, experts and top-k from its config;
 no weights are read. Layers may be every decoder layer (SGLang's convention; dense ones are skipped)
@@ -62,7 +72,9 @@ def check_format(value: str) -> str:
 def import_cmd(
     fmt: Annotated[
         str,
-        typer.Argument(metavar="FORMAT", callback=check_format, help="sglang-dump, sglang-response or ids."),
+        typer.Argument(
+            metavar="FORMAT", callback=check_format, help="sglang-dump, sglang-response, ids or vllm."
+        ),
     ],
     paths: Annotated[
         list[Path], typer.Argument(metavar="PATH", help="Recorded files (several ranks combine).")
@@ -81,6 +93,9 @@ def import_cmd(
         int, typer.Option("--batch-size", help="Streamed formats: windows per what-if batch (capacity, EP).")
     ] = 8,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip plots/*.png.")] = False,
+    save_routes: Annotated[
+        bool, typer.Option("--save-routes", help="Also write routes/ (token order) for `moescope offload`.")
+    ] = False,
     revision: RevisionOpt = None,
     json_out: JsonOpt = False,
     csv_out: CsvOpt = False,
@@ -104,6 +119,7 @@ def import_cmd(
             batch_size=batch_size,
             plots=not no_plots,
             progress=lambda done: update(done, info="tokens"),
+            save_routes=save_routes,
         )
     for line in result.notes:
         output.info(line)

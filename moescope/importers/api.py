@@ -27,10 +27,10 @@ from typing import Any
 
 from moescope import __version__
 from moescope.importers import common as c
-from moescope.importers.common import ModelShape, RouteSink, RoutingImportError
+from moescope.importers.common import ModelShape, Piece, RouteSink, RoutingImportError
 
 #: the formats :func:`import_routes` reads
-FORMATS = ("sglang-dump", "sglang-response", "ids")
+FORMATS = ("sglang-dump", "sglang-response", "ids", "vllm")
 
 #: ``lacks`` of an SGLang ``stat`` dump: counts only
 STAT_LACKS = (
@@ -100,6 +100,14 @@ class _Run:
     lacks: set[str] = field(default_factory=set)
     ordered: bool = False
     notes: list[str] = field(default_factory=list)
+    routes: Any = None  # importers.routes_out.ImportRoutes with save_routes
+
+    def stream(self, piece: Piece) -> None:
+        """Feed one piece to the sink (and keep it for ``routes/``)."""
+        assert self.sink is not None
+        self.sink.stream(piece)
+        if self.routes is not None:
+            self.routes.add(piece)
 
 
 def _dumps(files: Sequence[Path]) -> Iterator[tuple[Path, dict[str, Any], str]]:
@@ -160,7 +168,18 @@ def _import_responses(run: _Run, files: Sequence[Path]) -> None:
     run.modes.append("responses")
     for piece in read_responses(files, run.shape):
         run.records += 1
-        run.sink.stream(piece)
+        run.stream(piece)
+    run.ordered = True
+    run.lacks.update((c.LACKS_GATE_WEIGHTS, c.LACKS_OUT_NORMS))
+
+
+def _import_vllm(run: _Run, files: Sequence[Path]) -> None:
+    from moescope.importers.vllm import read_vllm
+
+    run.modes.append("requests")
+    for piece in read_vllm(files, run.shape):
+        run.records += 1
+        run.stream(piece)
     run.ordered = True
     run.lacks.update((c.LACKS_GATE_WEIGHTS, c.LACKS_OUT_NORMS))
 
@@ -182,7 +201,7 @@ def _import_ids(run: _Run, files: Sequence[Path]) -> None:
             run.lacks.add(c.LACKS_GATE_WEIGHTS)
         run.ordered |= piece.segments is not None
         run.records += 1
-        run.sink.stream(piece)
+        run.stream(piece)
 
 
 def _meta(
@@ -218,6 +237,7 @@ def import_routes(
     batch_size: int = 8,
     plots: bool = True,
     progress: Callable[[int], None] | None = None,
+    save_routes: bool = False,
 ) -> ImportResult:
     """Write a trace directory from routing recorded elsewhere (counts equal to the input).
 
@@ -233,6 +253,8 @@ def import_routes(
             of the capacity and expert-parallel what-ifs, as ``moescope trace`` packs.
         plots: draw ``plots/*.png``.
         progress: called with the tokens imported so far.
+        save_routes: also write ``routes/`` (per-token routing in order, for ``moescope
+            offload``) when the source has token order (:mod:`moescope.importers.routes_out`).
 
     Returns:
         An :class:`ImportResult`.
@@ -266,10 +288,16 @@ def import_routes(
     )
     sink = RouteSink(state, seq_len=seq_len, batch_size=batch_size, progress=progress)
     run = _Run(shape, sink)
+    if save_routes and streamed:
+        from moescope.importers.routes_out import ImportRoutes
+
+        run.routes = ImportRoutes(list(shape.moe_layers), shape.top_k, seq_len)
     if format == "sglang-dump":
         _import_dump(run, files, state)
     elif format == "sglang-response":
         _import_responses(run, files)
+    elif format == "vllm":
+        _import_vllm(run, files)
     else:
         _import_ids(run, files)
     sink.close()
@@ -297,7 +325,13 @@ def import_routes(
         },
     )
     seconds = time.perf_counter() - t0
+    if save_routes and (run.routes is None or run.routes.unordered):
+        run.notes.append(
+            "routes/ not written: the source has no token order (sglang-dump, or ids without doc)"
+        )
     with atomic_output(out, KIND, inputs=inputs) as tmp:
+        if run.routes is not None:
+            run.routes.write(tmp)
         summary = write_trace_dir(tmp, state, timings={"import_seconds": seconds}, plots=plots)
     return ImportResult(
         out_dir=Path(out),

@@ -15,7 +15,9 @@ What:
   ``--enable-return-routed-experts`` and requested with ``"return_routed_experts": true``:
   ``meta_info.routed_experts`` is base64 of little-endian int32 ordered (token, layer,
   top-k slot) over every decoder layer, ``-1`` where no expert was routed. Each response
-  is one document, its tokens in order.
+  is one document, its tokens in order. OpenAI-compatible responses (``/v1/completions``,
+  ``/v1/chat/completions`` with ``"return_routed_experts": true`` in the body) carry the same
+  encoding in each choice's ``sgl_ext.routed_experts``; each choice is one document.
 
 How: :func:`read_dump` and :func:`read_responses` yield :class:`~moescope.importers.common.Piece`
 objects (normalised, logical ids at the model's MoE layers) to a
@@ -321,16 +323,37 @@ def read_responses(
     """
     for path in paths:
         for where, resp in _responses(path):
-            meta = resp.get("meta_info")
-            routed = meta.get("routed_experts") if isinstance(meta, dict) else None
-            ids = normalise(to_moe_layers(decode_routed(routed, shape, where), shape, where), shape, where)
-            domain = resp.get("domain")
-            codes = np.zeros(len(ids), dtype=np.int64) if isinstance(domain, str) else None
-            if on_response is not None:
-                on_response()
-            yield Piece(
-                ids=ids,
-                segments=np.zeros(len(ids), dtype=np.int64),
-                domain_codes=codes,
-                domain_names=[domain] if isinstance(domain, str) else (),
+            for at, routed in _routed_fields(resp, where):
+                yield _response_piece(routed, resp.get("domain"), shape, at, on_response)
+
+
+def _routed_fields(resp: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """``(where, routed_experts)`` of a response: ``/generate``'s ``meta_info``, or each choice's
+    ``sgl_ext`` of an OpenAI-compatible (``/v1/completions``, ``/v1/chat/completions``) response."""
+    meta = resp.get("meta_info")
+    choices = resp.get("choices")
+    if not isinstance(meta, dict) and isinstance(choices, list) and choices:
+        return [
+            (
+                f"{where} choices[{i}]",
+                (c.get("sgl_ext") or {}).get("routed_experts") if isinstance(c, dict) else None,
             )
+            for i, c in enumerate(choices)
+        ]
+    return [(where, meta.get("routed_experts") if isinstance(meta, dict) else None)]
+
+
+def _response_piece(
+    routed: Any, domain: Any, shape: ModelShape, where: str, on_response: Callable[[], None] | None
+) -> Piece:
+    """One response's (or choice's) routing as one document."""
+    ids = normalise(to_moe_layers(decode_routed(routed, shape, where), shape, where), shape, where)
+    codes = np.zeros(len(ids), dtype=np.int64) if isinstance(domain, str) else None
+    if on_response is not None:
+        on_response()
+    return Piece(
+        ids=ids,
+        segments=np.zeros(len(ids), dtype=np.int64),
+        domain_codes=codes,
+        domain_names=[domain] if isinstance(domain, str) else (),
+    )

@@ -191,6 +191,11 @@ def render_html(
         rp.coactivation_section(ctx),
         rp.domains_section(ctx),
     ]
+    from moescope.reporting.serving import serving_section  # only traces with routes/ get it
+
+    serving = serving_section(ctx, trace_path)
+    if serving is not None:
+        parts.append(serving)
     if sim is not None:
         parts.append(rp.similarity_section(ctx, sim))
     if manifest is not None:
