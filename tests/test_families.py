@@ -201,11 +201,16 @@ def _recomputed_counts(path: Path, family: str, text: str) -> dict[tuple[int, in
     batch = torch.tensor(ids).reshape(_WINDOWS, _SEQ)
     loaded = auto_class(family).from_pretrained(path, dtype=torch.float32).eval()
     sites = find_moe_sites(loaded)
+    offset = {"": 0, "encoder": 0, "decoder": 0}
     with torch.no_grad():
         if family == "switch_transformers":
-            out = loaded(input_ids=batch, decoder_input_ids=batch[:, :1], output_router_logits=True)
-            logits = list(out.encoder_router_logits)
-            sites = [s for s in sites if s.stack == "encoder"]
+            # the decoder teacher-forced on the same text, shifted right behind the start token
+            start = getattr(loaded.config, "decoder_start_token_id", None)
+            dec = torch.full_like(batch, int(start if start is not None else loaded.config.pad_token_id or 0))
+            dec[:, 1:] = batch[:, :-1]
+            out = loaded(input_ids=batch, decoder_input_ids=dec, output_router_logits=True)
+            logits = [*out.encoder_router_logits, *out.decoder_router_logits]
+            offset["decoder"] = int(loaded.config.num_layers)  # decoder layers follow the encoder's
         else:
             logits = list(loaded(input_ids=batch, output_router_logits=True).router_logits)
     assert len(logits) == len(sites)
@@ -213,7 +218,8 @@ def _recomputed_counts(path: Path, family: str, text: str) -> dict[tuple[int, in
     for site, lg in zip(sites, logits, strict=True):
         chosen, _ = expected_routing(family, loaded, site, lg)
         for e in chosen[chosen >= 0].tolist():
-            counts[(site.layer, e)] = counts.get((site.layer, e), 0) + 1
+            key = (site.layer + offset[site.stack], e)
+            counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -269,8 +275,10 @@ def test_family_end_to_end(family: str, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["verified"] is True
     pruned = _check_params(out, family)
     assert pruned["num_experts"] == keep and pruned["total_params"] < row["total_params"]
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    reloaded = auto_class(family).from_pretrained(out, dtype=torch.float32)
     assert sum(p.numel() for p in reloaded.parameters()) == pruned["total_params"]
+    ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        logits = reloaded(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
+        extra = {"decoder_input_ids": ids[:, :1]} if family == "switch_transformers" else {}
+        logits = reloaded(input_ids=ids, **extra).logits
     assert torch.isfinite(logits).all()

@@ -436,7 +436,6 @@ def test_dbrx_packed_rows(tmp_path: Path) -> None:
     [
         ("llama", {}, "NotMoEError", "dense family"),
         ("mixtral", {"model_type": "brand_new_moe"}, "NotMoEError", "would have to guess"),
-        ("switch_transformers", {}, "PruneError", "cannot be pruned: an encoder-decoder"),
     ],
 )
 def test_prune_refuses_what_the_registry_cannot_vouch_for(

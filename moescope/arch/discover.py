@@ -71,6 +71,8 @@ class Site:
         expert_params: parameters of the experts module (all experts).
         router: path of the router module (None when not found).
         router_top_k: the router module's own ``top_k`` attribute, if any.
+        router_tensors: the router's saved tensors, relative to it (``weight``, ``proj.weight``,
+            ``per_expert_scale``, ``e_score_correction_bias``).
         shared: paths of shared-expert modules under the block.
         shared_params: their parameters.
     """
@@ -83,6 +85,7 @@ class Site:
     expert_params: int
     router: str | None
     router_top_k: int | None
+    router_tensors: tuple[str, ...]
     shared: tuple[str, ...]
     shared_params: int
 
@@ -229,6 +232,7 @@ def _sites(model: Any) -> list[Site]:
                 router_top_k=_int_attr(router, "top_k", "num_experts_per_tok")
                 if router is not None
                 else None,
+                router_tensors=tuple(sorted(router.state_dict(keep_vars=True))) if router is not None else (),
                 shared=tuple(f"{block_path}.{n}" for n, _ in shared),
                 shared_params=sum(_param_count(c) for _, c in shared),
             )

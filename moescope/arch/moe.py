@@ -321,7 +321,13 @@ def routing_groups(cfg: dict[str, Any], where: str = "config.json") -> tuple[int
     """
     record = families.lookup(family_of(cfg))
     if record is None:
-        return 1, 1, False
+        # a family without a record: groups as its config states them; each group may need two
+        # experts (deepseek_v3-style group scores), the conservative reading
+        scope = text_config(cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        r = Reader(scope, where)
+        n_group = r.count("n_group", 1) if isinstance(scope.get("n_group"), int) else 1
+        topk_group = r.count("topk_group", 1) if isinstance(scope.get("topk_group"), int) else 1
+        return (n_group, topk_group or 1, True) if n_group > 1 else (1, 1, False)
     tcfg = text_config(cfg) if record.fields.text_config else cfg
     n_group, topk_group = groups(record, Reader(tcfg, where))
     if n_group <= 1:

@@ -214,8 +214,16 @@ def _score(
         if streamed:
             model.run([{"input_ids": ids} for ids in inputs], logits=consume, max_hidden_bytes=hidden_budget)
         else:
-            for g, ids in enumerate(inputs):
-                consume(g, model(input_ids=ids).logits)
+            if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+                from moescope.execution.load import TeacherForced
+
+                # the loss of the decoder teacher-forced on the same text (as trace runs it)
+                forced = TeacherForced(model)
+                for g, ids in enumerate(inputs):
+                    consume(g, forced.logits(ids))
+            else:
+                for g, ids in enumerate(inputs):
+                    consume(g, model(input_ids=ids).logits)
     return nll, count
 
 

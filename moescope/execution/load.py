@@ -211,6 +211,58 @@ def auto_class(config: Any) -> tuple[Any, str]:
     )
 
 
+def encoder_layers(config: Any) -> int:
+    """Encoder blocks of an encoder-decoder config (``num_layers`` of T5/Switch, ``encoder_layers`` of NLLB)."""
+    for key in ("encoder_layers", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise CheckpointError(
+        f"{getattr(config, 'model_type', '?')}: the config does not say how many encoder layers."
+    )
+
+
+class TeacherForced:
+    """An encoder-decoder run on one text: the encoder reads it, the decoder is fed it shifted right.
+
+    The decoder's routing is then defined by the corpus alone (the target is the text itself,
+    started with the config's ``decoder_start_token_id``), so the encoder's and the decoder's
+    MoE layers are both traced, token for token, under the same mask.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        start = getattr(model.config, "decoder_start_token_id", None)
+        self.start = (
+            int(start) if isinstance(start, int) else int(getattr(model.config, "pad_token_id", 0) or 0)
+        )
+
+    def decoder_inputs(self, input_ids: Any) -> Any:
+        dec = input_ids.new_full(input_ids.shape, self.start)
+        dec[:, 1:] = input_ids[:, :-1]
+        return dec
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, **kwargs: Any) -> Any:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=self.decoder_inputs(input_ids),
+            decoder_attention_mask=attention_mask,
+            **kwargs,
+        )
+
+    def logits(self, input_ids: Any) -> Any:
+        """Logits shifted so that position t predicts token t+1 (a causal LM's convention).
+
+        The decoder's position t+1 predicts token t+1 having seen tokens up to t; the last
+        position repeats (nothing scores it).
+        """
+        import torch
+
+        out = self(input_ids=input_ids, use_cache=False).logits
+        return torch.cat([out[:, 1:], out[:, -1:]], dim=1)
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a local checkpoint directory (tokenizer.json / sentencepiece / tiktoken: no pickles)."""
     import transformers

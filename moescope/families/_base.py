@@ -287,6 +287,9 @@ class Tensors:
             (``[E, ...]``), ``packed`` (dbrx: ``[E*width, H]`` rows) or ``modules``
             (``experts.expert_{j}.*``).
         transposed: fused up/gate projections stored ``[E, H, 2I]`` (gpt_oss, llama4).
+        rows_by_shape: any other block tensor whose first dimension is E holds one row per
+            expert (router weights, biases, correction biases) and is sliced: the rule of the
+            generic adapter, whose records are read from the modules.
     """
 
     blocks: tuple[str, ...]
@@ -295,6 +298,7 @@ class Tensors:
     shared: tuple[str, ...] = ()
     stored: str = "per_expert"
     transposed: bool = False
+    rows_by_shape: bool = False
 
     @property
     def packed(self) -> bool:

@@ -15,8 +15,4 @@ FAMILY = Family(
     tie_default=True,
     experts_implementation=False,
     causal_lm=False,
-    prune=(
-        "an encoder-decoder model: a trace covers only the encoder's MoE layers, so the decoder's "
-        "experts cannot be scored"
-    ),
 )

@@ -21,20 +21,105 @@ from pathlib import Path
 from typing import Any
 
 from moescope import families
-from moescope.arch.moe import MoESpec, moe_spec
+from moescope.arch.moe import MoESpec, layer_index, moe_spec
 from moescope.errors import CheckpointError, NotMoEError, PruneError
 from moescope.families import LAYER_RE, PER_EXPERT_RE, Family
 from moescope.pruning.rewrite import OutTensor
 from moescope.pruning.source import Checkpoint
 
 
-def prunable_family(config: dict[str, Any], where: str | Path = "config.json") -> Family:
-    """The registry record of a config's family, if ``moescope prune`` supports it.
+def generic_record(config: dict[str, Any], where: str | Path = "config.json") -> Family | None:
+    """A pruning record for a family without one, read from transformers' modules.
+
+    :func:`moescope.arch.discover.discover` gives the MoE blocks, routers, shared experts and
+    the config field holding the expert count; the record names them relative to a layer, and
+    slices every other block tensor whose first dimension is E (``rows_by_shape``). None when
+    transformers does not know the family or it has no routed experts.
+
+    Group-limited routing (``n_group`` > 1) is kept consistent by the planner, which keeps the
+    same number of experts in every group (:func:`moescope.arch.moe.routing_groups`).
 
     Raises:
-        NotMoEError: a dense family, or one the registry does not know.
+        PruneError: what pruning cannot keep consistent: experts in several places of one
+            layer, or no config field holding the expert count.
+    """
+    from moescope.arch.discover import EXPERT_KEYS, discover
+
+    found = discover(config, str(where))
+    if found is None or not found.is_moe:
+        return None
+    name = str(config.get("model_type") or "")
+    scope = config.get(found.text_scope) if found.text_scope else config
+    scope = scope if isinstance(scope, dict) else config
+    if found.num_experts_field is None:
+        raise PruneError(
+            f"{where}: no config field holds {name}'s {found.num_experts} experts, so the pruned config "
+            "could not say how many remain."
+        )
+
+    def rel(path: str) -> str:
+        m = LAYER_RE.search(path)
+        return path[m.end() + 1 :] if m else path
+
+    blocks = sorted({rel(s.block) for s in found.sites})
+    by_block = {rel(s.block): s for s in found.sites}
+    if len(found.sites) != len({(s.stack, s.layer) for s in found.sites}):
+        raise PruneError(
+            f"{where}: {name} has two experts modules in one layer; pruning it is not supported."
+        )
+    routers: set[str] = set()
+    experts: set[str] = set()
+    shared: set[str] = set()
+    for b, site in by_block.items():
+        experts.add(site.experts[len(site.block) + 1 :] + ".")
+        if site.router:
+            r = site.router[len(site.block) + 1 :]
+            routers.update(f"{r}.{leaf}" for leaf in ("weight", "bias", "e_score_correction_bias"))
+            routers.update(f"{r}.{t}" for t in site.router_tensors)
+        shared.update(f"{b}.{p[len(site.block) + 1 :]}" for p in site.shared)
+    field = found.num_experts_field.rpartition(".")[2]
+    from moescope.families._base import Attention, Fields, Placement, Routing, Tensors
+
+    return Family(
+        name=name,
+        summary="read from transformers' modules (moescope.arch.discover)",
+        config_class=None,
+        fields=Fields(
+            experts=(field, *(k for k in EXPERT_KEYS if k != field)),
+            top_k=found.top_k_field if found.top_k_field != "router.top_k" else None,
+            width="intermediate_size",
+            fixed_top_k=found.top_k if found.top_k_field == "router.top_k" else None,
+            text_config=bool(found.text_scope),
+        ),
+        placement=Placement("all"),
+        routing=Routing("softmax_topk", renormalise=None),
+        tensors=Tensors(
+            blocks=tuple(blocks),
+            routers=tuple(sorted(routers)),
+            experts=tuple(sorted(experts)),
+            shared=tuple(sorted(shared)),
+            stored="per_expert",
+            rows_by_shape=True,
+        ),
+        hooks=None,
+        attention=Attention(),
+    )
+
+
+def prunable_family(config: dict[str, Any], where: str | Path = "config.json") -> Family:
+    """The record of a config's family, if ``moescope prune`` supports it.
+
+    The registry's record when there is one, else one read from transformers' modules
+    (:func:`generic_record`).
+
+    Raises:
+        NotMoEError: a dense family, or one neither the registry nor transformers knows.
         PruneError: a known family pruning does not support (the record says why).
     """
+    if families.lookup(families.family_of(config)) is None:
+        generic = generic_record(config, where)
+        if generic is not None:
+            return generic
     record = families.require(config, "pruning", str(where))
     if record.prune is not None:
         raise PruneError(f"{where}: {record.name} checkpoints cannot be pruned: {record.prune}.")
@@ -113,9 +198,19 @@ def detect_layout(ckpt: Checkpoint) -> MoELayout:
         if not m or not info.shape or info.shape[0] != num_experts:
             continue
         prefix, rest = info.name[: m.end() + 1], info.name[m.end() + 1 :]
+        index = layer_index(info.name, spec)  # switch: decoder blocks numbered after the encoder's
+        assert index is not None  # LAYER_RE matched
         for block in record.tensors.blocks:
             if rest.startswith(f"{block}.") and rest[len(block) + 1 :] in record.tensors.routers:
-                layers[int(m.group(1))] = f"{prefix}{block}."
+                layers[index] = f"{prefix}{block}."
+        if index not in layers:
+            # the block under another name than the record's: a record read from the modules
+            # names it as held in memory (the checkpoint may store mlp as block_sparse_moe), and
+            # T5-style stacks put it deeper (block.1.layer.1.mlp): find it by its router tensor
+            for router in record.tensors.routers:
+                if (rest == router or rest.endswith(f".{router}")) and "shared" not in rest:
+                    block = rest[: -len(router)].rstrip(".")  # "" when the layer is the block (gemma4)
+                    layers[index] = f"{prefix}{block}." if block else prefix
     if not layers:
         raise NotMoEError(
             f"{ckpt.path}: no router tensors ({', '.join(record.tensors.routers)}) with {num_experts} rows "
@@ -168,12 +263,15 @@ def plan_tensors(
             tensor in a MoE block that the family's naming does not explain.
     """
     _check_kept(layout, kept)
-    record = families.lookup(layout.family)
-    if record is None:
-        raise PruneError(f"layout of unknown family {layout.family!r}; build it with detect_layout().")
+    record = prunable_family(ckpt.config, ckpt.path / "config.json")
+    if record.name != layout.family:
+        raise PruneError(
+            f"layout of family {layout.family!r}, checkpoint of {record.name!r}; build it with detect_layout()."
+        )
+    spec = moe_spec(ckpt.config, str(ckpt.path / "config.json"))
     out: dict[str, list[OutTensor]] = {s: [] for s in ckpt.shards}
     for info in ckpt.tensors.values():
-        layer = families.layer_of(info.name)
+        layer = layer_index(info.name, spec)
         block = layout.layers.get(layer) if layer is not None else None
         if layer is None or block is None or not info.name.startswith(block):
             out[str(info.file)].append(OutTensor.whole(info))
@@ -192,10 +290,19 @@ def _block_tensor(
     rel = info.name[len(block) :]
     t = record.tensors
     if rel in t.routers:
+        if t.rows_by_shape and (not info.shape or info.shape[0] != num):
+            return OutTensor.whole(info)  # a router's own scale or norm, not one row per expert
         if info.shape[0] != num:
             raise CheckpointError(f"{info.name} has {info.shape[0]} rows, not the {num} experts.")
         return OutTensor.rows(info, num, ids)
     if not any(rel.startswith(p) for p in t.experts):
+        per_expert_row = t.rows_by_shape and info.shape and info.shape[0] == num and "shared" not in rel
+        if per_expert_row and (
+            any(rel.startswith(r.split(".")[0] + ".") for r in t.routers) or "" not in t.blocks
+        ):
+            # a router row or per-expert bias of the block (where the layer is the block, only
+            # the router's own tensors: attention and norms of the layer are not the experts')
+            return OutTensor.rows(info, num, ids)
         if len(info.shape) >= 3:
             raise CheckpointError(
                 f"{info.name} has shape {list(info.shape)} but is not a {record.name} expert or router "

@@ -235,7 +235,10 @@ def merge_experts(
         raise PruneError("merging by output similarity needs a similarity report (--similarity DIR).")
     record = families.lookup(layout.family)
     if record is None:
-        raise PruneError(f"layout of unknown family {layout.family!r}; build it with detect_layout().")
+        raise PruneError(
+            f"{layout.family} has no moescope record (its layout was read from transformers' modules): "
+            "merging needs the record's weight layout; use --method drop."
+        )
     mplan = MergePlan(by, router, align)
     replaced: dict[str, OutTensor] = {}
     for i, (layer, block) in enumerate(layout.layers.items()):

@@ -42,9 +42,8 @@ def verify_checkpoint(
     """
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    from moescope.execution.load import torch_dtype
+    from moescope.execution.load import auto_class, torch_dtype
 
     config = json.loads((Path(path) / "config.json").read_text())
     kwargs: dict[str, Any] = {
@@ -61,7 +60,8 @@ def verify_checkpoint(
     model: Any
     info: dict[str, Any]
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)  # type: ignore[misc]
+        head, _kind = auto_class(transformers.AutoConfig.from_pretrained(str(path)))
+        model, info = head.from_pretrained(str(path), **kwargs)
         model.to(device).eval()
     except Exception as exc:  # transformers raises many types; report the first line
         raise CheckpointError(f"{path}: transformers cannot load the pruned checkpoint: {exc}") from exc
@@ -76,7 +76,11 @@ def verify_checkpoint(
     vocab = int(model.config.get_text_config().vocab_size)
     ids = (torch.arange(tokens) * 7 + 3) % vocab
     with torch.no_grad():
-        logits = model(input_ids=ids[None].to(device)).logits
+        inputs = {"input_ids": ids[None].to(device)}
+        if getattr(model.config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids[None, :1].to(device)
+        out = model(**inputs)
+        logits = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     if not torch.isfinite(logits).all():
         raise CheckpointError(f"{path}: the pruned model's logits are not finite.")
     param = next(model.parameters())

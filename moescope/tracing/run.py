@@ -25,6 +25,7 @@ How:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -132,10 +133,15 @@ def _target(model: Any, model_ref: str) -> Target:
     if streamer is not None:
         model = streamer.model
     sites = require_moe_sites(model, model_ref)
+    runner: Any
     if model.config.is_encoder_decoder:
-        # the decoder's MoE layers need target text; trace the encoder stack
-        sites = [s for s in sites if s.stack != "decoder"]
-        runner = model.get_encoder()
+        # both stacks: the decoder is teacher-forced on the same text (TeacherForced); its
+        # layers are numbered after the encoder's, as params and prune number them
+        from moescope.execution.load import TeacherForced, encoder_layers
+
+        n_enc = encoder_layers(model.config)
+        sites = [dataclasses.replace(s, layer=s.layer + n_enc) if s.stack == "decoder" else s for s in sites]
+        runner = model if streamer is not None else TeacherForced(model)
     else:
         runner = getattr(model, "base_model", model)
     layers = [s.layer for s in sites]
