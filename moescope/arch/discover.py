@@ -337,6 +337,21 @@ def _fix_for_transformers(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _json_floats(value: Any) -> Any:
+    """A config value with transformers' JSON encoding of non-finite floats decoded.
+
+    ``save_pretrained`` writes ``inf`` as ``{"__float__": "Infinity"}`` (JSON has no infinity);
+    ``from_pretrained`` decodes it, and so must a config read as plain JSON.
+    """
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and isinstance(value["__float__"], str):
+            return float(value["__float__"])
+        return {k: _json_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_floats(v) for v in value]
+    return value
+
+
 def build_meta_model(cfg: dict[str, Any]) -> Any:
     """Build the transformers model for a config dict on the meta device (no memory, no weights).
 
@@ -345,7 +360,7 @@ def build_meta_model(cfg: dict[str, Any]) -> Any:
     import torch
     import transformers
 
-    cfg = _fix_for_transformers(cfg)
+    cfg = _json_floats(_fix_for_transformers(cfg))
     mt = str(cfg.get("model_type") or "")
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     try:

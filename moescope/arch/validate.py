@@ -283,6 +283,8 @@ def _check_fields(scope: dict[str, Any], prefix: str, fam: str, where: str) -> N
     known = fam in KNOWN_FAMILIES
     for key, (noun, lo, hi) in INT_FIELDS.items():
         value = scope.get(key)
+        if not known and key == "head_dim" and value == 0:
+            continue  # some families write 0 for "derived from the hidden size and heads" (glm5_next)
         if value is not None and (known or not isinstance(value, (list, dict))):
             check_int(value, prefix + key, where, noun, lo, hi)
     bools = BOOL_FIELDS + (_SPEC_BOOL_FIELDS if fam == "moescope_spec" else ())

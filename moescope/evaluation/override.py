@@ -37,7 +37,9 @@ returns (tests/test_sweep.py checks it bit for bit).
   ``E`` (gpt_oss eager, dbrx), the padding repeats the token's first expert with weight 0.
 
 Not supported (refused with the reason): phimoe (sparsemixer fixes k = 2), switch
-(capacity-limited top-1 of an encoder-decoder) and families moescope does not know.
+(capacity-limited top-1 of an encoder-decoder). A family without a record whose router holds
+its ``top_k`` (the generic adapter's families) takes top-k settings through that attribute —
+the router's own rule picks and weighs the k experts — and refuses top-p.
 """
 
 from __future__ import annotations
@@ -93,9 +95,26 @@ class LayerCount:
         return self.selected / self.tokens if self.tokens else float("nan")
 
 
+#: a family without a record whose router module holds its ``top_k``: k is set there, and the
+#: router's own rule does the rest (top-p needs the rule's probabilities, so it is refused)
+ROUTER_TOP_K = "router_top_k"
+
+
+def _generic_router(site: MoESite) -> Any:
+    """The router module beside a family-less site's experts, when it holds an int ``top_k``."""
+    for name in ("gate", "router"):
+        router = getattr(site.block, name, None)
+        k = getattr(router, "top_k", None)
+        if isinstance(k, int) and not isinstance(k, bool):
+            return router
+    return None
+
+
 def rule_of(site: MoESite) -> str:
     """The registry's routing rule of a site, or a :class:`RoutingSettingError` saying why not."""
     record = families.lookup(site.family) if site.family else None
+    if record is None and _generic_router(site) is not None:
+        return ROUTER_TOP_K
     if record is None:
         raise RoutingSettingError(
             f"layer {site.layer} ({type(site.experts).__name__}) belongs to a family moescope does not "
@@ -114,6 +133,11 @@ def candidate_count(site: MoESite) -> int:
     """Experts a token can choose from: all, or those of the groups group-limited routing keeps."""
     router = _router(site)
     rule = rule_of(site)
+    if rule == ROUTER_TOP_K:
+        n_group, topk_group = getattr(router, "n_group", 1), getattr(router, "topk_group", 1)
+        if isinstance(n_group, int) and isinstance(topk_group, int) and n_group > 1:
+            return topk_group * (site.num_experts // n_group)
+        return site.num_experts
     limited = rule == "sigmoid_group_limited" or (
         rule == "softmax_group_limited" and getattr(router, "topk_method", "greedy") == "group_limited_greedy"
     )
@@ -195,7 +219,9 @@ def _pad(ids: Any, weights: Any, valid: Any | None, num_experts: int, sentinel: 
 
 def _router(site: MoESite) -> Any:
     record = families.lookup(site.family) if site.family else None
-    if record is None or record.hooks is None:
+    if record is None:
+        return _generic_router(site)
+    if record.hooks is None:
         return None
     return getattr(site.block, record.hooks.router_module)
 
@@ -404,7 +430,12 @@ class RoutingOverride:
             rule = rules.get(site.layer)
             if rule is None:
                 raise RoutingSettingError(f"no routing setting for MoE layer {site.layer}.")
-            rule_of(site)
+            if rule_of(site) == ROUTER_TOP_K and rule.top_p is not None:
+                raise RoutingSettingError(
+                    f"layer {site.layer}: {type(site.experts).__name__} has no moescope record, so only its "
+                    "router's own top_k can be changed (top-k settings); top-p needs the routing rule's "
+                    "probabilities."
+                )
             check_layer_rule(
                 rule, layer=site.layer, num_experts=site.num_experts, candidates=candidate_count(site)
             )
@@ -432,6 +463,18 @@ class RoutingOverride:
         ctx = _Ctx(rule, self.counts[site.layer], site.num_experts, sentinel)
         family = site.family or ""
         rule_name = rule_of(site)
+        if rule_name == ROUTER_TOP_K:
+            assert rule.top_k is not None  # top-p refused in __init__
+            self._replace(_router(site), "top_k", int(rule.top_k))
+
+            def count(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                ids = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+                if ids is not None:
+                    ctx.count(ids, None)
+
+            handle = site.experts.register_forward_pre_hook(count, with_kwargs=True)
+            self._undo.append(handle.remove)
+            return
         if rule_name == "softmax_topk_pnorm":
             route = _dbrx_route(site.block)
             self._replace(site.block, "route_tokens_to_experts", lambda logits: route(logits, ctx=ctx))

@@ -157,7 +157,15 @@ def validate_settings(settings: list[Setting], spec: Any, ref: str) -> None:
     record = families.lookup(spec.family)
     from moescope.evaluation.override import SUPPORTED_RULES, UNSUPPORTED_RULES
 
-    if record is None or record.routing.rule not in SUPPORTED_RULES:
+    if record is None and getattr(spec, "generic", False):
+        if any(
+            r.top_p is not None for st in settings for r in st.rules(spec.moe_layers, spec.top_k).values()
+        ):
+            raise RoutingSettingError(
+                f"{ref} ({spec.model_type}): no moescope record, so only its router's own top_k can be "
+                "changed; top-p settings need the routing rule's probabilities (use --top-k)."
+            )
+    elif record is None or record.routing.rule not in SUPPORTED_RULES:
         why = (
             UNSUPPORTED_RULES.get(record.routing.rule, "") if record else "its family is unknown to moescope"
         )

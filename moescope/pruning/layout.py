@@ -303,6 +303,8 @@ def _block_tensor(
             # a router row or per-expert bias of the block (where the layer is the block, only
             # the router's own tensors: attention and norms of the layer are not the experts')
             return OutTensor.rows(info, num, ids)
+        if t.rows_by_shape and "shared" in rel:
+            return OutTensor.whole(info)  # shared experts stored as [1, ...] stacks (inkling)
         if len(info.shape) >= 3:
             raise CheckpointError(
                 f"{info.name} has shape {list(info.shape)} but is not a {record.name} expert or router "
@@ -321,6 +323,8 @@ def _block_tensor(
         return OutTensor.whole(info, name)
     if not info.shape:
         raise CheckpointError(f"{info.name}: scalar inside the experts; this layout is not supported.")
+    if t.rows_by_shape and len(info.shape) == 1 and info.shape[0] != num:
+        return OutTensor.whole(info)  # a norm the experts module shares (muse_spark's post_expert_norm)
     rows = info.shape[0]
     width = layout.expert_width
     if t.packed and rows % num == 0 and (not width or rows == num * width):
