@@ -141,12 +141,14 @@ def _print_layers(out: Output, rep: Report) -> None:
         [
             [
                 int(r.layer), _f(r.imbalance_max_mean), _f(r.cv, ".3f"), _f(r.entropy_norm, ".3f"),
-                f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"), _f(r.reuse_ratio),
-                _f(r.coact_max_ratio), _f(r.domain_jsd, ".3f"),
+                _f(r.effective_experts, ".1f"), f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"),
+                _f(r.reuse_ratio), _f(r.coact_max_ratio),
+                "-" if math.isnan(r.coact_max_ratio) else str(r.coact_significant), _f(r.domain_jsd, ".3f"),
             ]
             for r in rep.layers.itertuples()
         ],
-        ["layer", "max/mean", "cv", "entropy", "dead/near", "top-1 w", "reuse/chance", "max co-act", "domain JSD"],
+        ["layer", "max/mean", "cv", "entropy", "eff. experts", "dead/near", "top-1 w", "reuse/chance",
+         "max co-act", "sig. pairs", "domain JSD"],
         title=title,
     )  # fmt: skip
 
@@ -188,16 +190,33 @@ def _print_expert_parallel(out: Output, rep: Report) -> None:
 
 
 def _print_pairs(out: Output, rep: Report) -> None:
-    if rep.coactivation_top.empty:
+    from moescope.stats import MIN_EXPECTED, SIGNIFICANCE
+
+    if "coactivation" in rep.unavailable:
         return
-    top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
+    test = (
+        f"Benjamini-Hochberg q <= {SIGNIFICANCE:g} over every pair expected {MIN_EXPECTED:g}+ times, "
+        f"ranked by the {1 - SIGNIFICANCE:.0%} lower bound of the ratio"
+    )
+    if rep.coactivation_top.empty:
+        out.info(f"No pair is chosen together significantly above chance ({test}).")
+        return
+    top = rep.coactivation_top.sort_values("ratio_lower", ascending=False).head(10)
     out.table(
         [
-            [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
+            [
+                int(r.layer),
+                f"{r.expert_a}+{r.expert_b}",
+                r.count,
+                _f(r.expected, ".1f"),
+                _f(r.ratio),
+                _f(r.ratio_lower),
+                f"{r.q_value:.1e}",
+            ]
             for r in top.itertuples()
         ],  # fmt: skip
-        ["layer", "pair", "count", "expected", "ratio"],
-        title="Pairs chosen together most above chance",
+        ["layer", "pair", "count", "expected", "ratio", "ratio low", "q"],
+        title=f"Pairs chosen together above chance ({test})",
     )
 
 
