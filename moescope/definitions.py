@@ -58,7 +58,7 @@ DEFINITIONS: dict[str, str] = {
     "assignments over that limit are dropped (counted while tracing; independent of the batch size).",
     "expert parallelism": "D devices with E/D experts each, contiguous (e // (E/D)) or balanced "
     "(longest-processing-time greedy fitted on one half of the documents and scored on the other, both "
-    "ways, averaged). Imbalance: busiest device / mean device load, over the whole trace and per batch.",
+    "ways, averaged; the contiguous placement is scored on the same two halves). Imbalance: busiest device / mean device load, over the whole trace and per batch.",
     "all-to-all": "Tokens are spread evenly over the D devices, so an assignment is remote with "
     "probability (D−1)/D and moves hidden_size × dtype bytes there and back (×2), in the checkpoint's "
     "dtype; dedup sends a "

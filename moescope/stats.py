@@ -42,8 +42,9 @@ and are re-exported here), :mod:`moescope.nullmodel` (the co-activation null mod
   per device). Imbalance = busiest device / mean device load. The balanced placement is
   fitted on one half of the corpus and scored on the other (halves: documents with even /
   odd index), both ways, and ``imbalance`` is the mean of the two held-out scores, so it
-  is not optimistic; ``imbalance_in_sample`` fits and scores on the whole corpus (equal
-  to ``imbalance`` for the contiguous placement, which is not fitted). Traces without
+  is not optimistic; the contiguous placement is scored on the same two halves (mean), so
+  the two compare on the same samples; ``imbalance_in_sample`` fits and scores on the
+  whole corpus. Traces without
   halves (state version 1, imported counts) or with an empty half report the in-sample
   value with a note. Traffic assumes tokens are spread evenly over the D devices
   (data-parallel attention), so a token-expert assignment goes to a remote device with
