@@ -249,6 +249,12 @@ def model_context(config: Any) -> int | None:
     return None
 
 
+def default_seq_len(config: Any) -> int:
+    """:data:`DEFAULT_SEQ_LEN`, or the model's context when that is shorter."""
+    ctx = model_context(config)
+    return min(DEFAULT_SEQ_LEN, ctx) if ctx is not None and ctx >= 2 else DEFAULT_SEQ_LEN
+
+
 def resolve_windows(config: Any, seq_len: int | None, stride: int | None) -> tuple[int, int]:
     """``(seq_len, stride)`` with the defaults filled in: windows inside the model's context.
 
@@ -261,8 +267,7 @@ def resolve_windows(config: Any, seq_len: int | None, stride: int | None) -> tup
         ValueError: a window shorter than 2 tokens, or a step outside ``1..seq_len``.
     """
     if seq_len is None:
-        ctx = model_context(config)
-        seq_len = min(DEFAULT_SEQ_LEN, ctx) if ctx is not None and ctx >= 2 else DEFAULT_SEQ_LEN
+        seq_len = default_seq_len(config)
     step = stride if stride is not None else max(1, seq_len // 2)
     if seq_len < 2:
         raise ValueError(f"--seq-len {seq_len} is too short; use at least 2.")

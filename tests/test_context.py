@@ -63,3 +63,11 @@ def test_sweep_default_windows_lie_in_the_demo_context() -> None:
     result = sweep("demo", "demo", top_k=[1], max_tokens=300)
     assert result.seq_len <= 128 and result.stride <= result.seq_len
     assert _scored_positions(result.seq_len, result.stride)[1] < 128
+
+
+def test_trace_default_windows_lie_in_the_demo_context(tmp_path: Any) -> None:
+    res = runner.invoke(
+        app, ["trace", "demo", "demo", "--max-tokens", "400", "--out", str(tmp_path / "t"), "--no-plots"]
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["seq_len"] == 128

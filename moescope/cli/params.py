@@ -31,9 +31,10 @@ Output: a table with one column per model; --json prints an array, one object pe
 (model, model_type, is_moe, total_params, active_params, active_params_no_embedding,
 flops_per_token, num_experts, top_k, num_shared_experts, moe_layers, activation_ratio,
 components, weight_bytes, weight_bytes_source (headers: read from the safetensors headers;
-config: estimated from the config, quantization_config included), source, ...); --csv one row per model with those keys and a few
-more (context, kv cache, mtp and vision counts; lists and objects JSON-encoded). With --per-layer: one record per (model, layer) with model,
-layer, kind, params, active_params.
+config: estimated from the config, quantization_config included), source, ...); --csv one
+row per model with those keys and a few more (context, kv cache, mtp and vision counts;
+lists and objects JSON-encoded). With --per-layer: one record per (model, layer) with
+model, layer, kind, params, active_params.
 """
 
 _CSV_COLUMNS = [
