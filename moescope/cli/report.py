@@ -137,18 +137,19 @@ def _write_html(
 def _print_layers(out: Output, rep: Report) -> None:
     s = rep.summary
     title = f"{s.get('model')}: {s.get('tokens', 0):,} tokens, top-{s.get('top_k')} of {s.get('num_experts')} experts"
+    # cv and the raw max co-activation ratio are in --json/--csv; the table keeps to 100
+    # columns with the count-independent "eff. E" beside entropy and the significant pairs
     out.table(
         [
             [
-                int(r.layer), _f(r.imbalance_max_mean), _f(r.cv, ".3f"), _f(r.entropy_norm, ".3f"),
-                _f(r.effective_experts, ".1f"), f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"),
-                _f(r.reuse_ratio), _f(r.coact_max_ratio),
+                int(r.layer), _f(r.imbalance_max_mean), _f(r.entropy_norm, ".3f"), _f(r.effective_experts, ".1f"),
+                f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"), _f(r.reuse_ratio),
                 "-" if math.isnan(r.coact_max_ratio) else str(r.coact_significant), _f(r.domain_jsd, ".3f"),
             ]
             for r in rep.layers.itertuples()
         ],
-        ["layer", "max/mean", "cv", "entropy", "eff. experts", "dead/near", "top-1 w", "reuse/chance",
-         "max co-act", "sig. pairs", "domain JSD"],
+        ["layer", "max/mean", "entropy", "eff. E", "dead/near", "top-1 w", "reuse/chance", "sig. pairs",
+         "dom. JSD"],
         title=title,
     )  # fmt: skip
 
@@ -211,7 +212,7 @@ def _print_pairs(out: Output, rep: Report) -> None:
                 _f(r.expected, ".1f"),
                 _f(r.ratio),
                 _f(r.ratio_lower),
-                f"{r.q_value:.1e}",
+                f"{r.q_value:.1e}" if r.q_value >= 1e-300 else "<1e-300",  # 0.0: below float range
             ]
             for r in top.itertuples()
         ],  # fmt: skip
