@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument("--trace", default=None, help="existing trace dir (default: trace the train split)")
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--stride", type=int, default=128)
+    # inside the demo's 128-token training context (positions past it were never trained)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=30_000)
     ap.add_argument("--trace-tokens", type=int, default=60_000)
     ap.add_argument("--methods", default="drop,merge")
@@ -83,7 +84,13 @@ def main() -> None:
         if not args.trace:
             print(f"tracing {args.model} on {args.corpus} (train split)...", file=sys.stderr)
             run_trace(
-                args.model, [args.corpus], trace, split="train", max_tokens=args.trace_tokens, plots=False
+                args.model,
+                [args.corpus],
+                trace,
+                split="train",
+                max_tokens=args.trace_tokens,
+                seq_len=args.seq_len,
+                plots=False,
             )
         methods = args.methods.split(",")
         sim = scratch / "similarity"

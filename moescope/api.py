@@ -192,7 +192,7 @@ def trace(
     out: str | Path,
     *,
     max_tokens: int | None = None,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 8,
     save_routes: bool = False,
     plots: bool = True,

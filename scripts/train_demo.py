@@ -127,7 +127,9 @@ def configs(args: argparse.Namespace) -> tuple[Any, Any]:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         head_dim=args.hidden // args.heads,
-        max_position_embeddings=1024,
+        # the context the model is trained on: eval and sweep default to windows inside it
+        # (the config once said 1024, and 512-token windows scored untrained positions)
+        max_position_embeddings=args.seq_len,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         sliding_window=None,

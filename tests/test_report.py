@@ -313,8 +313,22 @@ def test_balanced_placement_held_out_is_not_optimistic() -> None:
         dev = np.bincount(st.balanced_placement(fit, 4), weights=score, minlength=4)
         scores.append(dev.max() / dev.mean())
     assert row.imbalance == pytest.approx(np.mean(scores))
+    # contiguous is scored on the same held-out halves (#20): at EP = E both placements put one
+    # expert on each device and must read the same; before, contiguous read the whole trace
     cont = ep[(ep.placement == "contiguous")]
-    assert np.allclose(cont.imbalance, cont.imbalance_in_sample)
+    row = cont[(cont.layer == 3) & (cont.degree == 4)].iloc[0]
+    halves = [h.reshape(4, -1).sum(axis=1) for h in (a, b)]
+    assert row.imbalance == pytest.approx(np.mean([d.max() / d.mean() for d in halves]))
+    s8 = TraceState(layers=list(range(layers)), num_experts=8, top_k=k, meta={"model": "synthetic"})
+    for li in range(layers):
+        p = rng.dirichlet(np.full(8, 5.0))
+        s8.half_counts[:, li] = [rng.multinomial(4000, p) for _ in range(2)]
+    s8.counts[:] = s8.half_counts.sum(axis=0)
+    s8.tokens = int(s8.counts[0].sum()) // k
+    ep8 = st.expert_parallel(s8)
+    full = ep8[ep8.degree == 8].set_index(["layer", "placement"]).unstack()
+    assert np.allclose(full["imbalance"]["contiguous"], full["imbalance"]["balanced"])
+    assert not np.allclose(full["imbalance"]["contiguous"], full["imbalance_in_sample"]["contiguous"])
 
 
 def test_a2a_bytes_use_the_checkpoint_dtype(tmp_path: Path) -> None:

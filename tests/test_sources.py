@@ -66,7 +66,9 @@ def test_sources_agree(family: str, checkpoints: dict[str, tuple[Path, int]], tm
         "moe_layers",
     ):
         assert getattr(from_cfg, key) == getattr(from_dir, key), key
-    assert from_cfg.components == from_dir.components
+    # The config path lists the MTP layers a config declares, as hub checkpoints store them
+    # (#20); save_pretrained writes none, so the MTP counts alone may differ here.
+    assert {**from_cfg.components, "mtp": 0} == {**from_dir.components, "mtp": 0}
     # a single .safetensors file with its config beside it
     single = tmp_path / "single"
     single.mkdir()

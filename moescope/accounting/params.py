@@ -33,13 +33,13 @@ from moescope.arch.closedform import config_inventory
 from moescope.arch.inventory import Inventory, as_inventory, gc_paused
 from moescope.arch.moe import COMPONENTS, MoESpec, classify
 from moescope.arch.specfile import config_spec
+from moescope.arch.storedsize import estimate_stored_bytes
 from moescope.arch.tensorclasses import ClassGroup, ShardClassifier, classify_groups, spec_from_names
 from moescope.checkpoint.ref import Checkpoint, open_checkpoint
 from moescope.errors import ConfigError
 from moescope.families import get as _get
 
 DEFAULT_CONTEXT = 4096
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "fp8": 1}
 
 
 @dataclass
@@ -74,8 +74,13 @@ class ParamsReport:
     components: dict[str, int]
     active_components: dict[str, int] | None
     weight_bytes: int | None
+    #: ``"headers"`` (read: the sum of the safetensors headers' tensor sizes), ``"config"``
+    #: (estimated from the config, ``quantization_config`` included) or None (unknown)
+    weight_bytes_source: str | None
+    #: how a config estimate was made (``"fp8 128x128 blocks + bfloat16"``); None from headers
+    weight_bytes_format: str | None
     weight_dtypes: dict[str, int]
-    memory_bytes: dict[str, int]
+    memory_bytes: dict[str, int | None]
     kv_cache_bytes_per_token: int | None
     kv_cache_bytes_at_context: int | None
     kv_cache_layout: str | None
@@ -161,11 +166,6 @@ def _attention_layers(cfg: dict[str, Any], spec: MoESpec) -> tuple[list[dict[str
         dict(layer=i, heads=heads, dqk=hd, dv=hd, kv_elems=2 * kv * hd, window=windows[i]) for i in layer_ids
     ]
     return rows, layout
-
-
-def _config_dtype_bytes(cfg: dict[str, Any]) -> int | None:
-    dt = str(_get(cfg, "torch_dtype", "dtype", "text_config.torch_dtype", default="") or "").lower()
-    return _DTYPE_BYTES.get(dt)
 
 
 def _resolve(ck: Checkpoint) -> tuple[dict[str, Any] | None, MoESpec, Inventory, str, list[str]]:
@@ -415,15 +415,19 @@ def account(
         active_components = {**components, "routed_experts": components["routed_experts"] - inactive}
         active_components.update(vision=0, mtp=0)
 
+    stored_format: str | None = None
     if ck.tensors:
         stored: int | None = acc.weight_bytes
+        stored_source: str | None = "headers"
     else:
-        b = _config_dtype_bytes(cfg or {})
-        stored = acc.total * b if b else None
+        est = estimate_stored_bytes(cfg or {}, spec, tensors)
+        stored, stored_format = est.bytes, est.format
+        stored_source = "config" if stored is not None else None
+        notes.extend(est.notes)
         if stored is not None:
-            notes.append("weight_bytes estimated from the config's torch_dtype")
-    memory = {
-        "stored": stored if stored is not None else 0,
+            notes.append(f"weight_bytes estimated from the config ({stored_format})")
+    memory: dict[str, int | None] = {
+        "stored": stored,
         "bf16": acc.total * 2,
         "fp8": acc.total,
         "int4": acc.total // 2,
@@ -448,6 +452,8 @@ def account(
         components=components,
         active_components=active_components,
         weight_bytes=stored,
+        weight_bytes_source=stored_source,
+        weight_bytes_format=stored_format,
         weight_dtypes=dict(acc.dtypes),
         memory_bytes=memory,
         kv_cache_bytes_per_token=kv_per_token,

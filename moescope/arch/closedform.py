@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from moescope.arch.discover import build_meta_model
 from moescope.arch.inventory import Inventory, TensorInfo
 from moescope.arch.moe import MoESpec, family_of
+from moescope.arch.discover import build_meta_model
 from moescope.arch.specfile import spec_inventory
 from moescope.errors import ConfigError
 from moescope.families import get as _get
@@ -138,16 +138,17 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
     ln_bias = fam == "phimoe"
     moe = set(spec.moe_layers)
     E, I = spec.num_experts, spec.expert_intermediate_size
-    for i in range(spec.num_layers):
+
+    def layer(i: int, is_moe: bool) -> None:
         p = f"model.layers.{i}"
         _attention(b, f"{p}.self_attn", cfg, fam, hidden, where)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             b.add(f"{p}.{norm}.weight", hidden)
             if ln_bias:
                 b.add(f"{p}.{norm}.bias", hidden)
-        if i not in moe:
+        if not is_moe:
             b.gated_mlp(f"{p}.mlp", hidden, _req(cfg, where, "intermediate_size"))
-            continue
+            return
         block = "block_sparse_moe" if fam in ("granitemoe", "granitemoeshared") else "mlp"
         m = f"{p}.{block}"
         if fam in ("gpt_oss", "phimoe", "granitemoe", "granitemoeshared"):
@@ -170,6 +171,9 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
         elif fam == "granitemoeshared" and spec.shared_intermediate_size:
             b.add(f"{p}.shared_mlp.input_linear.weight", 2 * spec.shared_intermediate_size, hidden)
             b.add(f"{p}.shared_mlp.output_linear.weight", hidden, spec.shared_intermediate_size)
+
+    for i in range(spec.num_layers):
+        layer(i, i in moe)
     b.add("model.norm.weight", hidden)
     if ln_bias:
         b.add("model.norm.bias", hidden)
@@ -177,6 +181,21 @@ def _decoder_lm(cfg: dict[str, Any], spec: MoESpec, where: str) -> Inventory:
         b.linear(
             "lm_head", vocab, hidden, bias=fam == "phimoe" and bool(_get(cfg, "lm_head_bias", default=True))
         )
+    # Multi-token-prediction layers (DeepSeek-V3, GLM-4.5: num_nextn_predict_layers) are stored
+    # after the decoder as the checkpoints hold them: an MoE decoder layer plus its own
+    # embedding, two norms, the [H, 2H] projection and a head. transformers does not build them;
+    # they are listed so that the config path reports mtp_params and stored bytes as the header
+    # path does (the classifier puts every tensor of a layer past num_hidden_layers in ``mtp``).
+    for j in range(spec.mtp_layers if fam in ("deepseek_v3", "glm4_moe") else 0):
+        i = spec.num_layers + j
+        p = f"model.layers.{i}"
+        b.add(f"{p}.embed_tokens.weight", vocab, hidden)
+        b.add(f"{p}.enorm.weight", hidden)
+        b.add(f"{p}.hnorm.weight", hidden)
+        b.linear(f"{p}.eh_proj", hidden, 2 * hidden)
+        layer(i, spec.is_moe)
+        b.add(f"{p}.shared_head.norm.weight", hidden)
+        b.add(f"{p}.shared_head.head.weight", vocab, hidden)
     return b.items
 
 

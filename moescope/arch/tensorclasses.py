@@ -134,6 +134,11 @@ def _template_groups(
     for members, m_names in parts:
         # one class per group, from its first member; the expert index is read from the name
         c = classify(m_names[0], spec, ndims[members[0]])
+        if c.expert is None and c.component != "routed_experts":
+            # a layer whose per-expert tensors are not routed experts (an MTP layer after the
+            # decoder is all ``mtp``): one class and no expert index, spot-checked below
+            groups.append(ClassGroup(c, members, None))
+            continue
         if c.expert != ints[m_names[0][expert]]:
             return [_single(i, names[i], ndims[i], spec) for i in index]
         found = set(map(ints.__getitem__, cast(Iterator[str], map(getitem, m_names, repeat(expert)))))
@@ -141,7 +146,8 @@ def _template_groups(
     # the classifier must not care which expert it is: spot-check members across the template
     for g in (*groups[:: max(1, len(groups) // 4)], groups[-1]):
         for i in (g.positions[len(g.positions) // 2], g.positions[-1]):
-            if classify(names[i], spec, ndims[i]) != g.cls._replace(expert=ints[names[i][expert]]):
+            want = g.cls if g.experts is None else g.cls._replace(expert=ints[names[i][expert]])
+            if classify(names[i], spec, ndims[i]) != want:
                 return [_single(j, names[j], ndims[j], spec) for j in index]
     return groups
 

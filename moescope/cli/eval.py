@@ -49,7 +49,14 @@ def eval_cmd(
         typer.Argument(help="Corpus: .txt, .jsonl, .parquet, a directory, '-' or built-in 'demo[:domain]'."),
     ],
     split: SplitOpt = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len",
+            help="Tokens per window (default: 512, or the model's context when shorter).",
+            show_default=False,
+        ),
+    ] = None,
     stride: Annotated[
         int | None, typer.Option("--stride", help="Window step (default: half of --seq-len).")
     ] = None,
@@ -72,7 +79,10 @@ def eval_cmd(
     from moescope.evaluation.perplexity import evaluate
 
     out = Output.from_flags(json_out, csv_out, quiet)
-    step = window_step(seq_len, stride)
+    # without --seq-len the library picks a window inside the model's context (its config)
+    step = window_step(seq_len, stride) if seq_len is not None else stride
+    if step is not None and step < 1:
+        raise typer.BadParameter(f"--stride {step} must be at least 1.")
     if batch_size < 1 or max_tokens < 0:
         raise typer.BadParameter("--batch-size must be at least 1 and --max-tokens at least 0.")
     with out.progress("scoring windows") as update:
@@ -115,7 +125,7 @@ def eval_cmd(
         out.table(
             [[r["domain"], f"{r['perplexity']:.3f}", f"{r['loss']:.4f}", human(r["tokens"])] for r in rows],
             ["domain", "perplexity", "loss (nats)", "tokens"],
-            title=f"{model} on {' '.join(corpus)} (seq_len {seq_len}, stride {step})",
+            title=f"{model} on {' '.join(corpus)} (seq_len {result.seq_len}, stride {result.stride})",
         )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,9 +30,11 @@ against --context keys (multiply-add = 2 FLOPs; training ~ 3x).
 Output: a table with one column per model; --json prints an array, one object per model
 (model, model_type, is_moe, total_params, active_params, active_params_no_embedding,
 flops_per_token, num_experts, top_k, num_shared_experts, moe_layers, activation_ratio,
-components, weight_bytes, source, ...); --csv one row per model with those keys and a few
-more (context, kv cache, mtp and vision counts; lists and objects JSON-encoded). With --per-layer: one record per (model, layer) with model,
-layer, kind, params, active_params.
+components, weight_bytes, weight_bytes_source (headers: read from the safetensors headers;
+config: estimated from the config, quantization_config included), source, ...); --csv one
+row per model with those keys and a few more (context, kv cache, mtp and vision counts;
+lists and objects JSON-encoded). With --per-layer: one record per (model, layer) with
+model, layer, kind, params, active_params.
 """
 
 _CSV_COLUMNS = [
@@ -52,6 +54,7 @@ _CSV_COLUMNS = [
     "num_layers",
     "moe_layers",
     "weight_bytes",
+    "weight_bytes_source",
     "kv_cache_bytes_per_token",
     "kv_cache_bytes_at_context",
     "mtp_params",
@@ -131,6 +134,15 @@ def short_label(ref: str) -> str:
     return p.resolve().name
 
 
+def _stored_basis(r: Any) -> str:
+    """Where "weights as stored" comes from: the headers, or an estimate from the config."""
+    if r.weight_bytes_source == "headers":
+        return "read from headers"
+    if r.weight_bytes_source == "config":
+        return f"estimated from config ({r.weight_bytes_format})"
+    return "-"
+
+
 def _table_rows(reports: list) -> list[list[str]]:
     from moescope.arch.moe import COMPONENTS
 
@@ -151,6 +163,8 @@ def _table_rows(reports: list) -> list[list[str]]:
         row("shared experts", lambda r: str(r.num_shared_experts) if r.is_moe else "-"),
         row("layers (MoE)", lambda r: f"{r.num_layers} ({len(r.moe_layers)})"),
         row("FLOPs / token", lambda r: human(r.flops_per_token, "FLOP")),
+        # a heading of its own: indented under "FLOPs / token" the counts read as FLOPs
+        row("params by component", lambda r: ""),
     ]
     for c in comps:
         rows.append(
@@ -160,6 +174,7 @@ def _table_rows(reports: list) -> list[list[str]]:
         row("  mtp (not in total)", lambda r: human(r.mtp_params) if r.mtp_params else "-"),
         row("  vision (not active)", lambda r: human(r.vision_params) if r.vision_params else "-"),
         row("weights as stored", lambda r: human(r.weight_bytes, "B") if r.weight_bytes else "-"),
+        row("  stored size", _stored_basis),
         row(
             "weights in bf16 / fp8 / int4",
             lambda r: " / ".join(human(r.memory_bytes[k], "B") for k in ("bf16", "fp8", "int4")),

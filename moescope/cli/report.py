@@ -47,7 +47,7 @@ Statistics the trace lacks the data for (imported routing: summary.json lacks) a
 
 HTML: --html FILE writes every table, plot and definition into one page that opens offline (inline SVG and CSS, no scripts, no external requests); --similarity DIR adds the redundant expert pairs of `moescope similarity`, --prune-manifest FILE the plan of `moescope prune`. FILE is replaced only when it is a moescope HTML report.
 
-Output: rich tables (per layer, capacity, expert parallelism, top pairs, domains). --json prints one object: model, corpus, tokens, num_experts, top_k, moe_layers, dead_experts (layer -> dead, near_dead) and every table as an array of records: layers, capacity, expert_parallel, coactivation_top, domains, confidence_histogram. --csv prints the per-layer table only (the "layers" records of --json, one row per MoE layer: layer, tokens, imbalance_max_mean, cv, entropy_norm, dead, near_dead, mean_top1_weight, reuse_rate, reuse_chance, reuse_ratio, coact_max_ratio, domain_jsd, router_dropped; empty cells where a value is undefined); use --json for the other tables.
+Output: rich tables (per layer, capacity, expert parallelism, top pairs, domains). --json prints one object: model, corpus, tokens, num_experts, top_k, moe_layers, dead_experts (layer -> dead, near_dead) and every table as an array of records: layers, capacity, expert_parallel, coactivation_top (only pairs significant after the Benjamini-Hochberg correction, with z, p_value, q_value and ratio_lower), domains, confidence_histogram. --csv prints the per-layer table only (the "layers" records of --json, one row per MoE layer: layer, tokens, imbalance_max_mean, cv, entropy_norm, effective_experts, gini, dead, near_dead, mean_top1_weight, reuse_rate, reuse_chance, reuse_ratio, coact_max_ratio, coact_significant, domain_jsd, router_dropped; empty cells where a value is undefined); use --json for the other tables.
 """
 
 
@@ -141,16 +141,19 @@ def _write_html(
 def _print_layers(out: Output, rep: Report) -> None:
     s = rep.summary
     title = f"{s.get('model')}: {s.get('tokens', 0):,} tokens, top-{s.get('top_k')} of {s.get('num_experts')} experts"
+    # cv and the raw max co-activation ratio are in --json/--csv; the table keeps to 100
+    # columns with the count-independent "eff. E" beside entropy and the significant pairs
     out.table(
         [
             [
-                int(r.layer), _f(r.imbalance_max_mean), _f(r.cv, ".3f"), _f(r.entropy_norm, ".3f"),
+                int(r.layer), _f(r.imbalance_max_mean), _f(r.entropy_norm, ".3f"), _f(r.effective_experts, ".1f"),
                 f"{r.dead}/{r.near_dead}", _f(r.mean_top1_weight, ".3f"), _f(r.reuse_ratio),
-                _f(r.coact_max_ratio), _f(r.domain_jsd, ".3f"),
+                "-" if math.isnan(r.coact_max_ratio) else str(r.coact_significant), _f(r.domain_jsd, ".3f"),
             ]
             for r in rep.layers.itertuples()
         ],
-        ["layer", "max/mean", "cv", "entropy", "dead/near", "top-1 w", "reuse/chance", "max co-act", "domain JSD"],
+        ["layer", "max/mean", "entropy", "eff. E", "dead/near", "top-1 w", "reuse/chance", "sig. pairs",
+         "dom. JSD"],
         title=title,
     )  # fmt: skip
 
@@ -192,16 +195,33 @@ def _print_expert_parallel(out: Output, rep: Report) -> None:
 
 
 def _print_pairs(out: Output, rep: Report) -> None:
-    if rep.coactivation_top.empty:
+    from moescope.stats.report import MIN_EXPECTED, SIGNIFICANCE
+
+    if "coactivation" in rep.unavailable:
         return
-    top = rep.coactivation_top.sort_values("ratio", ascending=False).head(10)
+    test = (
+        f"Benjamini-Hochberg q <= {SIGNIFICANCE:g} over every pair expected {MIN_EXPECTED:g}+ times, "
+        f"ranked by the {1 - SIGNIFICANCE:.0%} lower bound of the ratio"
+    )
+    if rep.coactivation_top.empty:
+        out.info(f"No pair is chosen together significantly above chance ({test}).")
+        return
+    top = rep.coactivation_top.sort_values("ratio_lower", ascending=False).head(10)
     out.table(
         [
-            [int(r.layer), f"{r.expert_a}+{r.expert_b}", r.count, _f(r.expected, ".1f"), _f(r.ratio)]
+            [
+                int(r.layer),
+                f"{r.expert_a}+{r.expert_b}",
+                r.count,
+                _f(r.expected, ".1f"),
+                _f(r.ratio),
+                _f(r.ratio_lower),
+                f"{r.q_value:.1e}" if r.q_value >= 1e-300 else "<1e-300",  # 0.0: below float range
+            ]
             for r in top.itertuples()
         ],  # fmt: skip
-        ["layer", "pair", "count", "expected", "ratio"],
-        title="Pairs chosen together most above chance",
+        ["layer", "pair", "count", "expected", "ratio", "ratio low", "q"],
+        title=f"Pairs chosen together above chance ({test})",
     )
 
 

@@ -86,7 +86,14 @@ def sweep_cmd(
         Path | None, typer.Option("--plot", help="Write perplexity vs FLOPs per token to this .png file.")
     ] = None,
     split: SplitOpt = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len",
+            help="Tokens per window (default: 512, or the model's context when shorter).",
+            show_default=False,
+        ),
+    ] = None,
     stride: Annotated[
         int | None, typer.Option("--stride", help="Window step (default: half of --seq-len).")
     ] = None,
@@ -117,7 +124,10 @@ def sweep_cmd(
     from moescope.evaluation.sweep_plot import write_plot
 
     out = Output.from_flags(json_out, csv_out, quiet)
-    step = window_step(seq_len, stride)
+    # without --seq-len the library picks a window inside the model's context (its config)
+    step = window_step(seq_len, stride) if seq_len is not None else stride
+    if step is not None and step < 1:
+        raise typer.BadParameter(f"--stride {step} must be at least 1.")
     if batch_size < 1 or max_tokens < 0 or context < 1:
         raise typer.BadParameter("--batch-size and --context must be at least 1, --max-tokens at least 0.")
     if plot is not None:

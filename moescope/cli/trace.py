@@ -74,7 +74,14 @@ def trace_cmd(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="Stop after this many tokens (default: whole corpus).")
     ] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: Annotated[
+        int | None,
+        typer.Option(
+            "--seq-len",
+            help="Tokens per window (default: 512, or the model's context when shorter).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
     capacity_group: Annotated[
         int,
@@ -109,7 +116,7 @@ def trace_cmd(
     from moescope.tracing import run_trace
 
     output = Output.from_flags(json_out, csv_out, quiet)
-    if seq_len < 1 or batch_size < 1:
+    if (seq_len is not None and seq_len < 1) or batch_size < 1:
         raise typer.BadParameter("--seq-len and --batch-size must be at least 1.")
     if max_tokens is not None and max_tokens < 1:
         raise typer.BadParameter("--max-tokens must be at least 1.")

@@ -324,3 +324,48 @@ def sliding_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, i
         prev_end = end
         end = min(end + step, n)
     return out
+
+
+# --------------------------------------------------------------------------- windows inside the context
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+#: the default window of ``eval`` and ``sweep`` when the model's context allows it
+DEFAULT_SEQ_LEN = 512
+
+
+def model_context(config: Any) -> int | None:
+    """The positions ``config``'s model was trained on (its first position field), or None."""
+    get_text = getattr(config, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else config
+    for name in POSITION_FIELDS:
+        limit = cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+    return None
+
+
+def default_seq_len(config: Any) -> int:
+    """:data:`DEFAULT_SEQ_LEN`, or the model's context when that is shorter."""
+    ctx = model_context(config)
+    return min(DEFAULT_SEQ_LEN, ctx) if ctx is not None and ctx >= 2 else DEFAULT_SEQ_LEN
+
+
+def resolve_windows(config: Any, seq_len: int | None, stride: int | None) -> tuple[int, int]:
+    """``(seq_len, stride)`` with the defaults filled in: windows inside the model's context.
+
+    Without ``seq_len`` the window is :data:`DEFAULT_SEQ_LEN` tokens, or the model's context
+    when that is shorter (every scored position must be one the model was trained on: the
+    demo, trained on 128-token sequences, scored 21.8-29.2 at positions 257-511 and 3.9-4.5
+    inside its context); without ``stride``, half the window.
+
+    Raises:
+        ValueError: a window shorter than 2 tokens, or a step outside ``1..seq_len``.
+    """
+    if seq_len is None:
+        seq_len = default_seq_len(config)
+    step = stride if stride is not None else max(1, seq_len // 2)
+    if seq_len < 2:
+        raise ValueError(f"--seq-len {seq_len} is too short; use at least 2.")
+    if not 1 <= step <= seq_len:
+        raise ValueError(f"--stride {step} must be between 1 and --seq-len ({seq_len}).")
+    return seq_len, step

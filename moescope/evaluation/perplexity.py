@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moescope.corpus.packing import DocumentLike, domain_streams, resolve_split, sliding_windows
+from moescope.corpus.packing import (
+    POSITION_FIELDS,
+    DocumentLike,
+    domain_streams,
+    resolve_split,
+    resolve_windows,
+    sliding_windows,
+)
 from moescope.errors import CorpusError
 
 #: sliding windows ``(begin, end, targets)``; see :func:`moescope.corpus.packing.sliding_windows`
@@ -249,9 +256,6 @@ def _ppl(nll: float, tokens: int) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
 def context_warnings(config: Any, seq_len: int, model: str = "the model") -> list[str]:
     """Why ``seq_len`` is more context than ``config``'s model handles as trained (empty: fine).
 
@@ -267,7 +271,7 @@ def context_warnings(config: Any, seq_len: int, model: str = "the model") -> lis
     get_text = getattr(config, "get_text_config", None)
     cfg = get_text() if callable(get_text) else config
     out: list[str] = []
-    for name in _POSITION_FIELDS:
+    for name in POSITION_FIELDS:
         limit = getattr(cfg, name, None)
         if isinstance(limit, int) and limit > 0:
             if seq_len > limit:
@@ -295,8 +299,8 @@ def evaluate(
     corpus: str | Sequence[str],
     *,
     split: str | None = None,
-    seq_len: int = 512,
-    stride: int = 256,
+    seq_len: int | None = None,
+    stride: int | None = None,
     max_tokens: int | None = 50_000,
     batch_size: int = 4,
     dtype: str = "auto",
@@ -317,8 +321,9 @@ def evaluate(
         corpus: corpus specs (see ``moescope.corpus.read.read_corpus``).
         split: corpus split (``train``, ``heldout``, ``all``); ``heldout`` by default for
             the built-in corpus (:func:`moescope.corpus.packing.resolve_split`).
-        seq_len: window length.
-        stride: window step.
+        seq_len: window length; None: 512, or the model's context when shorter
+            (:func:`resolve_windows`).
+        stride: window step; None: half the window.
         max_tokens: cap on scored tokens (None: the whole corpus).
         batch_size: windows per forward.
         dtype: model dtype.
@@ -352,6 +357,7 @@ def evaluate(
         on_plan=on_plan,
     )
     try:
+        seq_len, stride = resolve_windows(model.config, seq_len, stride)
         for line in context_warnings(model.config, seq_len, model_ref):
             if on_warning is not None:
                 on_warning(line)

@@ -205,8 +205,8 @@ def sweep(
     top_k: Any = None,
     top_p: Any = None,
     split: str | None = None,
-    seq_len: int = 512,
-    stride: int = 256,
+    seq_len: int | None = None,
+    stride: int | None = None,
     max_tokens: int | None = 50_000,
     batch_size: int = 4,
     context: int = 4096,
@@ -247,7 +247,7 @@ def sweep(
         NotMoEError: a dense model.
     """
     corpus = [corpus] if isinstance(corpus, str) else list(corpus)  # one spec: not its letters
-    from moescope.corpus.packing import resolve_split
+    from moescope.corpus.packing import resolve_split, resolve_windows
     from moescope.corpus.read import read_corpus
     from moescope.evaluation.perplexity import context_warnings, perplexity
     from moescope.execution.plan import HIDDEN_SHARE, open_model
@@ -277,6 +277,7 @@ def sweep(
     )
     records: list[SweepRecord] = []
     try:
+        seq_len, stride = resolve_windows(model.config, seq_len, stride)
         for line in context_warnings(model.config, seq_len, model_ref):
             if on_warning is not None:
                 on_warning(line)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from moescope.stats.definitions import DEFINITIONS, WHY
-from moescope.stats.report import MIN_PAIR_COUNT, Report
+from moescope.stats.report import MIN_EXPECTED, MIN_PAIR_COUNT, SIGNIFICANCE, Report
 from moescope.tracedir.files import TraceState
 
 #: per-layer column -> header (``tokens``, the same in every row, is in the summary)
@@ -31,6 +31,8 @@ LAYER_COLUMNS: dict[str, str] = {
     "imbalance_max_mean": "max/mean",
     "cv": "cv",
     "entropy_norm": "entropy",
+    "effective_experts": "effective experts",
+    "gini": "Gini",
     "dead": "dead",
     "near_dead": "near-dead",
     "mean_top1_weight": "top-1 weight",
@@ -38,6 +40,7 @@ LAYER_COLUMNS: dict[str, str] = {
     "reuse_chance": "reuse by chance",
     "reuse_ratio": "reuse/chance",
     "coact_max_ratio": "max co-act",
+    "coact_significant": "significant pairs",
     "domain_jsd": "domain JSD",
     "router_dropped": "router dropped",
 }
@@ -244,7 +247,7 @@ def headline(ctx: Context) -> str:
         items.append(("dead / near-dead experts", f"{layers['dead'].sum()} / {layers['near_dead'].sum()}"))
     top = ctx.rep.coactivation_top
     if "coactivation" not in ctx.gone and not top.empty:
-        b = top.loc[top["ratio"].idxmax()]
+        b = top.loc[top["ratio_lower"].idxmax()]
         pair = f"{int(b['expert_a'])}+{int(b['expert_b'])}, layer {int(b['layer'])}"
         items.append(("most co-activated pair vs chance", f"{fmt(b['ratio'], '.2f')}× ({pair})"))
     return cards(items)
@@ -274,7 +277,15 @@ def layers_section(ctx: Context) -> tuple[str, str, str]:
         "co-activation": ctx.gone.get("coact_max_ratio", ""),
         "domain JSD": ctx.gone.get("domain_jsd", ""),
     }
-    keys = ["max/mean", "cv", "entropy", "dead / near-dead", "top-1 weight", "reuse/chance"]
+    keys = [
+        "max/mean",
+        "cv",
+        "entropy",
+        "effective experts",
+        "dead / near-dead",
+        "top-1 weight",
+        "reuse/chance",
+    ]
     keys += ["co-activation", "domain JSD", "router dropped"]
     return section("layers", "Load per layer", main, defs(keys, {k: v for k, v in gone.items() if v}))
 
@@ -351,16 +362,21 @@ def coactivation_section(ctx: Context) -> tuple[str, str, str]:
     if "coactivation" in ctx.gone:
         main = para(na(ctx.gone["coactivation"]), "na")
     elif top.empty:
-        main = para(f"No pair was seen {MIN_PAIR_COUNT} times or more.")
+        main = para(
+            f"No pair is chosen together significantly above chance (Benjamini-Hochberg q ≤ {SIGNIFICANCE:g} "
+            f"over every pair expected {MIN_EXPECTED:g} times or more, pairs seen {MIN_PAIR_COUNT}+ times)."
+        )
     else:
-        best = top.sort_values("ratio", ascending=False).head(10)
-        cols = ["layer", "pair", "count", "expected", "ratio"]
+        best = top.sort_values("ratio_lower", ascending=False).head(10)
+        cols = ["layer", "pair", "count", "expected", "ratio", "ratio lower bound", "q"]
         rows = [[int(r.layer), f"{r.expert_a}+{r.expert_b}", int(r.count), fmt(r.expected, ".1f"),
-                 fmt(r.ratio, ".2f")] for r in best.itertuples()]  # fmt: skip
+                 fmt(r.ratio, ".2f"), fmt(r.ratio_lower, ".2f"), f"{r.q_value:.1e}"]
+                for r in best.itertuples()]  # fmt: skip
         every = [[int(r.layer), f"{r.expert_a}+{r.expert_b}", int(r.count), fmt(r.expected, ".1f"),
-                  fmt(r.ratio, ".2f")] for r in top.itertuples()]  # fmt: skip
+                  fmt(r.ratio, ".2f"), fmt(r.ratio_lower, ".2f"), f"{r.q_value:.1e}"]
+                 for r in top.itertuples()]  # fmt: skip
         main = (
-            table(cols, rows, caption="Pairs chosen together most above chance")
+            table(cols, rows, caption="Pairs chosen together significantly above chance")
             + details("Top pairs of every layer", table(cols, every))
             + ctx.figure("coactivation", "Pair count / count expected by chance (blank: too few pairs).")
         )

@@ -112,7 +112,7 @@ def model_bytes(
     per_param = DTYPES[dtype]
     routed_layer: dict[int, float] = defaultdict(float)
     if per_param is not None:
-        total = float(rep.memory_bytes[dtype])
+        total = float(rep.memory_bytes[dtype] or 0)
         for layer, n in acc.routed_by_layer.items():
             routed_layer[layer] = n * per_param
     elif ck.tensors:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from moescope.stats.report import MIN_PAIR_COUNT, NEAR_DEAD_FRACTION
+from moescope.stats.report import MIN_EXPECTED, MIN_PAIR_COUNT, NEAR_DEAD_FRACTION, SIGNIFICANCE
 
 __all__ = ["DEFINITIONS", "NEEDS", "WHY", "unavailable"]
 
@@ -26,7 +26,12 @@ DEFINITIONS: dict[str, str] = {
     "max/mean": "The busiest expert's load over the mean load; 1 is perfectly even. The busiest expert "
     "sets the step time when experts run in parallel.",
     "cv": "Coefficient of variation of the expert loads: population standard deviation / mean.",
-    "entropy": "H(p) / ln E: the entropy of the load shares over its maximum; 1 is perfectly even.",
+    "entropy": "H(p) / ln E: the entropy of the load shares over its maximum; 1 is perfectly even. Not "
+    "comparable across expert counts (8 evenly busy experts read 1.0 out of 8, 0.375 out of 256): "
+    "compare effective experts instead.",
+    "effective experts": "exp(H(p)): how many equally loaded experts would give the same entropy (E when "
+    "perfectly even); divided by E it is a share comparable across expert counts. The Gini coefficient "
+    "of the loads (0 even) is in --json.",
     "dead / near-dead": f"Dead: no token chose the expert. Near-dead: some did, but fewer than "
     f"{NEAR_DEAD_FRACTION:g} × the layer's mean count.",
     "top-1 weight": "Mean over tokens of the largest gate weight the router applied.",
@@ -38,7 +43,11 @@ DEFINITIONS: dict[str, str] = {
     "co-activation": "Observed pair count / expected count under a null model in which every token "
     "draws k distinct experts with the layer's observed frequencies (successive sampling without "
     "replacement, weights fitted so each expert's inclusion rate matches its load; computed exactly). "
-    f"Random routing scores 1.0. Pairs seen fewer than {MIN_PAIR_COUNT} times are left out.",
+    f"Random routing scores 1.0. Pairs seen fewer than {MIN_PAIR_COUNT} times are left out. Significance: "
+    "under the null a pair's count is Binomial(tokens, expected / tokens); the exact upper-tail p-value is "
+    f"corrected by Benjamini-Hochberg over every pair of every layer expected {MIN_EXPECTED:g}+ times, and "
+    f"only pairs with q ≤ {SIGNIFICANCE:g} are listed, ranked by the {1 - SIGNIFICANCE:.0%} lower "
+    "confidence bound of the ratio (small expected counts inflate the ratio itself).",
     "domain JSD": "Mean Jensen-Shannon divergence (bits: 0 identical, 1 disjoint) between the expert "
     "loads of every two domains at the layer.",
     "JSD vs other domains": "Jensen-Shannon divergence (bits) between one domain's expert loads and those "
@@ -49,7 +58,7 @@ DEFINITIONS: dict[str, str] = {
     "assignments over that limit are dropped (counted while tracing; independent of the batch size).",
     "expert parallelism": "D devices with E/D experts each, contiguous (e // (E/D)) or balanced "
     "(longest-processing-time greedy fitted on one half of the documents and scored on the other, both "
-    "ways, averaged). Imbalance: busiest device / mean device load, over the whole trace and per batch.",
+    "ways, averaged; the contiguous placement is scored on the same two halves). Imbalance: busiest device / mean device load, over the whole trace and per batch.",
     "all-to-all": "Tokens are spread evenly over the D devices, so an assignment is remote with "
     "probability (D−1)/D and moves hidden_size × dtype bytes there and back (×2), in the checkpoint's "
     "dtype; dedup sends a "

@@ -3,7 +3,8 @@
 What: :func:`expert_parallel` is the report's expert-parallel table (definitions in
 :mod:`moescope.stats.report`): per layer and EP degree, the device load imbalance of the
 contiguous placement and of the balanced one (:func:`balanced_placement`, fitted on one
-corpus half and scored on the other), and all-to-all bytes per token in the checkpoint's
+corpus half and scored on the other; the contiguous one is scored on the same two halves),
+and all-to-all bytes per token in the checkpoint's
 activation dtype (:func:`a2a_dtype`).
 
 How: everything comes from the state's counts (``counts``, ``half_counts``) and the
@@ -76,6 +77,14 @@ def _held_out_imbalance(fit: np.ndarray, score: np.ndarray, degree: int) -> floa
     return float(dev.max() / dev.mean())
 
 
+def _contiguous_imbalance(score: np.ndarray, degree: int) -> float:
+    """Busiest / mean device load on ``score`` of the contiguous placement (``e // (E/D)``)."""
+    if score.sum() == 0:
+        return float("nan")
+    dev = score.reshape(degree, -1).sum(axis=1)
+    return float(dev.max() / dev.mean())
+
+
 def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.DataFrame:
     """Per (layer, EP degree, placement): device load imbalance and all-to-all bytes per token.
 
@@ -87,7 +96,8 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
     Returns:
         Columns ``layer, degree, placement, experts_per_device, imbalance,
         imbalance_in_sample, batch_imbalance, bytes_per_token, bytes_per_token_dedup``
-        (balanced ``imbalance``: held out, mean of both halves; see the module docstring).
+        (``imbalance``: mean over the two held-out halves for both placements, the balanced one
+        fitted on the other half; see the module docstring).
     """
     hidden = state.meta.get("hidden_size") or 0
     nbytes = a2a_dtype(state, dtype_bytes)["bytes"]
@@ -113,9 +123,19 @@ def expert_parallel(state: TraceState, dtype_bytes: int | None = None) -> pd.Dat
             )
             bal_in = float(_safe_div(in_sample.max(), mean_dev))
             cont = float(_safe_div(contiguous.max(), mean_dev))
+            # scored on the same halves as the balanced placement, so the two compare like for
+            # like (at EP = E both place one expert per device and must read the same)
+            cont_held = np.mean([_contiguous_imbalance(half_a, deg), _contiguous_imbalance(half_b, deg)])
+            held_ok = bool(np.isfinite(held) and np.isfinite(cont_held))
             for placement, imb, imb_in, batch_imb, dd in (
-                ("contiguous", cont, cont, _safe_div(state.ep_batch_max[i, j], mean_dev), dedup),
-                ("balanced", held if np.isfinite(held) else bal_in, bal_in, float("nan"), float("nan")),
+                (
+                    "contiguous",
+                    cont_held if held_ok else cont,
+                    cont,
+                    _safe_div(state.ep_batch_max[i, j], mean_dev),
+                    dedup,
+                ),
+                ("balanced", held if held_ok else bal_in, bal_in, float("nan"), float("nan")),
             ):
                 rows.append(
                     {

@@ -15,7 +15,13 @@ and are re-exported here), :mod:`moescope.stats.nullmodel` (the co-activation nu
 :mod:`moescope.stats.placement` (the expert-parallel what-if, re-exported here). Definitions, stated where they are computed:
 
 - load share ``p_e = count_e / Σ count``; imbalance ``max/mean``; ``cv = std/mean``
-  (population std); ``entropy_norm = H(p) / ln E`` (1 = perfectly even).
+  (population std); ``entropy_norm = H(p) / ln E`` (1 = perfectly even; not comparable
+  across expert counts); ``effective_experts = exp(H(p))`` (equally loaded experts with the
+  same entropy; ``/ E`` is a share comparable across counts) and ``gini`` (0 = even).
+- co-activation significance: under the null a pair's count is Binomial(tokens, π_ab);
+  ``p_value`` is its exact upper tail, ``q_value`` the Benjamini-Hochberg adjustment over
+  every tested pair (expected ≥ ``MIN_EXPECTED``) of every layer; pairs are ranked by the
+  lower confidence bound of their ratio and only ``q ≤ SIGNIFICANCE`` pairs are listed.
 - dead: count 0; near-dead: fewer than ``NEAR_DEAD_FRACTION`` × the mean count.
 - co-activation ratio: observed pair count / expected, where expected = ``tokens × π_ab``
   under the null model of :mod:`moescope.stats.nullmodel`: each token draws ``k`` *distinct*
@@ -36,8 +42,9 @@ and are re-exported here), :mod:`moescope.stats.nullmodel` (the co-activation nu
   per device). Imbalance = busiest device / mean device load. The balanced placement is
   fitted on one half of the corpus and scored on the other (halves: documents with even /
   odd index), both ways, and ``imbalance`` is the mean of the two held-out scores, so it
-  is not optimistic; ``imbalance_in_sample`` fits and scores on the whole corpus (equal
-  to ``imbalance`` for the contiguous placement, which is not fitted). Traces without
+  is not optimistic; the contiguous placement is scored on the same two halves (mean), so
+  the two compare on the same samples; ``imbalance_in_sample`` fits and scores on the
+  whole corpus. Traces without
   halves (state version 1, imported counts) or with an empty half report the in-sample
   value with a note. Traffic assumes tokens are spread evenly over the D devices
   (data-parallel attention), so a token-expert assignment goes to a remote device with
@@ -91,6 +98,7 @@ __all__ = [
     "coactivation",
     "coactivation_expected",
     "coactivation_ratio",
+    "coactivation_significance",
     "coactivation_top",
     "confidence_histogram",
     "dead_experts",
@@ -110,6 +118,12 @@ __all__ = [
 NEAR_DEAD_FRACTION = 0.1
 #: pairs observed fewer times than this are left out of the co-activation ranking
 MIN_PAIR_COUNT = 5
+#: pairs expected fewer times than this by chance are not tested (a ratio of 5 observed to
+#: 0.8 expected is what the largest of 30k chance pairs looks like at E=256, k=8)
+MIN_EXPECTED = 5.0
+#: false-discovery rate of the co-activation test (Benjamini-Hochberg over every tested pair
+#: of every layer); also the one-sided level of the ratio's lower confidence bound
+SIGNIFICANCE = 0.05
 
 
 #: what each statistic needs, as the names a trace's ``lacks`` uses (read generically: a
@@ -127,7 +141,7 @@ _LAYER_COLUMNS = {
     "confidence": ("mean_top1_weight",),
     "reuse": ("reuse_rate", "reuse_chance", "reuse_ratio"),
     "specialisation": ("domain_jsd",),
-    "coactivation": ("coact_max_ratio",),
+    "coactivation": ("coact_max_ratio", "coact_significant"),
 }
 
 
@@ -148,7 +162,11 @@ def imbalance(counts: np.ndarray) -> dict[str, np.ndarray]:
         counts: ``[L, E]`` (or ``[E]``) load counts.
 
     Returns:
-        ``{"max_mean": [L], "cv": [L], "entropy_norm": [L]}``.
+        ``{"max_mean": [L], "cv": [L], "entropy_norm": [L], "effective_experts": [L],
+        "gini": [L]}``. ``entropy_norm = H / ln E`` is not comparable across expert counts
+        (8 evenly busy experts read 1.0 out of 8 but 0.375 out of 256); ``effective_experts = exp(H)`` (as many equally loaded experts
+        would give the same entropy; divide by E for a share) and the Gini coefficient are
+        count-independent.
     """
     c = np.atleast_2d(counts).astype(np.float64)
     mean = c.mean(axis=-1)
@@ -156,11 +174,18 @@ def imbalance(counts: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(p > 0, p * np.log(p), 0.0)
     n_e = c.shape[-1]
-    ent = -plogp.sum(axis=-1) / math.log(n_e) if n_e > 1 else np.ones(len(c))
+    h = -plogp.sum(axis=-1)
+    ent = h / math.log(n_e) if n_e > 1 else np.ones(len(c))
+    # Gini of the loads: 0 even, (E-1)/E all on one expert (sorted-rank form of the mean
+    # absolute difference)
+    ranks = np.arange(1, n_e + 1)
+    gini = _safe_div((2 * ranks - n_e - 1) @ np.sort(c, axis=-1).T, n_e * c.sum(axis=-1))
     return {
         "max_mean": _safe_div(c.max(axis=-1), mean),
         "cv": _safe_div(c.std(axis=-1), mean),
         "entropy_norm": np.where(mean > 0, ent, np.nan),
+        "effective_experts": np.where(mean > 0, np.exp(h), np.nan),
+        "gini": np.where(mean > 0, gini, np.nan),
     }
 
 
@@ -199,6 +224,7 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
     chance = (q**2).sum(axis=1) / k
     reuse_rate = _safe_div(state.reuse, state.reuse_pairs * k)
     coact_ratio = coactivation_ratio(state)
+    coact_q = coactivation_significance(state)["q"]
     rows = []
     for i, layer in enumerate(state.layers):
         finite = coact_ratio[i][np.isfinite(coact_ratio[i])]
@@ -209,6 +235,8 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
                 "imbalance_max_mean": float(imb["max_mean"][i]),
                 "cv": float(imb["cv"][i]),
                 "entropy_norm": float(imb["entropy_norm"][i]),
+                "effective_experts": float(imb["effective_experts"][i]),
+                "gini": float(imb["gini"][i]),
                 "dead": len(dead_experts(state, layer)),
                 "near_dead": len(dead_experts(state, layer, near=True)),
                 "mean_top1_weight": float(state.floats("top1")[i] / tokens),
@@ -216,6 +244,7 @@ def layer_stats(state: TraceState) -> pd.DataFrame:
                 "reuse_chance": float(chance[i]),
                 "reuse_ratio": float(_safe_div(reuse_rate[i], chance[i])),
                 "coact_max_ratio": float(finite.max()) if finite.size else float("nan"),
+                "coact_significant": int((coact_q[i] <= SIGNIFICANCE).sum()),
                 "domain_jsd": mean_pairwise_jsd(state, i),
                 "router_dropped": int(state.router_dropped[i]),
             }
@@ -242,14 +271,67 @@ def coactivation_ratio(state: TraceState) -> np.ndarray:
     return np.where(upper[None] & (state.coact >= MIN_PAIR_COUNT), ratio, np.nan)
 
 
-def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
-    """The pairs that fire together most above chance, ``per_layer`` per layer."""
+def coactivation_significance(state: TraceState) -> dict[str, np.ndarray]:
+    """Per pair ``[L, E, E]``: how surprising its count is under the co-activation null model.
+
+    Under the null every token independently includes the pair with probability
+    ``π_ab = expected / tokens``, so the count is Binomial(tokens, π_ab). Returned arrays
+    (NaN where a pair is not tested: lower triangle, or expected below :data:`MIN_EXPECTED`):
+
+    - ``z``: (observed − expected) / the binomial standard deviation;
+    - ``p``: exact upper-tail p-value P(count ≥ observed);
+    - ``q``: Benjamini-Hochberg adjusted p-value over every tested pair of every layer
+      (significant: ``q ≤`` :data:`SIGNIFICANCE`; under pure chance the chance of any
+      significant pair is at most that level);
+    - ``ratio_lower``: one-sided ``1 − SIGNIFICANCE`` lower confidence bound on
+      observed / expected (exact Poisson bound on the count), the ranking score: a pair
+      seen 5 times against 0.8 expected has ratio 6.2 but a bound of 2.4.
+    """
+    from scipy import stats as sps
+
+    expected = coactivation_expected(state)
+    obs = state.coact.astype(np.float64)
+    n_e = state.num_experts
+    upper = np.triu(np.ones((n_e, n_e), dtype=bool), 1)
+    tested = upper[None] & (expected >= MIN_EXPECTED)
+    tokens = np.rint(state.counts.sum(axis=1) / max(state.top_k, 1))[:, None, None] * np.ones_like(obs)
+    pi = np.clip(_safe_div(expected, tokens), 0.0, 1.0)
+    nan = np.full(obs.shape, np.nan)
+    z, p, lower = nan.copy(), nan.copy(), nan.copy()
+    x, n, pt, e = obs[tested], tokens[tested], pi[tested], expected[tested]
+    z[tested] = (x - e) / np.sqrt(np.maximum(e * (1 - pt), 1e-300))
+    p[tested] = sps.binom.sf(x - 1, n, pt)
+    lower[tested] = np.where(x > 0, sps.chi2.ppf(SIGNIFICANCE, 2 * x) / 2, 0.0) / e
+    q = nan.copy()
+    pv = p[tested]
+    if pv.size:
+        order = np.argsort(pv)
+        adj = pv[order] * pv.size / np.arange(1, pv.size + 1)
+        adj = np.minimum.accumulate(adj[::-1])[::-1]
+        out = np.empty_like(pv)
+        out[order] = np.minimum(adj, 1.0)
+        q[tested] = out
+    return {"z": z, "p": p, "q": q, "ratio_lower": lower}
+
+
+def coactivation_top(state: TraceState, per_layer: int = 5, *, significant_only: bool = True) -> pd.DataFrame:
+    """The pairs that fire together most above chance, ``per_layer`` per layer.
+
+    Pairs are ranked by the lower confidence bound of their ratio (see
+    :func:`coactivation_significance`), not by the ratio, which small expected counts
+    inflate; with ``significant_only`` (the default) only pairs significant after the
+    Benjamini-Hochberg correction are kept, so random routing lists none.
+    """
     ratio = coactivation_ratio(state)
     expected = coactivation_expected(state)
+    sig = coactivation_significance(state)
     rows = []
     for i, layer in enumerate(state.layers):
-        a, b = np.nonzero(np.isfinite(ratio[i]))
-        order = np.argsort(-ratio[i][a, b], kind="stable")[:per_layer]
+        keep = np.isfinite(ratio[i]) & np.isfinite(sig["q"][i])
+        if significant_only:
+            keep &= sig["q"][i] <= SIGNIFICANCE
+        a, b = np.nonzero(keep)
+        order = np.argsort(-sig["ratio_lower"][i][a, b], kind="stable")[:per_layer]
         for j in order:
             ea, eb = int(a[j]), int(b[j])
             rows.append(
@@ -260,9 +342,27 @@ def coactivation_top(state: TraceState, per_layer: int = 5) -> pd.DataFrame:
                     "count": int(state.coact[i, ea, eb]),
                     "expected": float(expected[i, ea, eb]),
                     "ratio": float(ratio[i, ea, eb]),
+                    "ratio_lower": float(sig["ratio_lower"][i, ea, eb]),
+                    "z": float(sig["z"][i, ea, eb]),
+                    "p_value": float(sig["p"][i, ea, eb]),
+                    "q_value": float(sig["q"][i, ea, eb]),
                 }
             )
-    return pd.DataFrame(rows, columns=["layer", "expert_a", "expert_b", "count", "expected", "ratio"])
+    return pd.DataFrame(rows, columns=_PAIR_COLUMNS)
+
+
+_PAIR_COLUMNS = [
+    "layer",
+    "expert_a",
+    "expert_b",
+    "count",
+    "expected",
+    "ratio",
+    "ratio_lower",
+    "z",
+    "p_value",
+    "q_value",
+]
 
 
 def mean_pairwise_jsd(state: TraceState, li: int) -> float:
@@ -473,4 +573,4 @@ def build_report(trace_dir: str | Path | TraceDir, *, dtype_bytes: int | None = 
 
 
 def _empty_pairs() -> pd.DataFrame:
-    return pd.DataFrame(columns=["layer", "expert_a", "expert_b", "count", "expected", "ratio"])
+    return pd.DataFrame(columns=_PAIR_COLUMNS)

@@ -274,7 +274,7 @@ def trace_model(
     documents: Iterable[Any],
     out_dir: str | Path,
     *,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
     shard: tuple[int, int] = (0, 1),
@@ -302,7 +302,7 @@ def trace_model(
         tokenizer: its tokenizer.
         documents: objects with ``text`` and ``domain`` (``moescope.corpus.read.Document``).
         out_dir: trace directory to create (replaced if it already holds a trace).
-        seq_len: tokens per window.
+        seq_len: tokens per window; None: 512, or the model's context when shorter.
         batch_size: windows per forward pass.
         max_tokens: stop after this many stream tokens (all shards count the same stream).
         shard: ``(i, n)``: run only batches ``b`` with ``b mod n == i``.
@@ -330,6 +330,12 @@ def trace_model(
         CorpusError: the corpus yields no tokens.
         OutputError: ``out_dir`` is refused (see :func:`moescope.outdir.check_destination`).
     """
+    if seq_len is None:
+        from moescope.corpus.packing import default_seq_len
+
+        # windows inside the model's context: routing at positions it was never trained on
+        # is not the routing it does (the demo, trained on 128 tokens, was traced at 512)
+        seq_len = default_seq_len(getattr(model, "config", None))
     if seq_len < 1 or batch_size < 1:
         raise ValueError("seq_len and batch_size must be positive.")
     if plots:
