@@ -247,11 +247,39 @@ def test_merge_refuses_cleanly(tmp_path: Path) -> None:
         P.prune(str(src), trace, "", keep=3, method="merge", merge_router="max", dry_run=True)
 
 
-def test_merge_refuses_unsupported_families(tmp_path: Path) -> None:
-    """switch_transformers is refused by prune whatever the method: one Error line, nothing written."""
+def test_merge_prunes_switch_transformers(tmp_path: Path) -> None:
+    """The encoder-decoder switch_transformers merges too (its decoder is traced now)."""
+    import json
+
     src = tmp_path / "src"
     tiny_model("switch_transformers").save_pretrained(src)
-    trace = write_trace(tmp_path / "trace", model=str(src))
+    p = json.loads(invoke(["params", src, "--json"]).stdout)[0]
+    trace = write_trace(
+        tmp_path / "trace",
+        model=str(src),
+        num_experts=p["num_experts"],
+        layers=tuple(p["moe_layers"]),
+        top_k=1,
+    )
+    out = tmp_path / "o"
+    res = invoke(["prune", src, "--trace", trace, "--drop", "1", "--method", "merge", "--out", out, "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["verified"] is True
+    assert json.loads(invoke(["params", out, "--json"]).stdout)[0]["num_experts"] == p["num_experts"] - 1
+
+
+def test_merge_refuses_a_family_without_a_record(tmp_path: Path) -> None:
+    """A layout read from transformers' modules can be dropped from, not merged: one Error line."""
+    import torch
+
+    from moescope import families
+    from tests import census
+
+    assert families.lookup("minimax_m2") is None
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    census.build("minimax_m2").save_pretrained(src)
+    trace = write_trace(tmp_path / "trace", model=str(src), num_experts=census.EXPERTS, layers=(0, 1))
     out = tmp_path / "o"
     args = ["prune", src, "--trace", trace, "--drop", "1", "--method", "merge", "--out", out]
-    assert "cannot be pruned" in assert_clean_error(invoke(args)) and not out.exists()
+    assert "use --method drop" in assert_clean_error(invoke(args)) and not out.exists()
