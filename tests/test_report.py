@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from moescope.cli.app import app
 from moescope.errors import TraceError
-from moescope.stats import nullmodel
+from moescope.stats import nullmodel, placement
 from moescope.stats import report as st
 from moescope.tracedir.state import OPEN_ARRAYS
 from moescope.tracing import CAPACITY_FACTORS, EP_DEGREES, TraceState, merge_traces, write_trace_dir
@@ -171,7 +171,7 @@ def test_balanced_placement_is_optimal_on_small_cases() -> None:
     rng = np.random.default_rng(3)
     for _ in range(5):
         load = rng.integers(1, 100, size=8).astype(float)
-        dev = st.balanced_placement(load, 2)
+        dev = placement.balanced_placement(load, 2)
         assert np.bincount(dev).tolist() == [4, 4]
         got = np.bincount(dev, weights=load).max()
         best = min(
@@ -310,7 +310,7 @@ def test_balanced_placement_held_out_is_not_optimistic() -> None:
     a, b = s.half_counts[:, 3].astype(float)
     scores = []
     for fit, score in ((a, b), (b, a)):
-        dev = np.bincount(st.balanced_placement(fit, 4), weights=score, minlength=4)
+        dev = np.bincount(placement.balanced_placement(fit, 4), weights=score, minlength=4)
         scores.append(dev.max() / dev.mean())
     assert row.imbalance == pytest.approx(np.mean(scores))
     # contiguous is scored on the same held-out halves (#20): at EP = E both placements put one

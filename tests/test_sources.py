@@ -435,8 +435,8 @@ def test_resolve_ref_special_file(tmp_path: Path) -> None:
 
 
 def test_inventory_behaves_as_a_list_of_tensorinfo() -> None:
-    from moescope.arch.closedform import TensorInfo as FromClosedform
     from moescope.arch.inventory import Inventory, TensorInfo, as_inventory, total_numel
+    from moescope.arch.inventory import TensorInfo as FromClosedform
 
     assert FromClosedform is TensorInfo  # the old import path still works
     a, b, c = TensorInfo("a", (2, 3), "BF16", 12, "x", 80), TensorInfo("b", (4,)), TensorInfo("c", ())

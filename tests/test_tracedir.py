@@ -23,12 +23,11 @@ from moescope.tracedir.files import (
     EXPERT_LOAD,
     EXPERT_LOAD_COLUMNS,
     STATE,
-    STATE_ARRAYS,
     SUMMARY,
-    TraceState,
     load_trace,
     read_trace_dir,
 )
+from moescope.tracedir.state import STATE_ARRAYS, TraceState
 from moescope.tracing import write_trace_dir
 
 _E = 4

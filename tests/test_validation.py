@@ -24,17 +24,13 @@ from hypothesis import strategies as st
 
 from moescope.accounting.params import account
 from moescope.arch.closedform import has_closed_form
+from moescope.arch.inventory import DTYPE_BITS
 from moescope.arch.moe import moe_spec
 from moescope.arch.specfile import spec_to_config
 from moescope.arch.validate import validate_config
-from moescope.checkpoint.ref import (
-    DTYPE_BITS,
-    Checkpoint,
-    parse_header,
-    read_local_header,
-    read_safetensors_header,
-    safe_child,
-)
+from moescope.checkpoint.header import parse_header, read_local_header, read_safetensors_header
+from moescope.checkpoint.jsonfiles import safe_child
+from moescope.checkpoint.ref import Checkpoint
 from moescope.errors import CheckpointError, ConfigError, MoescopeError
 from tests.safety import assert_clean_error, invoke, snapshot
 

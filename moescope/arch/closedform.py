@@ -6,8 +6,7 @@ would hold — names in transformers' in-memory layout, shapes from the config f
 and accounts them exactly like tensors read from safetensors headers. This module never
 imports torch or transformers; :func:`meta_inventory` is the fallback for families with no
 closed form here (it builds the model on the meta device). The tensor types live in
-:mod:`moescope.arch.inventory` (``TensorInfo`` and ``Inventory`` are re-exported here for older
-imports); generic spec files are listed by :func:`moescope.arch.specfile.spec_inventory`.
+:mod:`moescope.arch.inventory`; generic spec files are listed by :func:`moescope.arch.specfile.spec_inventory`.
 """
 
 from __future__ import annotations
@@ -15,16 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from moescope.arch.discover import build_meta_model
 from moescope.arch.inventory import Inventory, TensorInfo
 from moescope.arch.moe import MoESpec, family_of
-from moescope.arch.discover import build_meta_model
 from moescope.arch.specfile import spec_inventory
 from moescope.errors import ConfigError
 from moescope.families import get as _get
 
 __all__ = [
-    "Inventory",
-    "TensorInfo",
     "config_inventory",
     "has_closed_form",
     "meta_inventory",

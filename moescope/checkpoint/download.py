@@ -14,8 +14,13 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
-from moescope.checkpoint.hub import PICKLE_PATTERNS, hub_env
-from moescope.checkpoint.ref import hub_offline_reason, looks_like_hub_id, split_hub_ref
+from moescope.checkpoint.hub import (
+    PICKLE_PATTERNS,
+    hub_env,
+    hub_offline_reason,
+    looks_like_hub_id,
+    split_hub_ref,
+)
 from moescope.errors import ModelNotFoundError
 
 DEFAULT_PATTERNS = [

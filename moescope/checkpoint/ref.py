@@ -17,8 +17,8 @@ trace, prune, similarity, eval load through it); :func:`open_checkpoint` then re
   snapshot already in the cache is read locally.
 
 Headers are read and validated by :mod:`moescope.checkpoint.header` into
-:class:`~moescope.arch.inventory.TensorInfo` records. The names those modules define are
-re-exported here, so ``from moescope.checkpoint.ref import parse_header`` keeps working.
+:class:`~moescope.arch.inventory.TensorInfo` records; import their names from
+those modules.
 """
 
 from __future__ import annotations
@@ -30,16 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moescope.arch.inventory import DTYPE_BITS, Inventory, TensorInfo, as_inventory, gc_paused
+from moescope.arch.inventory import Inventory, as_inventory, gc_paused
 from moescope.checkpoint.header import (
-    MAX_HEADER_BYTES,
-    parse_header,
     read_local_header,
-    read_safetensors_header,
 )
 from moescope.checkpoint.hub import (
-    FIRST_READ,
-    PROBE_TIMEOUT,
     hub_env,
     hub_offline_reason,
     looks_like_hub_id,
@@ -48,11 +43,9 @@ from moescope.checkpoint.hub import (
 )
 from moescope.checkpoint.jsonfiles import (
     INDEX_NAME,
-    MAX_JSON_BYTES,
     SINGLE_NAME,
     index_shards,
     load_json,
-    safe_child,
 )
 from moescope.checkpoint.shards import Then, read_indexed_headers, read_local_headers
 from moescope.demo import demo_model_dir
@@ -63,29 +56,12 @@ from moescope.errors import CheckpointError, ConfigError, ModelNotFoundError
 PerShard = Callable[[dict[str, Any] | None], Then | None]
 
 __all__ = [
-    "DTYPE_BITS",
-    "FIRST_READ",
-    "MAX_HEADER_BYTES",
-    "MAX_JSON_BYTES",
-    "PROBE_TIMEOUT",
     "Checkpoint",
-    "Inventory",
     "ResolvedRef",
-    "TensorInfo",
-    "hub_env",
-    "hub_offline_reason",
-    "index_shards",
-    "load_json",
-    "looks_like_hub_id",
     "open_checkpoint",
-    "parse_header",
-    "read_local_header",
-    "read_safetensors_header",
     "as_ref",
     "local_dir",
     "resolve_ref",
-    "safe_child",
-    "split_hub_ref",
 ]
 
 # ---------------------------------------------------------------------------------------

@@ -120,8 +120,7 @@ def load_model(
     if mref.is_local:
         _require_safetensors(Path(mref.path_or_id), ref)
     else:
-        from moescope.checkpoint.hub import hub_env
-        from moescope.checkpoint.ref import hub_offline_reason
+        from moescope.checkpoint.hub import hub_env, hub_offline_reason
 
         env = hub_env()
         offline_why = hub_offline_reason(mref.path_or_id, mref.revision, env)

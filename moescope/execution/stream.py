@@ -70,7 +70,8 @@ class _Shards:
 
 
 def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
-    from moescope.checkpoint.ref import index_shards, read_safetensors_header, safe_child
+    from moescope.checkpoint.header import read_safetensors_header
+    from moescope.checkpoint.jsonfiles import index_shards, safe_child
 
     index = root / "model.safetensors.index.json"
     if index.exists():

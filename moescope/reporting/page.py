@@ -37,7 +37,8 @@ from moescope.outdir import write_text_atomic
 from moescope.reporting import sections as rp
 from moescope.stats.definitions import unavailable
 from moescope.stats.report import Report, build_report
-from moescope.tracedir.files import TraceDir, TraceState, read_trace_dir
+from moescope.tracedir.files import TraceDir, read_trace_dir
+from moescope.tracedir.state import TraceState
 
 #: the ``<meta name="generator">`` content prefix that marks a file this module wrote
 GENERATOR = "moescope"

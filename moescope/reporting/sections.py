@@ -23,7 +23,7 @@ import numpy as np
 
 from moescope.stats.definitions import DEFINITIONS, WHY
 from moescope.stats.report import MIN_EXPECTED, MIN_PAIR_COUNT, SIGNIFICANCE, Report
-from moescope.tracedir.files import TraceState
+from moescope.tracedir.state import TraceState
 
 #: per-layer column -> header (``tokens``, the same in every row, is in the summary)
 LAYER_COLUMNS: dict[str, str] = {

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moescope.tracedir.files import EP_DEGREES, TraceState
+from moescope.tracedir.state import EP_DEGREES, TraceState
 
 __all__ = ["a2a_dtype", "balanced_placement", "expert_parallel"]
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moescope.stats import report as st
-from moescope.tracedir.files import CAPACITY_FACTORS, HIST_BINS, TraceState
+from moescope.tracedir.state import CAPACITY_FACTORS, HIST_BINS, TraceState
 
 #: file formats of ``--plot-format`` (matplotlib writes each without extra dependencies)
 PLOT_FORMATS = ("png", "svg", "pdf")

@@ -10,9 +10,9 @@ form of ``moescope report``.
 
 How: everything is computed from the mergeable sums in ``state.npz``, so a merged shard
 trace gives the same report as one run. This module imports :mod:`moescope.tracedir.files`
-(the tables written into a trace directory, :func:`expert_load` and friends, live there
-and are re-exported here), :mod:`moescope.stats.nullmodel` (the co-activation null model) and
-:mod:`moescope.stats.placement` (the expert-parallel what-if, re-exported here). Definitions, stated where they are computed:
+(the tables written into a trace directory, :func:`expert_load` and friends, live there),
+:mod:`moescope.stats.nullmodel` (the co-activation null model) and
+:mod:`moescope.stats.placement` (the expert-parallel what-if). Definitions, stated where they are computed:
 
 - load share ``p_e = count_e / Σ count``; imbalance ``max/mean``; ``cv = std/mean``
   (population std); ``entropy_norm = H(p) / ln E`` (1 = perfectly even; not comparable
@@ -71,41 +71,21 @@ import numpy as np
 import pandas as pd
 
 from moescope.stats.nullmodel import expected_pairs
-from moescope.stats.placement import a2a_dtype, balanced_placement, expert_parallel
-from moescope.tracedir.files import (
-    CAPACITY_FACTORS,
-    EP_DEGREES,
-    HIST_BINS,
-    TraceDir,
-    TraceState,
-    capacity,
-    coactivation,
-    domain_load,
-    expert_load,
-    read_trace_dir,
-)
+from moescope.stats.placement import a2a_dtype, expert_parallel
+from moescope.tracedir.files import TraceDir, capacity, read_trace_dir
+from moescope.tracedir.state import HIST_BINS, TraceState
 
 __all__ = [
-    "CAPACITY_FACTORS",
-    "EP_DEGREES",
-    "HIST_BINS",
     "NEEDS",
     "Report",
-    "a2a_dtype",
-    "balanced_placement",
     "build_report",
-    "capacity",
-    "coactivation",
     "coactivation_expected",
     "coactivation_ratio",
     "coactivation_significance",
     "coactivation_top",
     "confidence_histogram",
     "dead_experts",
-    "domain_load",
     "domain_specialisation",
-    "expert_load",
-    "expert_parallel",
     "imbalance",
     "js_divergence",
     "layer_stats",

@@ -7,8 +7,8 @@ here once, and every reader goes through :func:`read_trace_dir`:
   (:data:`EXPERT_LOAD_COLUMNS`, ...);
 - :class:`TraceState`, the mergeable raw sums (``state.npz``), with its arrays
   (:data:`STATE_ARRAYS`) and settings (:data:`CAPACITY_FACTORS`, :data:`EP_DEGREES`,
-  :data:`HIST_BINS`, :data:`FIXED_SCALE`), defined in :mod:`moescope.tracedir.state` and
-  re-exported here;
+  :data:`HIST_BINS`, :data:`FIXED_SCALE`), defined in :mod:`moescope.tracedir.state`
+  (import them from there);
 - the CSV tables derived from a state (:func:`expert_load`, :func:`coactivation`,
   :func:`domain_load`, :func:`capacity`) and the ``summary.json`` record
   (:func:`build_summary`);
@@ -42,11 +42,6 @@ from moescope.errors import TraceError
 from moescope.outdir import write_json_atomic
 from moescope.tracedir.state import (
     CAPACITY_FACTORS,
-    EP_DEGREES,
-    FIXED_SCALE,
-    HIST_BINS,
-    STATE_ARRAYS,
-    STATE_VERSION,
     TraceState,
     group_drops,
 )
@@ -54,27 +49,20 @@ from moescope.tracedir.state import (
 __all__ = [
     "CAPACITY",
     "CAPACITY_COLUMNS",
-    "CAPACITY_FACTORS",
     "COACTIVATION",
     "COACTIVATION_COLUMNS",
     "DOMAIN_LOAD",
     "DOMAIN_LOAD_COLUMNS",
-    "EP_DEGREES",
     "EXPERT_LOAD",
     "EXPERT_LOAD_COLUMNS",
-    "FIXED_SCALE",
-    "HIST_BINS",
     "KIND",
     "PLOTS",
     "ROUTES",
     "ROUTE_CHUNK",
     "ROUTE_GLOB",
     "STATE",
-    "STATE_ARRAYS",
-    "STATE_VERSION",
     "SUMMARY",
     "TraceDir",
-    "TraceState",
     "build_summary",
     "capacity",
     "coactivation",

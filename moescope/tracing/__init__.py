@@ -26,16 +26,14 @@ working for the directory's constants and loader too.
 """
 
 from moescope.corpus.packing import PACKING
-from moescope.tracedir.files import (
+from moescope.tracedir.files import TraceDir, load_trace, read_trace_dir
+from moescope.tracedir.state import (
     CAPACITY_FACTORS,
     EP_DEGREES,
     FIXED_SCALE,
     HIST_BINS,
     STATE_VERSION,
-    TraceDir,
     TraceState,
-    load_trace,
-    read_trace_dir,
 )
 from moescope.tracing.merge import merge_traces
 from moescope.tracing.reduce import Reducer

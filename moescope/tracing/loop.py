@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moescope.corpus.packing import PackStats
-from moescope.tracedir.files import TraceState
+from moescope.tracedir.state import TraceState
 from moescope.tracing.routes import RoutesWriter
 
 __all__ = ["Loop", "Target"]

@@ -22,7 +22,8 @@ from typing import Any
 
 from moescope.errors import TraceError
 from moescope.outdir import atomic_output, check_destination
-from moescope.tracedir.files import KIND, ROUTES, STATE_VERSION, TraceDir, TraceState, read_trace_dir
+from moescope.tracedir.files import KIND, ROUTES, TraceDir, read_trace_dir
+from moescope.tracedir.state import STATE_VERSION, TraceState
 from moescope.tracing.routes import merge_routes
 from moescope.tracing.write import write_trace_dir
 

@@ -10,7 +10,7 @@ calls (all layers at once), so the fixed cost of the ~50 small tensor ops is pai
 group. Sums are still binned per batch (the batch is part of every bincount code), so
 per-batch quantities (the busiest device) and fixed-point rounding are exactly what
 reducing each batch alone would give: float sums are accumulated per batch in float64
-and added as fixed-point integers (:data:`~moescope.tracedir.files.FIXED_SCALE`), so addition
+and added as fixed-point integers (:data:`~moescope.tracedir.state.FIXED_SCALE`), so addition
 is associative and merging shards reproduces an unsharded run bit for bit.
 
 Capacity drops are counted per *capacity group*: ``capacity_group`` consecutive real
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from moescope.errors import TraceError
-from moescope.tracedir.files import EP_DEGREES, FIXED_SCALE, HIST_BINS, TraceState
+from moescope.tracedir.state import EP_DEGREES, FIXED_SCALE, HIST_BINS, TraceState
 
 
 class Reducer:

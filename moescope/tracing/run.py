@@ -47,8 +47,8 @@ from moescope.corpus.packing import (
 )
 from moescope.errors import CorpusError, TraceError
 from moescope.outdir import atomic_output, check_destination
-from moescope.tracedir.files import KIND, ROUTES, TraceState
-from moescope.tracedir.state import CAPACITY_GROUP
+from moescope.tracedir.files import KIND, ROUTES
+from moescope.tracedir.state import CAPACITY_GROUP, TraceState
 from moescope.tracing.loop import Loop, Target
 from moescope.tracing.ranks import combine_ranks, current_ranks, scratch_dir
 from moescope.tracing.reduce import Reducer

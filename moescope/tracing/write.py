@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from moescope.stats import report as st
-from moescope.tracedir.files import PLOTS, TraceState, build_summary, write_summary, write_tables
+from moescope.tracedir.files import PLOTS, build_summary, write_summary, write_tables
+from moescope.tracedir.state import TraceState
 
 
 def layer_records(state: TraceState) -> list[dict[str, Any]]:
