@@ -12,7 +12,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["dbrx_forward_with_norms", "fused_forward_with_norms"]
+__all__ = ["accumulate", "dbrx_forward_with_norms", "fused_forward_with_norms"]
+
+
+def accumulate(out: Any, tok: Any, values: Any) -> None:
+    """``out.index_add_(0, tok, values)`` for one expert's tokens, bit for bit, fast in bfloat16 on CPU.
+
+    torch's CPU ``index_add_`` in bfloat16 runs element by element: 52 ms for 512 rows of
+    1024 against 0.08 ms in float32 (measured, issue #19), most of a bf16 forward's experts
+    time. One expert's ``tok`` never repeats (a token's top-k experts are distinct), so
+    gathering, adding and scattering back rounds each sum once, as ``index_add_`` does.
+    """
+    import torch
+
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        out[tok] = out[tok] + values
+    else:
+        out.index_add_(0, tok, values)
 
 
 def fused_forward_with_norms(rec: Any, index: int) -> Callable[..., Any]:
@@ -67,7 +83,7 @@ def fused_forward_with_norms(rec: Any, index: int) -> Callable[..., Any]:
             if self.has_post_expert_norm:
                 y = self.post_expert_norm(y)
             vals.append(torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32))
-            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+            accumulate(out, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         norms = torch.zeros(top_k_index.shape, dtype=torch.float32, device=hidden_states.device)
         if vals:  # the routed assignments are the first `start` of the sorted ones
             norms.index_put_((tok_all[:start], pos_all[:start]), torch.cat(vals))
@@ -102,7 +118,7 @@ def dbrx_forward_with_norms(rec: Any, index: int) -> Callable[..., Any]:
             w2 = self.mlp.w2.view(shape)[e]
             y = self.mlp(hidden[tok], w1, v1, w2).view(-1, self.hidden_size)
             norms[tok, pos] = y.float().norm(dim=-1)
-            out.index_add_(0, tok, y * top_k_weights[tok, pos, None])
+            accumulate(out, tok, y * top_k_weights[tok, pos, None])
         rec._norms[index] = norms
         return out.view(batch, -1, self.hidden_size)
 

@@ -27,7 +27,8 @@ How:
   layer ``l+1``'s bytes (``os.preadv`` into a fresh buffer at the offsets of the safetensors
   header, which releases the GIL, so disk or page-cache reads run beside torch's kernels).
   The buffer is bounded: at most :data:`PREFETCH_LAYERS` layers are read ahead of the
-  resident one, so memory holds about two layers. Conversion, dequantisation and the swap
+  resident one (``MOESCOPE_STREAM_PREFETCH``; 0 reads on load), so memory holds about two
+  layers. Conversion, dequantisation and the swap
   into the module stay on the calling thread. A streamed pass then takes about
   ``max(read, compute)`` rather than their sum.
 - Batches whose hidden states exceed a share of the memory budget are run in chunks,
@@ -225,10 +226,11 @@ class StreamedModel:
         #: checkpoint keys that matched no parameter, or matched one of another shape (verify reads these)
         self.unexpected_keys: set[str] = set()
         self.mismatched_keys: set[str] = set()
-        #: seconds the calling thread waited for the reader, and seconds spent reading (last run)
+        #: seconds spent reading tensor bytes, and seconds the calling thread waited for the reader
         self.read_wait_s = 0.0
         self.read_s = 0.0
-        self.prefetch = PREFETCH_LAYERS
+        # MOESCOPE_STREAM_PREFETCH=0 turns the reader off (read on load), for benchmarks
+        self.prefetch = int(os.environ.get("MOESCOPE_STREAM_PREFETCH", PREFETCH_LAYERS))
         self._transformers = transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.modeling_utils import LoadStateDictConfig
@@ -250,8 +252,11 @@ class StreamedModel:
         Each tensor is one ``os.preadv`` at its header offset into a new buffer, then viewed as
         its dtype and shape; a dtype torch cannot view falls back to ``safe_open``.
         """
+        import time
+
         import torch
 
+        t0 = time.perf_counter()
         state: dict[str, Any] = {}
         fds: dict[Path, int] = {}
         try:
@@ -281,6 +286,7 @@ class StreamedModel:
         finally:
             for fd in fds.values():
                 os.close(fd)
+        self.read_s += time.perf_counter() - t0
         return state
 
     def _load(self, keys: Sequence[str], state: dict[str, Any] | None = None) -> None:
@@ -343,8 +349,6 @@ class StreamedModel:
         slots = threading.Semaphore(self.prefetch)  # the bounded buffer: layers read, not yet taken
         ready: queue.Queue[tuple[int, Any]] = queue.Queue()
         stop = threading.Event()
-        self.read_s = 0.0
-        self.read_wait_s = 0.0
 
         def work() -> None:
             for i in layers:
@@ -353,13 +357,11 @@ class StreamedModel:
                         return
                 if stop.is_set():
                     return
-                t0 = time.perf_counter()
                 try:
                     state: Any = self._read(self.shards.by_layer.get(i, []))
                 except BaseException as exc:  # handed to the calling thread, raised there
                     ready.put((i, exc))
                     return
-                self.read_s += time.perf_counter() - t0
                 ready.put((i, state))
 
         thread = threading.Thread(target=work, name="moescope-layer-reader", daemon=True)
