@@ -363,6 +363,7 @@ class StreamedModel:
                     ready.put((i, exc))
                     return
                 ready.put((i, state))
+                del state  # else this frame keeps the layer's bytes alive until the next read
 
         thread = threading.Thread(target=work, name="moescope-layer-reader", daemon=True)
         thread.start()
@@ -375,7 +376,7 @@ class StreamedModel:
                 raise state
             if got != i:  # the reader follows the same order; anything else is a bug
                 raise MoescopeError(f"layer reader out of order: wanted layer {i}, got {got}")
-            return dict(state)
+            return state  # type: ignore[no-any-return]
 
         try:
             yield take, slots.release
