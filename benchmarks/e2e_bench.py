@@ -11,7 +11,9 @@ What it does, in one run:
    ``trace``, ``similarity --trace --no-align-weights`` (the aligned measure is
    ``E (E - 1) / 2`` = 2016 linear assignments of 1408 x 1408 per layer: hours on a small
    CPU), ``prune --drop N`` (verification streamed), ``eval`` of
-   the pruned model, then ``prune --method merge`` (verified streamed).
+   the pruned model, then ``prune --method merge --similarity`` (partners by the output
+   cosine of the similarity step: ``--merge-by weight`` would align every dropped expert
+   with every kept one, 1024 assignments of 1408 x 1408 per layer; verified streamed).
 3. Prints per step: wall seconds, peak RSS (the child's ``VmHWM``: ``ru_maxrss`` would include the parent's), bytes the child
    read (``/proc/self/io``: ``rchar``, syscalls, and ``read_bytes``, from the device) against
    the checkpoint's size, and the stderr plan line.
@@ -263,7 +265,7 @@ def main() -> None:
         pruned = sum(f.stat().st_size for f in (work / "p-drop").glob("*.safetensors"))
         results["eval of the pruned model"] = step("eval", ["eval", str(work / "p-drop"), "demo", *tok, *mem, "--json"], pruned)  # fmt: skip
         shutil.rmtree(work / "p-drop")  # room for the merged copy
-        results["prune merge (+ streamed verify)"] = step("prune merge", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), "--method", "merge", *mem, "--out", str(work / "p-merge"), "--json"], size)  # fmt: skip
+        results["prune merge (+ streamed verify)"] = step("prune merge", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), "--method", "merge", "--similarity", str(work / "s"), *mem, "--out", str(work / "p-merge"), "--json"], size)  # fmt: skip
         for name, r in results.items():
             base = "pruned checkpoint" if name.startswith("eval") else "checkpoint"
             rows.append(
