@@ -280,8 +280,13 @@ def _merge_layer(
     for r in (e for e in range(num) if e not in kept):
         fr = A.features(experts[r], axes)
         cands = [k for k in kept if k // size == r // size] or kept
+        if sim is not None:  # partner by the output cosine: one alignment, not one per candidate
+            score = {k: float(sim[r, k]) for k in cands}
+            best = max(cands, key=lambda k: (score[k], -k))
+            partners[best].append((r, A.align_features(feats[best], fr), score[best]))
+            continue
         aligned = {k: A.align_features(feats[k], fr) for k in cands}
-        score = {k: (sim[r, k] if sim is not None else aligned[k].cosine) for k in cands}
+        score = {k: aligned[k].cosine for k in cands}
         best = max(cands, key=lambda k: (score[k], -k))
         partners[best].append((r, aligned[best], float(score[best])))
     groups: list[MergeGroup] = []
