@@ -682,3 +682,95 @@ def test_help_has_examples(command: str) -> None:
     res = runner.invoke(app, [command, "--help"])
     assert res.exit_code == 0
     assert "Examples" in res.stdout and f"moescope {command}" in res.stdout
+
+
+# ------------------------------------------------------------------ streamed verification
+@pytest.mark.parametrize("method", ["drop", "merge"])
+def test_prune_verifies_streamed_under_a_tiny_budget(
+    method: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A pruned checkpoint bigger than --max-memory is verified one decoder layer at a time."""
+    src = tiny_models["mixtral"]
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    res = runner.invoke(
+        app,
+        [
+            "prune",
+            str(src),
+            "--trace",
+            str(trace),
+            "--drop",
+            "1",
+            "--method",
+            method,
+            "--max-memory",
+            "1KiB",
+            "--out",
+            str(tmp_path / "o"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["verified"] is True
+    assert "verifying the pruned checkpoint: streaming the model layer by layer" in res.stderr
+    manifest = json.loads((tmp_path / "o" / "prune_manifest.json").read_text())
+    check = manifest["verification"]
+    assert check["mode"] == "stream" and check["logits_shape"] == [1, 8, _VOCAB]
+    # every weight of the pruned checkpoint was read exactly once
+    assert check["bytes_read"] == sum(f.stat().st_size for f in (tmp_path / "o").glob("*.safetensors")) - sum(
+        _header_bytes(f) for f in (tmp_path / "o").glob("*.safetensors")
+    )
+
+
+def _header_bytes(path: Path) -> int:
+    with path.open("rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_streamed_and_whole_verification_agree(
+    family: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    src = tiny_models[family]
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    out = tmp_path / "pruned"
+    P.prune(str(src), trace, out, drop=1, criterion="frequency", verify=False)
+    lines: list[str] = []
+    whole = P.verify_checkpoint(out, stream=False, on_plan=lines.append)
+    streamed = P.verify_checkpoint(out, stream=True, on_plan=lines.append)
+    assert whole["mode"] == "whole" and streamed["mode"] == "stream"
+    for key in ("parameters", "logits_shape", "num_experts", "dtype"):
+        assert whole[key] == streamed[key], key
+    assert lines[0].startswith("verifying the pruned checkpoint: loading the model whole (--no-stream)")
+    assert lines[1].startswith(
+        "verifying the pruned checkpoint: streaming the model layer by layer (--stream)"
+    )
+
+
+def test_streamed_verification_catches_a_missing_tensor(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A layer tensor gone from the checkpoint fails the streamed verification as it fails the whole one."""
+    from safetensors.torch import save_file
+
+    src = tiny_models["mixtral"]
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    out = tmp_path / "pruned"
+    P.prune(str(src), trace, out, drop=1, criterion="frequency", verify=False)
+    state = _state(out)
+    victim = next(k for k in state if k.startswith("model.layers.1.") and "self_attn.q_proj" in k)
+    del state[victim]
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for stream in (False, True):
+        with pytest.raises(CheckpointError, match="missing_keys"):
+            P.verify_checkpoint(out, stream=stream)
+
+
+def test_prune_refuses_stream_with_device_map(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny_models["mixtral"]
+    trace = write_trace(tmp_path / "trace", model=str(src))
+    with pytest.raises(PruneError, match="two ways to fit a model"):
+        P.prune(str(src), trace, tmp_path / "o", drop=1, stream=True, device_map="auto")
+    assert not (tmp_path / "o").exists()

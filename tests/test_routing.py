@@ -323,3 +323,17 @@ def test_dense_model_is_not_moe() -> None:
     assert find_moe_sites(model) == []
     with pytest.raises(NotMoEError, match="no routed experts.*demo"):
         require_moe_sites(model, "tiny-llama")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_recorder_forward_is_eager_bit_for_bit(family: str, dtype: torch.dtype) -> None:
+    """The norm-capturing experts forward (bf16: gather-add-scatter instead of index_add_) equals eager exactly."""
+    model = _build(family).to(dtype)
+    model.set_experts_implementation("eager")
+    ids = torch.randint(0, _VOCAB, (3, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with RoutingRecorder(find_moe_sites(model)):
+            hooked = model(input_ids=ids).logits
+    assert torch.equal(hooked, base), family

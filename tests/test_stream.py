@@ -208,3 +208,43 @@ def test_streamed_similarity_equals_in_memory() -> None:
         ]
         for name in a.matrices:
             assert np.array_equal(a.matrices[name], b.matrices[name]), (a.layer, name)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_background_reader_gives_the_same_results(prefetch: int, tmp_path: Path) -> None:
+    """Reading layer l+1 in a thread while layer l computes changes nothing but the timing."""
+    torch.manual_seed(0)
+    tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    batches = _batches()
+    ref_logits, _ = _in_memory(tmp_path, batches)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    sm.prefetch = prefetch
+    logits: dict[int, Any] = {}
+    sm.run(batches, logits=lambda b, t: logits.__setitem__(b, t.clone()))
+    assert sm.bytes_read == sum(sm.shards.nbytes.values())
+    for b, ref in enumerate(ref_logits):
+        assert torch.equal(logits[b], ref)
+    assert sm.read_s > 0 and sm.read_wait_s >= 0
+
+
+def test_background_reader_error_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moescope.errors import CheckpointError
+
+    torch.manual_seed(0)
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    real = sm._read
+    layer1 = set(sm.shards.by_layer[1])
+
+    def failing(keys: Any) -> Any:
+        if set(keys) == layer1:
+            raise CheckpointError("disk went away")
+        return real(keys)
+
+    monkeypatch.setattr(sm, "_read", failing)
+    with pytest.raises(CheckpointError, match="disk went away"):
+        sm.run(_batches())
+    # nothing stays resident, and the reader thread is gone
+    import threading
+
+    assert not any(t.name == "moescope-layer-reader" for t in threading.enumerate())

@@ -4,7 +4,8 @@ Validates flags, calls :func:`moescope.pruning.prune`, prints the plan and what 
 (table, ``--json`` or ``--csv``, through :class:`moescope.cli._output.Output`; the JSON
 object has one shape with or without ``--dry-run``). The checkpoint is streamed shard by shard and reloaded with transformers
 to prove it runs, in the checkpoint's own dtype unless ``--dtype`` says otherwise, on
-``--device`` (``--no-verify`` skips the reload for models too large for memory).
+``--device``: whole when it fits ``--max-memory``, streamed layer by layer otherwise
+(``--stream/--no-stream``, ``--device-map auto``; :mod:`moescope.execution.plan`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import typer
 from moescope.cli._errors import friendly
 from moescope.cli._options import (
     CriterionOpt,
+    DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     RevisionOpt,
+    StreamOpt,
     TrustRemoteCodeOpt,
 )
 from moescope.cli._output import CsvOpt, JsonOpt, Output, QuietOpt, human
@@ -47,7 +51,12 @@ same weighted average of the members' rows and biases; `kept` keeps the kept exp
 so tokens are routed exactly as with --method drop.
 
 The verification reload uses --dtype auto (the default: the checkpoint's own dtype) on
---device; --no-verify skips it.
+--device. It is planned like every command that runs a model: loaded whole when the pruned
+checkpoint fits --max-memory (default about 85% of available memory), else streamed one
+decoder layer at a time (--stream/--no-stream force it; --device-map auto hands placement to
+accelerate); stderr says which. --no-verify skips it.
+
+  moescope prune big-model/ --trace trace/ --ratio 0.5 --max-memory 4GiB --out pruned/
 
 Output: a table of kept and dropped experts per layer. --json prints one object, the same
 shape with or without --dry-run:
@@ -102,6 +111,9 @@ def prune_cmd(
     ] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = None,
+    stream: StreamOpt = None,
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     method: Annotated[
@@ -181,6 +193,10 @@ def prune_cmd(
             merge_by=merge_by,
             similarity=similarity,
             merge_router=merge_router,
+            max_memory=max_memory,
+            stream=stream,
+            device_map=device_map,
+            on_plan=output.info,
         )
     _emit(output, plan, result, criterion)
 

@@ -256,6 +256,48 @@ def expert_weight_vectors(experts: Any, num_experts: int, family: str | None = N
     return torch.cat(rows, dim=1).numpy()
 
 
+#: float64 elements per expert in one block of :func:`expert_weight_gram` (8 MiB per expert)
+_GRAM_BLOCK = 1 << 20
+
+
+def expert_weight_gram(experts: Any, num_experts: int, family: str | None = None) -> np.ndarray:
+    """``[E, E]`` float64 Gram matrix of :func:`expert_weight_vectors`, without building them.
+
+    The flattened vectors of a big layer are large (64 DeepSeek-V2-Lite experts: 2.2 GB in
+    float32, twice that in float64); here each parameter is read in column blocks of
+    :data:`_GRAM_BLOCK` elements per expert, cast to float64 and accumulated, so the extra
+    memory is one block, not the layer.
+    """
+    import torch
+
+    record = families.lookup(family) if family else None
+    adapter = record.hooks.adapter if record is not None and record.hooks is not None else None
+    own = list(experts.parameters(recurse=False))
+    children = list(experts.children()) if not own else []
+    per_module = adapter == "switch" or (
+        adapter is None and len(children) == num_experts and all(list(c.parameters()) for c in children)
+    )
+    pieces: list[Any] = []  # [E, n] views in the parameters' own dtype
+    if per_module:
+        per_child = [list(c.parameters()) for c in children]
+        for k in range(len(per_child[0])):
+            pieces.append(torch.stack([params[k].detach().reshape(-1) for params in per_child]))
+    else:
+        for p in experts.parameters():
+            packed = adapter in ("dbrx", None) and p.ndim >= 1 and p.shape[0] % num_experts == 0
+            if packed or (p.ndim >= 1 and p.shape[0] == num_experts):
+                pieces.append(p.detach().reshape(num_experts, -1))
+    if not pieces:
+        raise ValueError("no expert parameters found")
+    gram = torch.zeros(num_experts, num_experts, dtype=torch.float64)
+    with torch.no_grad():
+        for piece in pieces:
+            for start in range(0, piece.shape[1], _GRAM_BLOCK):
+                blk = piece[:, start : start + _GRAM_BLOCK].to(torch.float64)
+                gram += blk @ blk.T
+    return gram.numpy()
+
+
 def router_rows(block: Any, num_experts: int, family: str | None = None) -> np.ndarray | None:
     """The router weight ``[E, H]`` of a MoE block, or None when not found.
 

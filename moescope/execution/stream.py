@@ -23,6 +23,14 @@ How:
   release the weights (back to meta; glibc is asked to return the memory).
 - Eval needs logits: a final pass runs the model's own tail (norm, head, soft-capping)
   with the decoder layers stubbed to return the streamed final hidden states.
+- Reading overlaps computing: while layer ``l`` runs, a background reader thread reads
+  layer ``l+1``'s bytes (``os.preadv`` into a fresh buffer at the offsets of the safetensors
+  header, which releases the GIL, so disk or page-cache reads run beside torch's kernels).
+  The buffer is bounded: at most :data:`PREFETCH_LAYERS` layers are read ahead of the
+  resident one (``MOESCOPE_STREAM_PREFETCH``; 0 reads on load), so memory holds about two
+  layers. Conversion, dequantisation and the swap
+  into the module stay on the calling thread. A streamed pass then takes about
+  ``max(read, compute)`` rather than their sum.
 - Batches whose hidden states exceed a share of the memory budget are run in chunks,
   each chunk one layer-major pass (weights are then read once per chunk). When to stream
   at all is decided in :mod:`moescope.execution.plan`.
@@ -35,14 +43,36 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import queue
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moescope.errors import CheckpointError, MoescopeError
+
+#: layers read ahead of the resident one by the background reader (the bounded buffer)
+PREFETCH_LAYERS = 1
+
+# safetensors dtype names -> torch dtype names (what the direct reader can view bytes as)
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 # Decoder blocks are ``…layers.{i}.`` in almost every family, ``blocks.{i}`` in dbrx.
 _LAYER_KEY_RE = re.compile(r"(?:^|\.)(?:layers|blocks|h)\.(\d+)\.")
@@ -67,6 +97,8 @@ class _Shards:
     by_layer: dict[int, list[str]] = field(default_factory=dict)
     globals_: list[str] = field(default_factory=list)
     nbytes: dict[str, int] = field(default_factory=dict)
+    #: key -> (absolute byte offset in its file, safetensors dtype, shape)
+    where: dict[str, tuple[int, str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
@@ -86,13 +118,14 @@ def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
     shards = _Shards(files={})
     for name in names:
         path = safe_child(root, name, f"{index.name} shard")
-        _start, header = read_safetensors_header(path)
+        start, header = read_safetensors_header(path)
         for key, info in header.items():
             if key == "__metadata__":
                 continue
             shards.files[key] = path
             begin, end = info["data_offsets"]
             shards.nbytes[key] = int(end) - int(begin)
+            shards.where[key] = (int(start) + int(begin), str(info["dtype"]), tuple(info["shape"]))
             m = _LAYER_KEY_RE.search(key)
             if m is None:
                 shards.globals_.append(key)
@@ -191,7 +224,14 @@ class StreamedModel:
         self.shards = _index_checkpoint(self.path, self.num_layers)
         self.bytes_read = 0
         self.passes = 0
-        self._handles: dict[Path, Any] = {}
+        #: checkpoint keys that matched no parameter, or matched one of another shape (verify reads these)
+        self.unexpected_keys: set[str] = set()
+        self.mismatched_keys: set[str] = set()
+        #: seconds spent reading tensor bytes, and seconds the calling thread waited for the reader
+        self.read_wait_s = 0.0
+        self.read_s = 0.0
+        # MOESCOPE_STREAM_PREFETCH=0 turns the reader off (read on load), for benchmarks
+        self.prefetch = int(os.environ.get("MOESCOPE_STREAM_PREFETCH", PREFETCH_LAYERS))
         self._transformers = transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.modeling_utils import LoadStateDictConfig
@@ -207,22 +247,58 @@ class StreamedModel:
         self._resident: int | None = None
 
     # -- weights --------------------------------------------------------------------------------
-    def _slice(self, key: str) -> Any:
-        from safetensors import safe_open
+    def _read(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The tensors of ``keys``, read into fresh memory (thread-safe; no GIL held while reading).
 
-        path = self.shards.files[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-        return self._handles[path].get_slice(key)
+        Each tensor is one ``os.preadv`` at its header offset into a new buffer, then viewed as
+        its dtype and shape; a dtype torch cannot view falls back to ``safe_open``.
+        """
+        import time
 
-    def _load(self, keys: Sequence[str]) -> None:
+        import torch
+
+        t0 = time.perf_counter()
+        state: dict[str, Any] = {}
+        fds: dict[Path, int] = {}
+        try:
+            for k in keys:
+                offset, st_dtype, shape = self.shards.where[k]
+                name = _ST_DTYPES.get(st_dtype)
+                if name is None or not hasattr(torch, name):  # a dtype torch cannot view bytes as
+                    from safetensors import safe_open
+
+                    with safe_open(str(self.shards.files[k]), framework="pt", device="cpu") as fh:
+                        state[k] = fh.get_tensor(k)
+                    continue
+                path = self.shards.files[k]
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                n = self.shards.nbytes[k]
+                buf = torch.empty(n, dtype=torch.uint8)
+                view = buf.numpy().data  # a writable memoryview of the buffer
+                done = 0
+                while done < n:  # preadv may return short counts on large reads
+                    got = os.preadv(fds[path], [view[done:]], offset + done)
+                    if got <= 0:
+                        raise CheckpointError(f"{path}: truncated while reading {k}.")
+                    done += got
+                dt = getattr(torch, name)
+                state[k] = (buf.view(dt) if n else torch.empty(0, dtype=dt)).reshape(shape)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.read_s += time.perf_counter() - t0
+        return state
+
+    def _load(self, keys: Sequence[str], state: dict[str, Any] | None = None) -> None:
+        """Convert and load ``keys`` into the model (``state``: already read by :meth:`_read`)."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.utils import logging as hf_logging
 
         if not keys:
             return
-        state = {k: self._slice(k)[:] for k in keys}  # read now: the files are unmapped below
-        self._handles.clear()  # mapped pages would otherwise count in RSS, layer after layer
+        if state is None:
+            state = self._read(keys)
         if self.quantized:
             from moescope.execution.quant import dequantize_state
 
@@ -236,16 +312,80 @@ class StreamedModel:
                 hf_logging.enable_progress_bar()
         if getattr(info, "conversion_errors", None):
             raise CheckpointError(f"{self.path}: converting weights failed: {info.conversion_errors}")
+        self.unexpected_keys |= set(getattr(info, "unexpected_keys", ()) or ())
+        self.mismatched_keys |= {
+            str(m[0]) if isinstance(m, tuple) else str(m) for m in getattr(info, "mismatched_keys", ()) or ()
+        }
         self.bytes_read += sum(self.shards.nbytes[k] for k in keys)
 
-    def load_layer(self, i: int) -> None:
-        """Materialise decoder layer ``i`` (and release the one resident before)."""
+    def load_layer(self, i: int, state: dict[str, Any] | None = None) -> None:
+        """Materialise decoder layer ``i`` (and release the one resident before).
+
+        ``state`` is the layer's tensors when the background reader has read them already.
+        """
         if self._resident == i:
             return
         if self._resident is not None:
             self.release_layer(self._resident)
-        self._load(self.shards.by_layer.get(i, []))
+        self._load(self.shards.by_layer.get(i, []), state)
         self._resident = i
+
+    @contextlib.contextmanager
+    def _reader(
+        self, layers: Sequence[int]
+    ) -> Iterator[tuple[Callable[[int], dict[str, Any] | None], Callable[[], None]]]:
+        """A background thread reading ``layers`` in order, at most :attr:`prefetch` ahead.
+
+        Yields ``(take, loaded)``: ``take(i)`` gives layer ``i``'s tensors (waiting for the
+        reader if it is behind); ``loaded()`` says they are in the model, which frees the
+        buffer slot, so the reader starts on the next layer while this one computes (memory:
+        the resident layer plus ``prefetch`` layers being read). With ``prefetch`` 0 there is
+        no thread and ``take`` returns None (read on load).
+        """
+        import time
+
+        if self.prefetch <= 0 or len(layers) < 2:
+            yield (lambda _i: None), (lambda: None)
+            return
+        slots = threading.Semaphore(self.prefetch)  # the bounded buffer: layers read, not yet taken
+        ready: queue.Queue[tuple[int, Any]] = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            for i in layers:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    state: Any = self._read(self.shards.by_layer.get(i, []))
+                except BaseException as exc:  # handed to the calling thread, raised there
+                    ready.put((i, exc))
+                    return
+                ready.put((i, state))
+                del state  # else this frame keeps the layer's bytes alive until the next read
+
+        thread = threading.Thread(target=work, name="moescope-layer-reader", daemon=True)
+        thread.start()
+
+        def take(i: int) -> dict[str, Any] | None:
+            t0 = time.perf_counter()
+            got, state = ready.get()
+            self.read_wait_s += time.perf_counter() - t0
+            if isinstance(state, BaseException):
+                raise state
+            if got != i:  # the reader follows the same order; anything else is a bug
+                raise MoescopeError(f"layer reader out of order: wanted layer {i}, got {got}")
+            return state  # type: ignore[no-any-return]
+
+        try:
+            yield take, slots.release
+        finally:
+            stop.set()
+            thread.join()
+            while not ready.empty():  # drop what was read ahead and not used
+                ready.get_nowait()
 
     def release_layer(self, i: int) -> None:
         """Put layer ``i``'s parameters back on the meta device and return the memory."""
@@ -269,7 +409,6 @@ class StreamedModel:
         """Close the checkpoint files and release every layer."""
         if self._resident is not None:
             self.release_layer(self._resident)
-        self._handles.clear()
 
     # -- execution ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -377,17 +516,22 @@ class StreamedModel:
             for b in range(start, stop):
                 current[0] = b
                 self._base_forward(batches[b])
-        for i in range(self.num_layers):
-            self.load_layer(i)
-            for b in range(start, stop):
-                out = self._call_layer(i, hidden[b], kwargs.pop((i, b)))
-                hidden[b] = out
-                if after_layer is not None:
-                    after_layer(i, b)
-            if on_layer_done is not None:
-                on_layer_done(i)
-            if progress is not None:
-                progress(i + 1, self.num_layers)
+        order = list(range(self.num_layers))
+        with self._reader(order) as (take, loaded):
+            for i in order:
+                state = take(i)
+                self.load_layer(i, state)
+                del state
+                loaded()
+                for b in range(start, stop):
+                    out = self._call_layer(i, hidden[b], kwargs.pop((i, b)))
+                    hidden[b] = out
+                    if after_layer is not None:
+                        after_layer(i, b)
+                if on_layer_done is not None:
+                    on_layer_done(i)
+                if progress is not None:
+                    progress(i + 1, self.num_layers)
         if self._resident is not None:
             self.release_layer(self._resident)
         if logits is None:

@@ -49,6 +49,10 @@ def prune(
     similarity: str | Path | None = None,
     merge_router: str = "mean",
     merge_align: bool = True,
+    max_memory: str | None = None,
+    stream: bool | None = None,
+    device_map: str | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> tuple[PrunePlan, PruneResult | None]:
     """Score, plan and (unless ``dry_run``) write and verify a pruned checkpoint.
 
@@ -78,6 +82,11 @@ def prune(
         similarity: a ``moescope similarity`` output directory (for ``merge_by="output"``).
         merge_router: ``mean`` or ``kept`` (:data:`moescope.pruning.merge.ROUTER_RULES`).
         merge_align: align hidden neurons before averaging (leave on; off shows why).
+        max_memory: memory budget of the verification (``--max-memory``): a pruned
+            checkpoint bigger than it is verified streamed, one layer at a time.
+        stream: ``True``/``False`` forces a streamed / whole verification; None decides by size.
+        device_map: ``auto`` lets accelerate place the verification reload.
+        on_plan: called with the line that says how the verification runs, and why.
 
     Returns:
         ``(plan, result)``; ``result`` is None for a dry run. With ``method="merge"`` the
@@ -89,6 +98,11 @@ def prune(
     if criterion not in CRITERIA:
         raise PruneError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}.")
     merge = _merge_options(method, merge_by, similarity, merge_router, merge_align)
+    if device_map is not None and stream:
+        raise PruneError(
+            "--stream and --device-map auto are two ways to fit a model: pass one (streaming reads each "
+            "weight once per pass; accelerate re-reads offloaded weights every forward)."
+        )
     if not dry_run:
         check_destination(out, "prune", inputs=[trace, model], replace=overwrite)
     tr = read_trace_dir(trace)
@@ -129,7 +143,15 @@ def prune(
         trace_load=tr.expert_load,
         overwrite=overwrite,
         verify=verify,
-        verify_options={"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code},
+        verify_options={
+            "device": device,
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "max_memory": max_memory,
+            "stream": stream,
+            "device_map": device_map,
+            "on_plan": on_plan,
+        },
         progress=progress,
         merge=merge,
     )

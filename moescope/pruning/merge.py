@@ -278,13 +278,30 @@ def _merge_layer(
     """The groups of one layer and the merged tensors of every kept expert that has partners."""
     num = len(experts)
     size = num // max(n_group, 1)
-    feats = {k: A.features(experts[k], axes) for k in kept}
     partners: dict[int, list[tuple[int, A.Alignment, float]]] = {k: [] for k in kept}
-    for r in (e for e in range(num) if e not in kept):
+    dropped = [e for e in range(num) if e not in kept]
+    if sim is not None:
+        # partners by the output cosine: one alignment per dropped expert, and the float64
+        # features of two experts in memory at a time (all kept experts' features of a
+        # 64-expert DeepSeek-V2-Lite layer are 2.2 GB)
+        chosen: dict[int, list[tuple[int, float]]] = {k: [] for k in kept}
+        for r in dropped:
+            cands = [k for k in kept if k // size == r // size] or kept
+            best = max(cands, key=lambda k: (float(sim[r, k]), -k))
+            chosen[best].append((r, float(sim[r, best])))
+        for k, picked in chosen.items():
+            if picked:
+                fk = A.features(experts[k], axes)
+                partners[k] = [
+                    (r, A.align_features(fk, A.features(experts[r], axes)), sc) for r, sc in picked
+                ]
+                del fk
+    feats = {k: A.features(experts[k], axes) for k in kept} if sim is None else {}
+    for r in dropped if sim is None else []:
         fr = A.features(experts[r], axes)
         cands = [k for k in kept if k // size == r // size] or kept
         aligned = {k: A.align_features(feats[k], fr) for k in cands}
-        score = {k: (sim[r, k] if sim is not None else aligned[k].cosine) for k in cands}
+        score = {k: aligned[k].cosine for k in cands}
         best = max(cands, key=lambda k: (score[k], -k))
         partners[best].append((r, aligned[best], float(score[best])))
     groups: list[MergeGroup] = []

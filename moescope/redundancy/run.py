@@ -37,7 +37,7 @@ import numpy as np
 
 from moescope.corpus.packing import resolve_split, token_batches  # one packing rule (trace, eval)
 from moescope.errors import TraceError
-from moescope.execution.routing import expert_weight_vectors, router_rows
+from moescope.execution.routing import expert_weight_gram, router_rows
 from moescope.outdir import check_destination
 from moescope.redundancy.files import write_report
 from moescope.redundancy.outputs import (
@@ -57,6 +57,16 @@ def cosine_matrix(vectors: np.ndarray) -> np.ndarray:
     safe = np.where(norms > 0, norms, 1.0)
     unit = v / safe[:, None]
     sim = unit @ unit.T
+    np.fill_diagonal(sim, 1.0)
+    return np.clip(sim, -1.0, 1.0)
+
+
+def cosine_from_gram(gram: np.ndarray) -> np.ndarray:
+    """Pairwise cosine from a Gram matrix of the vectors (zero vectors give 0, diagonal 1)."""
+    g = np.asarray(gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    safe = np.where(norms > 0, norms, 1.0)
+    sim = g / safe[:, None] / safe[None, :]
     np.fill_diagonal(sim, 1.0)
     return np.clip(sim, -1.0, 1.0)
 
@@ -165,7 +175,7 @@ def _layer_similarity(
     aligned = aligned_weight_similarity(site.experts, num, site.family) if align_weights else None
     if aligned is not None:
         ls.matrices["weights"] = aligned
-    ls.matrices["weight_raw"] = cosine_matrix(expert_weight_vectors(site.experts, num, site.family))
+    ls.matrices["weight_raw"] = cosine_from_gram(expert_weight_gram(site.experts, num, site.family))
     if site.family is not None:
         rows = router_rows(site.block, num, site.family)
     else:

@@ -76,5 +76,8 @@ def run_batches_streamed(loop: Loop, windows: Iterable[Any], batch_size: int, se
         **loop.state.meta.get("execution", {}),
         "bytes_read": streamer.bytes_read,
         "passes": streamer.passes,
+        # seconds the background reader spent reading, and the pass waited for it
+        "read_seconds": round(streamer.read_s, 3),
+        "read_wait_seconds": round(streamer.read_wait_s, 3),
     }
     return hasher.hexdigest()
