@@ -54,6 +54,9 @@ EXPERT_KEYS = (
     "expert_num",
 )
 
+#: name endings that are buffers in most families (not parameters) but learned in some
+BUFFER_LIKE = ("e_score_correction_bias",)
+
 #: router attribute names on a MoE block, in the order tried
 ROUTER_NAMES = ("gate", "router", "router_gate", "gating", "moe_gate", "classifier", "switch")
 
@@ -106,6 +109,11 @@ class Structure:
             tensors, not parameters.
         towers: module names of the non-text towers beside the language model of a multimodal
             model (``visual``, ``audio_tower``): in the total, not active for text.
+        stored_buffers: the saved buffers as the checkpoint names them (transformers' conversion
+            mapping run in the saving direction), layer numbers blanked to ``#``: not parameters.
+        stored_towers: the towers' parameters as the checkpoint names them, blanked likewise.
+        stored_params: parameters named like buffers elsewhere (a correction bias that is a
+            learned parameter in this family), as the checkpoint names them.
     """
 
     model_type: str
@@ -117,6 +125,9 @@ class Structure:
     text_scope: str = ""
     buffers: tuple[str, ...] = ()
     towers: tuple[str, ...] = ()
+    stored_buffers: frozenset[str] = frozenset()
+    stored_towers: frozenset[str] = frozenset()
+    stored_params: frozenset[str] = frozenset()
 
     @property
     def is_moe(self) -> bool:
@@ -273,6 +284,42 @@ def _towers(model: Any, sites: list[Site]) -> tuple[str, ...]:
     return tuple(sorted(out))
 
 
+def _tower_paths(model: Any, sites: list[Site], towers: tuple[str, ...]) -> list[str]:
+    """Full module paths of the towers (``model.visual``) beside the language model."""
+    if not towers or not sites:
+        return []
+    m = LAYER_RE.search(sites[0].experts)
+    stack = sites[0].experts[: m.start()] if m else ""  # "model.language_model" (or "model")
+    root = stack.rpartition(".")[0]
+    return [f"{root}.{t}" if root else t for t in towers]
+
+
+def blank_layer(name: str) -> str:
+    """``name`` with its decoder-layer number as ``#`` (the classifier's key for a name shape)."""
+    m = LAYER_RE.search(name)
+    return f"{name[: m.start(1)]}#{name[m.end(1) :]}" if m else name
+
+
+def _stored_keys(model: Any, names: list[str]) -> frozenset[str]:
+    """In-memory tensor names as ``save_pretrained`` writes them, layer numbers blanked.
+
+    transformers renames tensors between a checkpoint and memory (``conversion_mapping``:
+    ``mlp.gate.bias`` on disk is ``mlp.gate.e_score_correction_bias`` in memory, ``vit.`` is
+    ``model.vision_tower.``); its own renaming run in the saving direction gives the stored
+    names. Empty when this transformers has no such machinery.
+    """
+    if not names:
+        return frozenset()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = model.state_dict(keep_vars=True)
+        picked = {n: state[n] for n in names if n in state}
+        return frozenset(blank_layer(k) for k in revert_weight_conversion(model, picked))
+    except Exception:  # an internal API that moved: fall back to the in-memory names
+        return frozenset(blank_layer(n) for n in names)
+
+
 def _scope(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The config part holding the MoE fields: the top level, else ``text_config`` / ``language_config``."""
     if any(k in cfg for k in (*EXPERT_KEYS, *TOP_K_KEYS)):
@@ -310,6 +357,14 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
         n for n, _ in model.named_parameters(remove_duplicate=False)
     }
     buffers = tuple(sorted({n.rpartition(".")[2] for n in saved} - param_leaves))
+    tower_params = [
+        n
+        for n, _ in model.named_parameters()
+        if any(n == t or n.startswith(t + ".") for t in _tower_paths(model, sites, towers))
+    ]
+    stored_buffers, stored_towers = _stored_keys(model, sorted(saved)), _stored_keys(model, tower_params)
+    buffer_like = [n for n, _ in model.named_parameters() if n.endswith(BUFFER_LIKE)]
+    stored_params = _stored_keys(model, buffer_like)
     dotted = lambda f: f"{prefix}.{f}" if prefix and f else f  # noqa: E731
     return Structure(
         model_type=str(cfg.get("model_type") or ""),
@@ -321,6 +376,9 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
         text_scope=prefix,
         buffers=buffers,
         towers=towers,
+        stored_buffers=stored_buffers,
+        stored_towers=stored_towers,
+        stored_params=stored_params,
     )
 
 

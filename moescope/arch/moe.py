@@ -418,10 +418,21 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     )
 
 
+#: (routed, shared, router, buffer endings, tower parts, stored buffers, stored towers, stored params)
+_Markers = tuple[
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    tuple[str, ...],
+    frozenset[str],
+    frozenset[str],
+    frozenset[str],
+]
+
+
 @functools.cache
-def _family_markers(
-    family: str,
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+def _family_markers(family: str) -> _Markers:
     """Name parts that mark a family's routed and shared experts beyond the generic ``.experts.``.
 
     Granite stores its routed experts as ``block_sparse_moe.input_linear`` / ``output_linear``
@@ -434,12 +445,19 @@ def _family_markers(
 
         found = discovered(family)
         if found is None:
-            return (), (), (), (), ()
+            return (), (), (), (), (), frozenset(), frozenset(), frozenset()
         towers = tuple(f".{t.lower()}." for t in found.towers)
-        return (*found.markers(), tuple(f".{b}" for b in found.buffers), towers)
+        return (
+            *found.markers(),
+            tuple(f".{b}" for b in found.buffers),
+            towers,
+            found.stored_buffers,
+            found.stored_towers,
+            found.stored_params,
+        )
     t = record.tensors
     routed = tuple(f".{b}.{p}".lower() for b in t.blocks for p in t.experts if p != "experts.")
-    return routed, tuple(f".{p}".lower() for p in t.shared), (), (), ()
+    return routed, tuple(f".{p}".lower() for p in t.shared), (), (), (), frozenset(), frozenset(), frozenset()
 
 
 @functools.lru_cache(maxsize=65536)
@@ -447,8 +465,14 @@ def _classify_shape(
     name: str, multi_dim: bool, outside_layers: bool, router_ok: bool, mtp_layer: bool, family: str = ""
 ) -> tuple[str, bool, int, bool]:
     """(component, is_param, param_factor, is_matmul) of a name with numbers blanked."""
-    routed, shared, routers, buffers, towers = _family_markers(family)
+    routed, shared, routers, buffers, towers, stored_buffers, stored_towers, stored_params = _family_markers(
+        family
+    )
     is_param = not _NOT_PARAM_RE.search(name) and not (buffers and name.endswith(buffers))
+    if name in stored_buffers:  # a buffer transformers saves under another name (gate.bias)
+        is_param = False
+    elif name in stored_params:  # a learned correction bias (laguna, ernie): a parameter here
+        is_param = True
     factor = 2 if name.endswith("_blocks") else 1
     base = name[: -len("_blocks")] if factor == 2 else name
     lname = base.lower()
@@ -458,7 +482,11 @@ def _classify_shape(
     def tc(component: str, mm: bool = matmul) -> tuple[str, bool, int, bool]:
         return component, is_param, factor, mm and component not in ("embedding", "vision", "mtp")
 
-    if _VISION_RE.search(lname) or (towers and any(t in "." + lname for t in towers)):
+    if (
+        _VISION_RE.search(lname)
+        or name in stored_towers
+        or (towers and any(t in "." + lname for t in towers))
+    ):
         return tc("vision")
     if lname.startswith("mtp.") or ".mtp." in lname or mtp_layer:
         return tc("mtp")

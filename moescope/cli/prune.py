@@ -56,7 +56,7 @@ checkpoint fits --max-memory (default about 85% of available memory), else strea
 decoder layer at a time (--stream/--no-stream force it; --device-map auto hands placement to
 accelerate); stderr says which. --no-verify skips it.
 
-  moescope prune big-model/ --trace trace/ --ratio 0.5 --max-memory 4GiB --out pruned/
+  moescope prune demo --trace trace/ --ratio 0.5 --max-memory 4GiB --out pruned-big/
 
 Output: a table of kept and dropped experts per layer. --json prints one object, the same
 shape with or without --dry-run:
