@@ -87,8 +87,13 @@ def import_cmd(
         Path, typer.Option("--out", "-o", help="Trace directory to write (an old trace is replaced).")
     ],
     seq_len: Annotated[
-        int, typer.Option("--seq-len", help="Streamed formats: tokens per window of the what-if batches.")
-    ] = 512,
+        int | None,
+        typer.Option(
+            "--seq-len",
+            help="Streamed formats: tokens per window of the what-if batches (default: trace's, 512 or the "
+            "model's context when shorter).",
+        ),
+    ] = None,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Streamed formats: windows per what-if batch (capacity, EP).")
     ] = 8,
@@ -106,7 +111,7 @@ def import_cmd(
     from moescope.importers import import_routes
 
     output = Output.from_flags(json_out, csv_out, quiet)
-    if seq_len < 1 or batch_size < 1:
+    if (seq_len is not None and seq_len < 1) or batch_size < 1:
         raise typer.BadParameter("--seq-len and --batch-size must be at least 1.")
     with output.progress("importing") as update:
         result = import_routes(

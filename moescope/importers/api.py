@@ -233,7 +233,7 @@ def import_routes(
     model: str,
     out: str | Path,
     revision: str | None = None,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     batch_size: int = 8,
     plots: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -250,7 +250,8 @@ def import_routes(
         out: trace directory to write (an old trace there is replaced, atomically).
         revision: hub revision of ``model``.
         seq_len / batch_size: packing of streamed formats (responses, ids) into the batches
-            of the capacity and expert-parallel what-ifs, as ``moescope trace`` packs.
+            of the capacity and expert-parallel what-ifs, as ``moescope trace`` packs (None:
+            trace's default window for this model, 512 or its context when shorter).
         plots: draw ``plots/*.png``.
         progress: called with the tokens imported so far.
         save_routes: also write ``routes/`` (per-token routing in order, for ``moescope
@@ -272,10 +273,12 @@ def import_routes(
 
     if format not in FORMATS:
         raise RoutingImportError(f"unknown import format {format!r}; use one of {', '.join(FORMATS)}.")
-    if seq_len < 1 or batch_size < 1:
+    if (seq_len is not None and seq_len < 1) or batch_size < 1:
         raise RoutingImportError("seq_len and batch_size must be at least 1.")
     files = check_paths([paths] if isinstance(paths, str | os.PathLike) else paths)
     shape = model_shape(model, revision)
+    if seq_len is None:
+        seq_len = shape.seq_len
     inputs: list[str | Path] = [*files, *([shape.local_path] if shape.local_path else [])]
     check_destination(out, KIND, inputs=inputs)
     t0 = time.perf_counter()

@@ -65,6 +65,8 @@ class ModelShape:
         dtype: the config's dtype, when given (serving dtype unknown).
         fingerprint: the checkpoint's fingerprint when it is local (what a trace records).
         local_path: the local checkpoint path (an input of the import), or None.
+        seq_len: the window ``moescope trace`` would use on this model (512, or its context
+            when shorter): the default packing of streamed imports.
     """
 
     ref: str
@@ -77,6 +79,7 @@ class ModelShape:
     dtype: str | None = None
     fingerprint: str | None = None
     local_path: str | None = None
+    seq_len: int = 512
 
 
 def model_shape(ref: str, revision: str | None = None) -> ModelShape:
@@ -92,8 +95,10 @@ def model_shape(ref: str, revision: str | None = None) -> ModelShape:
     from moescope.arch.validate import validate_config
     from moescope.checkpoint.identity import fingerprint_ref
     from moescope.checkpoint.ref import open_checkpoint, resolve_ref
+    from moescope.corpus.packing import default_seq_len
 
-    ck = open_checkpoint(ref, revision)
+    resolved = resolve_ref(ref, revision)  # decoded once for the headers, the fingerprint and the path
+    ck = open_checkpoint(resolved)
     cfg = ck.config
     if cfg is None:
         raise RoutingImportError(
@@ -110,7 +115,6 @@ def model_shape(ref: str, revision: str | None = None) -> ModelShape:
     text = text_config(cfg)
     hidden = text.get("hidden_size", text.get("d_model"))
     dtype = text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype") or cfg.get("torch_dtype")
-    resolved = resolve_ref(ref, revision)
     return ModelShape(
         ref=ref,
         model_type=spec.model_type,
@@ -120,8 +124,9 @@ def model_shape(ref: str, revision: str | None = None) -> ModelShape:
         top_k=spec.top_k,
         hidden_size=hidden if isinstance(hidden, int) else None,
         dtype=str(dtype) if isinstance(dtype, str) else None,
-        fingerprint=fingerprint_ref(ref, revision),
+        fingerprint=fingerprint_ref(resolved),
         local_path=str(resolved.path) if resolved.path is not None else None,
+        seq_len=default_seq_len(text),
     )
 
 
