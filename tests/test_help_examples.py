@@ -29,7 +29,7 @@ from moescope.demo import demo_model_dir
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["params", "download", "trace", "report", "merge", "similarity", "prune", "eval", "sweep"]
 #: commands whose examples need input files of their own; their test module runs the examples
-#: (``import``: tests/test_import.py::test_help_examples_run, with a dump, responses, Parquet, npy)
+#: (``import``: tests/test_import_routes.py::test_help_examples_run, with a dump, responses, Parquet, npy)
 #: (``offload``, ``fit``, ``diff``: need a routes trace or two; tests/test_serving_cli.py runs them)
 RUN_ELSEWHERE = ["import", "offload", "fit", "diff"]
 MODULES = {"import": "import_"}

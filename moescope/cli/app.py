@@ -9,7 +9,7 @@ shared option callbacks of ``_options`` as usage errors (exit 2) before any work
 command (``moescope params ...``) builds an app holding that command alone: typer works out
 every registered command's options before it parses anything, and importing and building all
 ten cost ~30 ms of every run. The command's help, errors and behaviour are the same either
-way (``tests/test_output.py`` compares them).
+way (``tests/test_output_modes.py`` compares them).
 """
 
 from __future__ import annotations
