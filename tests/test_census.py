@@ -49,8 +49,6 @@ TRACE_GAPS: dict[str, str] = {
     "diffusion_gemma": "refused in one line: encoder and decoder MoE blocks share layer indices",
     "ernie4_5_vl_moe": "refused in one line: text and vision experts share a layer",
     "ergo": "counts differ: its experts module overrides the decorated forward",
-    "qwen3_5_moe": "counts differ from the ids its experts receive",
-    "qwen3_5_moe_text": "counts differ from the ids its experts receive",
     "qwen3_omni_moe_thinker": "fails inside transformers on text-only input (vision_start_token_id missing)",
 }
 
@@ -110,7 +108,7 @@ def check_trace(model_type: str, root: Path) -> tuple[bool, str]:
     """(exact, what was seen): ``moescope trace`` counts vs the experts modules' ``top_k_index``."""
     import pandas as pd
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     from moescope.execution.load import auto_class
     from moescope.families import layer_of
@@ -133,8 +131,16 @@ def check_trace(model_type: str, root: Path) -> tuple[bool, str]:
         return False, (res.stderr or res.output).strip().splitlines()[-1][:200]
     load = pd.read_csv(root / "trace" / "expert_load.csv")
     got = {(int(r.layer), int(r.expert)): int(r.count) for r in load.itertuples() if r.count}
-    ids = tok(_TEXT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    batch = torch.tensor(ids).reshape(_WINDOWS, _SEQ)
+    # the tokenizer the trace loads: transformers may map the model type to its own class, which
+    # re-tokenizes the character vocabulary (qwen3_5_moe); windows are packed as trace packs one
+    # document (its tokens, then EOS; the last window padded and masked)
+    used = AutoTokenizer.from_pretrained(path)
+    ids = used(_TEXT, add_special_tokens=False)["input_ids"] + [used.eos_token_id]
+    rows = -(-len(ids) // _SEQ)
+    batch = torch.zeros(rows, _SEQ, dtype=torch.long)
+    batch.view(-1)[: len(ids)] = torch.tensor(ids)
+    mask = torch.zeros(rows * _SEQ, dtype=torch.bool)
+    mask[: len(ids)] = True
     head, kind = auto_class(AutoConfig.from_pretrained(path))
     loaded = head.from_pretrained(path, dtype=torch.float32).eval()
     want: dict[tuple[int, int], int] = {}
@@ -142,6 +148,8 @@ def check_trace(model_type: str, root: Path) -> tuple[bool, str]:
     def hook(name: str) -> Any:
         def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            if index.shape[0] == mask.numel():  # one row per token: padding is not counted
+                index = index[mask]
             for e in index.reshape(-1).tolist():
                 if e >= 0:
                     key = (int(layer_of(name) or 0), int(e))
@@ -153,10 +161,11 @@ def check_trace(model_type: str, root: Path) -> tuple[bool, str]:
         if hasattr(module, "_is_expert_parallel"):
             module.register_forward_pre_hook(hook(name), with_kwargs=True)
     with torch.no_grad():
+        attention = mask.view(rows, _SEQ).long()
         if kind == "seq2seq":
-            loaded(input_ids=batch, decoder_input_ids=batch[:, :1])
+            loaded(input_ids=batch, attention_mask=attention, decoder_input_ids=batch[:, :1])
         else:
-            loaded(input_ids=batch)
+            loaded(input_ids=batch, attention_mask=attention)
     return got == want, f"{sum(got.values())} assignments traced, {sum(want.values())} seen by the experts"
 
 
