@@ -432,3 +432,26 @@ def atomic_output(
         with contextlib.suppress(AttributeError, TypeError):
             exc.moescope_outcome = note  # type: ignore[attr-defined]
         raise
+
+
+def check_png_destination(path: Path, mark: str, command: str) -> None:
+    """A ``--plot`` PNG path moescope may write: new, or a plot ``moescope {command}`` wrote before.
+
+    ``mark`` is the text chunk that command writes into its PNGs (read from the first 4 KiB).
+
+    Raises:
+        OutputError: not ``.png``, a directory, a missing parent, or a file moescope did not write.
+    """
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"--plot {path}: write a .png file (e.g. {command}.png).")
+    if path.is_dir():
+        raise OutputError(f"--plot {path} is a directory; name a .png file.")
+    if not path.parent.is_dir():
+        raise OutputError(f"--plot {path}: the directory {path.parent} does not exist; create it first.")
+    if path.exists() or path.is_symlink():
+        head = path.read_bytes()[:4096] if path.is_file() and not path.is_symlink() else b""
+        if mark.encode() not in head:
+            raise OutputError(
+                f"--plot {path} exists and was not written by moescope {command}; pick another file name "
+                "(moescope never overwrites files it did not write)."
+            )

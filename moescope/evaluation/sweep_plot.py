@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moescope.errors import OutputError
+from moescope.outdir import check_png_destination
 
 if TYPE_CHECKING:
     from moescope.evaluation.sweep import SweepResult
@@ -22,20 +22,8 @@ PLOT_MARK = "moescope sweep"
 
 
 def check_plot_path(path: Path) -> None:
-    """A PNG path moescope may write: new, or a plot an earlier sweep wrote."""
-    if path.suffix.lower() != ".png":
-        raise OutputError(f"--plot {path}: write a .png file (e.g. sweep.png).")
-    if path.is_dir():
-        raise OutputError(f"--plot {path} is a directory; name a .png file.")
-    if not path.parent.is_dir():
-        raise OutputError(f"--plot {path}: the directory {path.parent} does not exist; create it first.")
-    if path.exists() or path.is_symlink():
-        head = path.read_bytes()[:4096] if path.is_file() and not path.is_symlink() else b""
-        if PLOT_MARK.encode() not in head:
-            raise OutputError(
-                f"--plot {path} exists and was not written by moescope sweep; pick another file name "
-                "(moescope never overwrites files it did not write)."
-            )
+    """A PNG path moescope may write: new, or a plot an earlier sweep wrote (:func:`moescope.outdir.check_png_destination`)."""
+    check_png_destination(path, PLOT_MARK, "sweep")
 
 
 def write_plot(result: SweepResult, path: str | Path) -> Path:

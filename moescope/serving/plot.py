@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from moescope.errors import OutputError
+from moescope.outdir import check_png_destination
 from moescope.serving.cache import POLICIES, CacheResult
 
 #: text chunk that marks a plot as written by ``moescope offload``
@@ -20,24 +20,8 @@ PLOT_MARK = "moescope offload"
 
 
 def check_plot_path(path: Path) -> None:
-    """A PNG path moescope may write: new, or a plot an earlier ``offload`` wrote.
-
-    Raises:
-        OutputError: not ``.png``, a directory, a missing parent, or a file moescope did not write.
-    """
-    if path.suffix.lower() != ".png":
-        raise OutputError(f"--plot {path}: write a .png file (e.g. offload.png).")
-    if path.is_dir():
-        raise OutputError(f"--plot {path} is a directory; name a .png file.")
-    if not path.parent.is_dir():
-        raise OutputError(f"--plot {path}: the directory {path.parent} does not exist; create it first.")
-    if path.exists() or path.is_symlink():
-        head = path.read_bytes()[:4096] if path.is_file() and not path.is_symlink() else b""
-        if PLOT_MARK.encode() not in head:
-            raise OutputError(
-                f"--plot {path} exists and was not written by moescope offload; pick another file name "
-                "(moescope never overwrites files it did not write)."
-            )
+    """A PNG path moescope may write: new, or a plot an earlier ``offload`` wrote (:func:`moescope.outdir.check_png_destination`)."""
+    check_png_destination(path, PLOT_MARK, "offload")
 
 
 def write_cache_plot(results: Sequence[CacheResult], path: str | Path, title: str = "") -> Path:
