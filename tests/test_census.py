@@ -284,18 +284,6 @@ def test_trace_equals_the_experts_inputs(model_type: str, tmp_path: Path) -> Non
 
 #: families whose streamed trace is not the in-memory one, with what a user sees and why
 STREAM_GAPS: dict[str, str] = {
-    "glm5_next": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "glm5_next_text": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "glm_moe_dsa": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "hy_v4": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "hy_v4_vl": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "hy_v4_vl_text": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "kolibri1_1": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "mistral_large4": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "mistral_large4_text": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "zaya": "streaming fails: its decoder layers return (hidden, indices) tuples, which the layer-major runner does not pass on; use --no-stream",
-    "longcat_flash": "refused in one line: the streamer cannot find its decoder layers",
-    "muse_spark": "streaming fails: a tensor outside the decoder layers stays on the meta device",
     "switch_transformers": "refused in one line: encoder-decoder models are not streamed",
 }
 

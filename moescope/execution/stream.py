@@ -101,7 +101,9 @@ class _Shards:
     where: dict[str, tuple[int, str, tuple[int, ...]]] = field(default_factory=dict)
 
 
-def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
+def _index_checkpoint(root: Path, num_layers: int, others: Sequence[str] = ()) -> _Shards:
+    """Group the checkpoint's tensors by decoder layer; ``others``: prefixes of other layer lists
+    (a vision or audio tower's ``…layers.N``), whose tensors are loaded once with the globals."""
     from moescope.checkpoint.header import read_safetensors_header
     from moescope.checkpoint.jsonfiles import index_shards, safe_child
 
@@ -127,7 +129,7 @@ def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
             shards.nbytes[key] = int(end) - int(begin)
             shards.where[key] = (int(start) + int(begin), str(info["dtype"]), tuple(info["shape"]))
             m = _LAYER_KEY_RE.search(key)
-            if m is None:
+            if m is None or any(key.startswith(o + ".") for o in others):
                 shards.globals_.append(key)
             elif int(m.group(1)) < num_layers:
                 shards.by_layer.setdefault(int(m.group(1)), []).append(key)
@@ -135,23 +137,127 @@ def _index_checkpoint(root: Path, num_layers: int) -> _Shards:
     return shards
 
 
-def decoder_layers(model: Any, num_layers: int) -> Any:
+def decoder_layers(model: Any, num_layers: int | Sequence[int]) -> Any:
     """The ``ModuleList`` of decoder layers (``model.layers``, ``transformer.blocks``, …).
+
+    ``num_layers``: the layer count, or candidates in order of preference (longcat_flash's
+    ``num_hidden_layers`` counts its two attention sublayers per block; ``num_layers`` is
+    the block count).
 
     Raises:
         MoescopeError: none found (an architecture streaming does not know).
     """
     import torch
 
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.ModuleList) and leaf in ("layers", "blocks", "h"):
-            if len(module) == num_layers:
-                return module
+    wanted = [num_layers] if isinstance(num_layers, int) else list(num_layers)
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "blocks", "h")
+    ]
+
+    def has_experts(module: Any) -> bool:  # a multimodal model's towers have layers too
+        return any(n.rsplit(".", 1)[-1] == "experts" for n, _ in module.named_modules())
+
+    for n in wanted:
+        found = [m for _, m in lists if len(m) == n]
+        if found:
+            return next((m for m in found if has_experts(m)), found[0])
     raise MoescopeError(
-        f"cannot find the {num_layers} decoder layers of {type(model).__name__}; "
+        f"cannot find the {wanted[0]} decoder layers of {type(model).__name__}; "
         "pass --no-stream to load it whole."
     )
+
+
+def _layer_outputs(model: Any, layers: Any) -> int:
+    """How many values the model's forward unpacks from each decoder layer call (1: the hidden states).
+
+    Read from the source of the forward that loops over ``layers`` (``hidden_states,
+    topk_indices = decoder_layer(...)`` in glm_moe_dsa, mistral_large4, zaya, …): those
+    layers return the hidden states plus state handed to the next layer.
+    """
+    import inspect
+
+    owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+    if owner is None:
+        return 1
+    try:
+        source = inspect.getsource(type(owner).forward)
+    except (OSError, TypeError):
+        return 1
+    loop = re.search(r"for\s+(?:\w+\s*,\s*)?(\w+)\s+in\s+(?:enumerate\()?self\.\w+", source)
+    if loop is None:
+        return 1
+    call = re.search(rf"^\s*(\w+(?:\s*,\s*\w+)+)\s*=\s*{re.escape(loop.group(1))}\(", source, re.M)
+    return 1 if call is None else len(call.group(1).split(","))
+
+
+class _Carried:
+    """Stands, in the capture pass, for output ``slot`` (1, 2, …) of decoder layer ``layer``.
+
+    Layers that return ``(hidden, state)`` hand ``state`` to the next layer through the model's
+    loop; at run time the real value, per batch, replaces this placeholder.
+    """
+
+    __slots__ = ("layer", "slot")
+
+    def __init__(self, layer: int, slot: int) -> None:
+        self.layer, self.slot = layer, slot
+
+    def __repr__(self) -> str:
+        return f"<output {self.slot} of decoder layer {self.layer}>"
+
+
+def _tensors(obj: Any) -> Iterator[Any]:
+    """The tensors in ``obj`` (a tensor, or one level of tuple/list/dict of them)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for x in obj:
+            if isinstance(x, torch.Tensor):
+                yield x
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            if isinstance(x, torch.Tensor):
+                yield x
+
+
+def _taint_mode() -> Any:
+    """A torch function mode that marks every tensor computed from a marked tensor.
+
+    The capture pass marks what the layer stubs return; a later layer receiving a marked
+    tensor other than the previous layer's output means the model's loop computes on the
+    layers' outputs between layers (a scale, a concatenation of block states), which the
+    layer-major runner would skip.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    class Taint(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.marked: dict[int, Any] = {}  # id -> weakref (tensors compare elementwise)
+
+        def mark(self, tensor: Any) -> None:
+            import weakref
+
+            self.marked[id(tensor)] = weakref.ref(tensor)
+
+        def is_marked(self, tensor: Any) -> bool:
+            ref = self.marked.get(id(tensor))
+            return ref is not None and ref() is tensor
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if self.marked:
+                inputs = [*args, *(kwargs or {}).values()]
+                if any(self.is_marked(t) for x in inputs for t in _tensors(x)):
+                    for t in _tensors(out):
+                        self.mark(t)
+            return out
+
+    return Taint()
 
 
 class StreamedModel:
@@ -219,9 +325,22 @@ class StreamedModel:
             model.set_experts_implementation(default_experts_implementation(str(device)))
         self.model = model
         text = config.get_text_config()
-        self.num_layers = int(text.num_hidden_layers)
-        self.layers = decoder_layers(model, self.num_layers)
-        self.shards = _index_checkpoint(self.path, self.num_layers)
+        counts = [
+            int(v)
+            for k in ("num_hidden_layers", "num_layers")
+            if isinstance(v := getattr(text, k, None), int)
+        ]
+        self.layers = decoder_layers(model, counts)
+        self.num_layers = len(self.layers)
+        #: values each decoder layer returns (more than 1: hidden states and state for the next layer)
+        self.layer_outputs = _layer_outputs(model, self.layers)
+        where = next(n for n, m in model.named_modules() if m is self.layers)
+        others = [  # a tower's layer lists (not the decoder's, nor lists inside its layers)
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and n != where and not n.startswith(where + ".")
+        ]
+        self.shards = _index_checkpoint(self.path, self.num_layers, others)
         self.bytes_read = 0
         self.passes = 0
         #: checkpoint keys that matched no parameter, or matched one of another shape (verify reads these)
@@ -413,12 +532,19 @@ class StreamedModel:
     # -- execution ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _stubbed(self, stub: Callable[[int, Any, dict[str, Any]], Any]) -> Iterator[None]:
-        """Replace every decoder layer's forward by ``stub(i, hidden, kwargs)``."""
+        """Replace every decoder layer's forward by ``stub(i, hidden, kwargs)``.
+
+        Positional arguments after the hidden states travel as ``kwargs["_args"]``. For
+        layers returning several values the stub's result is followed by one
+        :class:`_Carried` placeholder per extra value.
+        """
+        extra = self.layer_outputs - 1
         for i, layer in enumerate(self.layers):
 
             def fwd(*args: Any, _i: int = i, **kwargs: Any) -> Any:
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                return stub(_i, hidden, {**kwargs, **({} if not args[1:] else {"_args": args[1:]})})
+                out = stub(_i, hidden, {**kwargs, **({} if not args[1:] else {"_args": args[1:]})})
+                return (out, *(_Carried(_i, s + 1) for s in range(extra))) if extra else out
 
             layer.forward = fwd
         try:
@@ -428,17 +554,29 @@ class StreamedModel:
                 with contextlib.suppress(AttributeError):
                     del layer.forward
 
-    def _call_layer(self, i: int, hidden: Any, kwargs: dict[str, Any]) -> Any:
-        kw = dict(kwargs)
-        extra = kw.pop("_args", ())
+    def _call_layer(
+        self, i: int, hidden: Any, kwargs: dict[str, Any], carried: dict[tuple[int, int], Any] | None = None
+    ) -> Any:
+        """Run decoder layer ``i``; ``carried``: (layer, slot) -> value, the extra outputs of earlier layers."""
+        carried = carried if carried is not None else {}
+
+        def real(v: Any) -> Any:
+            return carried[(v.layer, v.slot)] if isinstance(v, _Carried) else v
+
+        kw = {k: real(v) for k, v in kwargs.items()}
+        extra = tuple(real(v) for v in kw.pop("_args", ()))
         out = self.layers[i](hidden, *extra, **kw)
         if isinstance(out, tuple):
-            # transformers 5 decoder layers return the hidden states; the stubs do the same
-            # (probing a real layer first would fire the caller's hooks one extra time)
-            raise MoescopeError(
-                f"{self.path}: this architecture's decoder layers return tuples, which streaming does "
-                "not handle; pass --no-stream."
-            )
+            if len(out) != self.layer_outputs:
+                # transformers 5 decoder layers return the hidden states; the stubs do the same
+                # (probing a real layer first would fire the caller's hooks one extra time)
+                raise MoescopeError(
+                    f"{self.path}: this architecture's decoder layers return {len(out)} values where its "
+                    f"forward unpacks {self.layer_outputs}, which streaming does not handle; pass --no-stream."
+                )
+            for s, value in enumerate(out[1:], start=1):
+                carried[(i, s)] = value
+            return out[0]
         return out
 
     def _base_forward(self, batch: dict[str, Any]) -> Any:
@@ -504,18 +642,40 @@ class StreamedModel:
     ) -> None:
         hidden: dict[int, Any] = {}
         kwargs: dict[tuple[int, int], dict[str, Any]] = {}
+        carried: dict[int, dict[tuple[int, int], Any]] = {b: {} for b in range(start, stop)}
         current = [0]
+        taint = _taint_mode()
+        returned: list[Any] = [None]
 
         def capture(i: int, h: Any, kw: dict[str, Any]) -> Any:
             if i == 0:
                 hidden[current[0]] = h
+            elif h is not returned[0] or any(
+                taint.is_marked(t) for v in (*kw.values(), *kw.get("_args", ())) for t in _tensors(v)
+            ):
+                raise MoescopeError(
+                    f"{self.path}: {type(self.model).__name__} computes on the decoder layers' outputs "
+                    f"between layers (before layer {i}), which the layer-major runner cannot replay; "
+                    "pass --no-stream."
+                )
             kwargs[(i, current[0])] = kw
-            return h
+            out = h.view(h.shape)  # a new tensor object (same memory): the input stays unmarked
+            taint.mark(out)
+            returned[0] = out
+            return out
 
-        with self._stubbed(capture):
+        with self._stubbed(capture), taint:
             for b in range(start, stop):
                 current[0] = b
+                returned[0] = None
                 self._base_forward(batches[b])
+        # the last layer that reads each carried value (dropped after it ran)
+        last_use: dict[tuple[int, int], int] = {}
+        for (i, _b), kw in kwargs.items():
+            for v in (*kw.values(), *kw.get("_args", ())):
+                if isinstance(v, _Carried):
+                    key = (v.layer, v.slot)
+                    last_use[key] = max(last_use.get(key, -1), i)
         order = list(range(self.num_layers))
         with self._reader(order) as (take, loaded):
             for i in order:
@@ -524,8 +684,10 @@ class StreamedModel:
                 del state
                 loaded()
                 for b in range(start, stop):
-                    out = self._call_layer(i, hidden[b], kwargs.pop((i, b)))
+                    out = self._call_layer(i, hidden[b], kwargs.pop((i, b)), carried[b])
                     hidden[b] = out
+                    for key in [k for k in carried[b] if last_use.get(k, -1) <= i]:
+                        del carried[b][key]
                     if after_layer is not None:
                         after_layer(i, b)
                 if on_layer_done is not None:
