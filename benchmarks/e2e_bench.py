@@ -13,7 +13,10 @@ What it does, in one run:
    CPU), ``prune --drop N`` (verification streamed), ``eval`` of
    the pruned model, then ``prune --method merge --similarity`` (partners by the output
    cosine of the similarity step: ``--merge-by weight`` would align every dropped expert
-   with every kept one, 1024 assignments of 1408 x 1408 per layer; verified streamed).
+   with every kept one, 1024 assignments of 1408 x 1408 per layer; verified streamed), then
+   ``sweep --top-k 3`` of the checkpoint (native and k=3: one streamed pass each, on
+   ``--sweep-tokens``). ``--steps`` runs a subset (``--steps sweep``), each step with what it
+   needs.
 3. Prints per step: wall seconds, peak RSS (the child's ``VmHWM``: ``ru_maxrss`` would include the parent's), bytes the child
    read (``/proc/self/io``: ``rchar``, syscalls, and ``read_bytes``, from the device) against
    the checkpoint's size, and the stderr plan line.
@@ -233,6 +236,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--drop", type=int, default=32, help="experts dropped per MoE layer (of 64)")
     parser.add_argument("--samples", type=int, default=64, help="similarity --samples")
+    parser.add_argument(
+        "--steps",
+        default="trace,similarity,drop,eval,merge,sweep",
+        help="comma-separated subset (a step runs what it needs: eval runs trace and drop)",
+    )
+    parser.add_argument("--sweep-tokens", type=int, default=256, help="tokens per sweep setting")
     parser.add_argument("--dir", default=None, help="where the temporary directory goes (default: $TMPDIR)")
     args = parser.parse_args()
     layers = layers_for(args.gb)
@@ -257,17 +266,29 @@ def main() -> None:
         )
         mem = ["--max-memory", args.budget]
         tok = ["--max-tokens", str(args.tokens), "--seq-len", str(args.seq_len)]
-        results = {
-            "trace": step("trace", ["trace", str(ckpt), "demo", *tok, *mem, "--no-plots", "--out", str(work / "t"), "--json", "-q"], size),
-            "similarity": step("similarity", ["similarity", str(ckpt), "--trace", str(work / "t"), "--samples", str(args.samples), "--no-align-weights", *mem, "--no-plots", "--out", str(work / "s"), "--json"], size),
-            "prune drop (+ streamed verify)": step("prune drop", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), *mem, "--out", str(work / "p-drop"), "--json"], size),
-        }  # fmt: skip
-        pruned = sum(f.stat().st_size for f in (work / "p-drop").glob("*.safetensors"))
-        results["eval of the pruned model"] = step("eval", ["eval", str(work / "p-drop"), "demo", *tok, *mem, "--json"], pruned)  # fmt: skip
-        shutil.rmtree(work / "p-drop")  # room for the merged copy
-        results["prune merge (+ streamed verify)"] = step("prune merge", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), "--method", "merge", "--similarity", str(work / "s"), *mem, "--out", str(work / "p-merge"), "--json"], size)  # fmt: skip
+        want = set(args.steps.split(","))
+        results: dict[str, dict[str, Any]] = {}
+        if want & {"trace", "similarity", "drop", "eval", "merge"}:
+            results["trace"] = step("trace", ["trace", str(ckpt), "demo", *tok, *mem, "--no-plots", "--out", str(work / "t"), "--json", "-q"], size)  # fmt: skip
+        if want & {"similarity", "merge"}:
+            results["similarity"] = step("similarity", ["similarity", str(ckpt), "--trace", str(work / "t"), "--samples", str(args.samples), "--no-align-weights", *mem, "--no-plots", "--out", str(work / "s"), "--json"], size)  # fmt: skip
+        if want & {"drop", "eval"}:
+            results["prune drop (+ streamed verify)"] = step("prune drop", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), *mem, "--out", str(work / "p-drop"), "--json"], size)  # fmt: skip
+            pruned = sum(f.stat().st_size for f in (work / "p-drop").glob("*.safetensors"))
+            if "eval" in want:
+                results["eval of the pruned model"] = step("eval", ["eval", str(work / "p-drop"), "demo", *tok, *mem, "--json"], pruned)  # fmt: skip
+            shutil.rmtree(work / "p-drop")  # room for the merged copy
+        if "merge" in want:
+            results["prune merge (+ streamed verify)"] = step("prune merge", ["prune", str(ckpt), "--trace", str(work / "t"), "--drop", str(args.drop), "--method", "merge", "--similarity", str(work / "s"), *mem, "--out", str(work / "p-merge"), "--json"], size)  # fmt: skip
+            shutil.rmtree(work / "p-merge")
+        if "sweep" in want:
+            # native and top-k 3: one streamed pass each over the checkpoint
+            sweep_tok = ["--max-tokens", str(args.sweep_tokens), "--seq-len", str(args.seq_len)]
+            results["sweep native, k=3"] = step("sweep", ["sweep", str(ckpt), "demo", "--top-k", "3", *sweep_tok, *mem, "--json"], 2 * size)  # fmt: skip
         for name, r in results.items():
-            base = "pruned checkpoint" if name.startswith("eval") else "checkpoint"
+            base = {"eval": "pruned checkpoint", "sweep": "checkpoint per setting"}.get(
+                name.split()[0], "checkpoint"
+            )
             rows.append(
                 (
                     name,
@@ -275,16 +296,21 @@ def main() -> None:
                     f"({r['disk_x']:.2f}x from the device); {' | '.join(r['plan']) or 'no plan line'}",
                 )
             )
-        trace = json.loads(results["trace"]["stdout"])
-        ex = trace.get("execution") or {}
-        rows.append(("trace tokens, bytes read per pass", f"{trace['tokens']}, {ex.get('bytes_read', 0) / size:.3f}x the checkpoint ({ex.get('passes')} pass)"))  # fmt: skip
-        ev = json.loads(results["eval of the pruned model"]["stdout"])
-        rows.append(
-            (
-                "pruned model's perplexity (random weights)",
-                f"{ev['perplexity']:.1f} over {ev['tokens']} tokens",
+        if "trace" in results:
+            trace = json.loads(results["trace"]["stdout"])
+            ex = trace.get("execution") or {}
+            rows.append(("trace tokens, bytes read per pass", f"{trace['tokens']}, {ex.get('bytes_read', 0) / size:.3f}x the checkpoint ({ex.get('passes')} pass)"))  # fmt: skip
+        if "eval of the pruned model" in results:
+            ev = json.loads(results["eval of the pruned model"]["stdout"])
+            rows.append(
+                (
+                    "pruned model's perplexity (random weights)",
+                    f"{ev['perplexity']:.1f} over {ev['tokens']} tokens",
+                )
             )
-        )
+        if "sweep native, k=3" in results:
+            sw = json.loads(results["sweep native, k=3"]["stdout"])
+            rows.append(("sweep settings (perplexity, experts/token)", "; ".join(f"{r['setting']}: {r['perplexity']:.1f}, {r['experts_per_token']:.2f}" for r in sw)))  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
         print(f"removed {work}", file=sys.stderr)
