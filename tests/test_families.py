@@ -34,8 +34,8 @@ from moescope.errors import NotMoEError
 from moescope.execution.routing import find_moe_sites
 from moescope.families import _base
 from tests.test_routing import expected_routing, randomise_router_biases
+from tests.tiny import ENCODER_DECODER, auto_class, char_tokenizer, meta_model, tiny_model
 from tests.tiny import FAMILIES as TINY
-from tests.tiny import auto_class, char_tokenizer, meta_model, tiny_model
 
 runner = CliRunner()
 FAMILIES = list(families.moe_family_names())
@@ -58,7 +58,7 @@ def test_record_is_complete(record: families.Family) -> None:
     # the experts-per-token count is always known: a field, or the k the routing rule fixes
     assert (f.top_k is None) != (f.fixed_top_k is None), "name top_k or fixed_top_k, not both"
     assert record.placement.rule in _base.PLACEMENTS
-    assert len(record.placement.fields) == {"all": 0, "switch": 0}.get(record.placement.rule, 2)
+    assert len(record.placement.fields) == {"all": 0, "switch": 0, "nllb": 0}.get(record.placement.rule, 2)
     assert record.routing.rule in _base.RULES
     assert record.routing.groups in (None, "always", "topk_method")
     t = record.tensors
@@ -111,6 +111,8 @@ def _true_top_k(cfg: Any, family: str) -> int:
     """Experts per token, from the transformers config object (not moescope's registry)."""
     if family == "switch_transformers":
         return 1
+    if family == "nllb_moe":  # NllbMoeTop2Router: top-1 and top-2
+        return 2
     if family == "phimoe":  # sparsemixer always picks two
         return 2
     if family == "dbrx":
@@ -124,16 +126,21 @@ def _meta_counts(cfg: Any, family: str) -> tuple[int, int, list[int], int]:
     total = sum(p.numel() for p in model.parameters())
     k = _true_top_k(cfg, family)
     inactive, layers, counts = 0, [], set()
-    enc = getattr(cfg, "num_layers", 0) if family == "switch_transformers" else 0
+    # encoder-decoders number the decoder's blocks after the encoder's
+    enc = {"switch_transformers": "num_layers", "nllb_moe": "encoder_layers"}.get(family)
+    n_enc = getattr(cfg, enc) if enc else 0
     for name, module in model.named_modules():
         experts = getattr(module, "experts", None)
         layer = families.layer_of(name)
         if experts is None or layer is None or not list(experts.parameters()):
             continue
-        n = len(experts) if isinstance(experts, torch.nn.ModuleDict) else int(experts.num_experts)
+        if isinstance(experts, torch.nn.ModuleDict):  # one module per expert (nllb's dropout aside)
+            n = sum(1 for c in experts.values() if list(c.parameters()))
+        else:
+            n = int(experts.num_experts)
         routed = sum(p.numel() for p in experts.parameters())
         inactive += int(round(routed * (1 - k / n)))
-        layers.append(layer + enc if name.startswith("decoder.") else layer)
+        layers.append(layer + n_enc if name.startswith(("decoder.", "model.decoder.")) else layer)
         counts.add(n)
     assert len(counts) == 1
     return total, total - inactive, layers, counts.pop()
@@ -200,17 +207,23 @@ def _recomputed_counts(path: Path, family: str, text: str) -> dict[tuple[int, in
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     batch = torch.tensor(ids).reshape(_WINDOWS, _SEQ)
     loaded = auto_class(family).from_pretrained(path, dtype=torch.float32).eval()
+    if family == "nllb_moe":
+        from moescope.execution import nllb
+
+        nllb.install(loaded)  # as moescope runs it: the router's dispatch (tests/test_routing.py)
     sites = find_moe_sites(loaded)
     offset = {"": 0, "encoder": 0, "decoder": 0}
     with torch.no_grad():
-        if family == "switch_transformers":
+        if family in ENCODER_DECODER:
             # the decoder teacher-forced on the same text, shifted right behind the start token
             start = getattr(loaded.config, "decoder_start_token_id", None)
             dec = torch.full_like(batch, int(start if start is not None else loaded.config.pad_token_id or 0))
             dec[:, 1:] = batch[:, :-1]
+            # the router logits are transformers' own router's; the capacity rule is recomputed here
             out = loaded(input_ids=batch, decoder_input_ids=dec, output_router_logits=True)
             logits = [*out.encoder_router_logits, *out.decoder_router_logits]
-            offset["decoder"] = int(loaded.config.num_layers)  # decoder layers follow the encoder's
+            enc = "encoder_layers" if family == "nllb_moe" else "num_layers"
+            offset["decoder"] = int(getattr(loaded.config, enc))  # decoder layers follow the encoder's
         else:
             logits = list(loaded(input_ids=batch, output_router_logits=True).router_logits)
     assert len(logits) == len(sites)
@@ -279,6 +292,69 @@ def test_family_end_to_end(family: str, tmp_path: Path) -> None:
     assert sum(p.numel() for p in reloaded.parameters()) == pruned["total_params"]
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
-        extra = {"decoder_input_ids": ids[:, :1]} if family == "switch_transformers" else {}
+        extra = {"decoder_input_ids": ids[:, :1]} if family in ENCODER_DECODER else {}
         logits = reloaded(input_ids=ids, **extra).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_nllb_moe_through_the_cli(tmp_path: Path) -> None:
+    """nllb-moe by the CLI: trace (loaded as moescope loads it) = the capacity rule on the router
+    logits; eval = the teacher-forced loss of the dispatching model; merge reloads; sweep and
+    --stream are refused in one line."""
+    import math
+
+    import pandas as pd
+
+    from moescope.execution import nllb
+
+    family = "nllb_moe"
+    _, path = _save(family, tmp_path)
+    corpus = _corpus(tmp_path / "corpus.txt")
+    args = ["trace", str(path), str(corpus), "--out", str(tmp_path / "trace"), "--seq-len", str(_SEQ)]
+    res = runner.invoke(app, [*args, "--batch-size", str(_WINDOWS), "--no-plots", "-q"])
+    assert res.exit_code == 0, res.stderr
+    load = pd.read_csv(tmp_path / "trace" / "expert_load.csv")
+    got = {(int(r.layer), int(r.expert)): int(r.count) for r in load.itertuples() if r.count}
+    want = _recomputed_counts(path, family, corpus.read_text())
+    assert got == want
+    summary = json.loads((tmp_path / "trace" / "summary.json").read_text())
+    layers = summary["layers"]
+    assert [r["layer"] for r in layers] == [0, 1, 2, 3]  # encoder 0-1, decoder 2-3
+    # the eval capacity (0.3 of the batch's tokens) drops assignments, counted as the router's
+    dropped = {r["layer"]: r["router_dropped"] for r in layers}
+    for layer, n in dropped.items():
+        assert n > 0 and n == 2 * _WINDOWS * _SEQ - sum(c for (la, _), c in want.items() if la == layer)
+
+    short = tmp_path / "short.txt"
+    short.write_text("the quick")  # one window: 9 characters and EOS, 9 scored
+    res = runner.invoke(app, ["eval", str(path), str(short), "--seq-len", str(_SEQ), "--json"])
+    assert res.exit_code == 0, res.stderr
+    ev = json.loads(res.stdout)
+    ids = char_tokenizer()("the quick", add_special_tokens=False)["input_ids"] + [2]
+    x = torch.tensor([ids])
+    model = auto_class(family).from_pretrained(path, dtype=torch.float32).eval()
+    nllb.install(model)
+    dec = torch.full_like(x, int(model.config.decoder_start_token_id))
+    dec[:, 1:] = x[:, :-1]
+    with torch.no_grad():
+        logits = model(input_ids=x, decoder_input_ids=dec).logits[0]
+    nll = torch.nn.functional.cross_entropy(logits[1:], x[0, 1:], reduction="sum")
+    assert ev["tokens"] == len(ids) - 1
+    assert ev["perplexity"] == pytest.approx(math.exp(float(nll) / (len(ids) - 1)), rel=1e-5)
+
+    out = tmp_path / "merged"
+    args = ["prune", str(path), "--trace", str(tmp_path / "trace"), "--drop", "1", "--out", str(out)]
+    res = runner.invoke(app, [*args, "--method", "merge", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["verified"] is True
+    merged = _check_params(out, family)
+    assert merged["num_experts"] == 3
+
+    for cmd, code in (
+        (["sweep", str(path), str(short), "--top-k", "1", "--seq-len", str(_SEQ)], 2),
+        (["trace", str(path), str(short), "--out", str(tmp_path / "s"), "--stream"], 1),
+    ):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == code and "Traceback" not in res.stderr, res.stderr
+        assert "nllb-moe" in res.stderr or "encoder-decoder" in res.stderr

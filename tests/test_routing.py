@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from moescope import families
 from moescope.errors import NotMoEError
+from moescope.execution import nllb
 from moescope.execution.routing import RoutingRecorder, config_top_k, find_moe_sites, require_moe_sites
-from tests.tiny import tiny_model
+from tests.tiny import ENCODER_DECODER, tiny_model
 
 _E, _VOCAB = 4, 99
 
@@ -125,7 +126,57 @@ def expected_routing(
         return i, w * cfg.routed_scaling_factor
     if rule == "capacity_top1":
         return _capacity_top1(logits, cfg.num_experts, cfg.expert_capacity)
+    if rule == "capacity_top2":
+        return capacity_top2(logits, cfg)
     raise KeyError(rule)
+
+
+def capacity_top2(
+    logits: torch.Tensor, cfg: Any, training: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLLB-MoE (``second_expert_policy="all"``): logits ``[T, E]`` over the batch's tokens.
+
+    Top-1 of the softmax and the best other expert; tokens take places in order (by their
+    top probability, highest first, with ``batch_prioritized_routing``), an expert's top-2
+    places coming after all of its top-1 ones; an assignment past the capacity
+    (``ceil(moe_eval_capacity_token_fraction * T)`` in eval) is dropped (id -1, weight 0).
+    The two gates are p1 / (p1 + p2) and p2 / (p1 + p2), of the kept ones unless
+    ``normalize_router_prob_before_dropping``, times ``1 - moe_token_dropout`` in eval.
+    """
+    import math
+
+    assert cfg.second_expert_policy == "all"
+    t, e = logits.shape
+    p = logits.float().softmax(-1)
+    first = p.argmax(-1).tolist()
+    second = [
+        max((j for j in range(e) if j != first[i]), key=lambda j: float(logits[i, j])) for i in range(t)
+    ]
+    frac = cfg.moe_eval_capacity_token_fraction
+    cap = math.ceil(frac * t) if not training and frac > 0 else cfg.expert_capacity
+    order = list(range(t))
+    if cfg.batch_prioritized_routing:
+        order.sort(key=lambda i: -float(p[i].max()))
+    top1_total = [first.count(j) for j in range(e)]
+    seen1, seen2 = [0] * e, [0] * e
+    keep = [[False, False] for _ in range(t)]
+    for i in order:
+        keep[i][0] = seen1[first[i]] < cap
+        seen1[first[i]] += 1
+        keep[i][1] = top1_total[second[i]] + seen2[second[i]] < cap
+        seen2[second[i]] += 1
+    ids = torch.full((t, 2), -1, dtype=torch.long)
+    w = torch.zeros(t, 2)
+    scale = 1.0 if training else 1.0 - cfg.moe_token_dropout
+    for i in range(t):
+        p1, p2 = float(p[i, first[i]]), float(p[i, second[i]])
+        if not cfg.normalize_router_prob_before_dropping:
+            p1, p2 = p1 * keep[i][0], p2 * keep[i][1]
+        denom = max(p1 + p2, torch.finfo(torch.float32).eps)
+        for slot, (j, q) in enumerate(((first[i], p1), (second[i], p2))):
+            if keep[i][slot]:
+                ids[i, slot], w[i, slot] = j, q / denom * scale
+    return ids, w
 
 
 def _capacity_top1(
@@ -165,12 +216,14 @@ def randomise_router_biases(model: Any) -> None:
                 router.bias.copy_(torch.randn_like(router.bias))
 
 
-def _build(family: str) -> Any:
+def _build(family: str, **overrides: Any) -> Any:
     torch.manual_seed(0)
-    model = tiny_model(family, **_VARIANTS.get(family, {}))
+    model = tiny_model(family, **{**_VARIANTS.get(family, {}), **overrides})
     record = families.lookup(family)
     if record is not None and record.experts_implementation:
         model.set_experts_implementation("eager")
+    if family == "nllb_moe":
+        nllb.install(model)  # as load_model runs it: the router's dispatch
     randomise_router_biases(model)
     return model
 
@@ -189,7 +242,7 @@ def test_recorded_routing_matches_family_rule(family: str) -> None:
     torch.manual_seed(1)
     input_ids = torch.randint(0, _VOCAB, (2, 9))
     kwargs: dict[str, Any] = {}
-    if family == "switch_transformers":
+    if family in ENCODER_DECODER:
         kwargs["decoder_input_ids"] = input_ids
     with torch.no_grad():
         base = model(input_ids=input_ids, output_router_logits=True, **kwargs)
@@ -206,7 +259,7 @@ def test_recorded_routing_matches_family_rule(family: str) -> None:
     torch.testing.assert_close(after.logits, base.logits, atol=0, rtol=0)
     assert all("forward" not in s.experts.__dict__ for s in sites)
 
-    if family == "switch_transformers":
+    if family in ENCODER_DECODER:
         enc = [s for s in sites if s.stack == "encoder"]
         dec = [s for s in sites if s.stack == "decoder"]
         logits = [x for x in base.encoder_router_logits] + [x for x in base.decoder_router_logits]
@@ -228,7 +281,7 @@ def test_recorded_routing_matches_family_rule(family: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "family", ["mixtral", "deepseek_v3", "gpt_oss", "dbrx", "llama4", "switch_transformers"]
+    "family", ["mixtral", "deepseek_v3", "gpt_oss", "dbrx", "llama4", "switch_transformers", "nllb_moe"]
 )
 def test_recorded_norms_equal_each_expert_run_alone(family: str) -> None:
     """Norms come from the routed experts' outputs; recompute each one independently."""
@@ -238,7 +291,7 @@ def test_recorded_norms_equal_each_expert_run_alone(family: str) -> None:
     inputs: list[torch.Tensor] = []
     handle = site.block.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone()))
     input_ids = torch.randint(0, _VOCAB, (2, 9))
-    kwargs = {"decoder_input_ids": input_ids} if family == "switch_transformers" else {}
+    kwargs = {"decoder_input_ids": input_ids} if family in ENCODER_DECODER else {}
     with torch.no_grad(), RoutingRecorder(sites) as rec:
         model(input_ids=input_ids, **kwargs)
         record = rec.records[sites.index(site)]
@@ -264,7 +317,7 @@ def _single_expert_runner(
 ) -> Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]:
     """Expert ``e`` applied to one token, from the raw weights (llama4: to ``w * x``)."""
     ex = site.experts
-    if family == "switch_transformers":
+    if family in ENCODER_DECODER:
         return lambda x, e, w: ex[f"expert_{e}"](x)[0]
     if family == "dbrx":
         shape = (-1, ex.ffn_hidden_size, ex.hidden_size)
@@ -337,3 +390,91 @@ def test_recorder_forward_is_eager_bit_for_bit(family: str, dtype: torch.dtype) 
         with RoutingRecorder(find_moe_sites(model)):
             hooked = model(input_ids=ids).logits
     assert torch.equal(hooked, base), family
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        dict(normalize_router_prob_before_dropping=True),
+        dict(batch_prioritized_routing=True),
+        dict(moe_eval_capacity_token_fraction=1.0, moe_token_dropout=0.0),
+        dict(moe_eval_capacity_token_fraction=0.0, expert_capacity=3),  # the training capacity
+    ],
+    ids=["drops", "normalise-first", "prioritised", "no-drops", "fixed-capacity"],
+)
+def test_nllb_records_what_the_dispatch_applies(variant: dict[str, Any]) -> None:
+    """Ids and weights equal the capacity rule on the router's logits, and the block's output
+    is exactly the recorded experts' outputs times the recorded weights."""
+    model = _build("nllb_moe", **variant)
+    sites = find_moe_sites(model)
+    site = [s for s in sites if s.stack == "encoder"][-1]
+    logits: list[torch.Tensor] = []
+    handle = site.block.router.register_forward_hook(lambda m, a, out: logits.append(out[2].detach().clone()))
+    torch.manual_seed(2)
+    x = torch.randn(2, 9, model.config.d_model)
+    with torch.no_grad(), RoutingRecorder([site]) as rec:
+        y = site.block(x)
+        record = rec.records[0]
+    handle.remove()
+    assert record is not None and record.norms is not None
+    exp_ids, exp_w = capacity_top2(logits[0], model.config)
+    assert torch.equal(record.ids, exp_ids)
+    torch.testing.assert_close(record.weights.float(), exp_w, atol=1e-6, rtol=1e-6)
+    if variant.get("moe_eval_capacity_token_fraction", 0.3) == 0.3 or "expert_capacity" in variant:
+        assert bool((record.ids < 0).any()), "the capacity should drop assignments here"
+    flat = x.reshape(-1, x.shape[-1])
+    want = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for slot in range(2):
+            e = int(record.ids[t, slot])
+            if e >= 0:
+                out = site.experts[f"expert_{e}"](flat[t : t + 1])[0]
+                want[t] += out * record.weights[t, slot]
+                torch.testing.assert_close(record.norms[t, slot], out.norm(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.reshape(-1, y.shape[-1]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_nllb_random_second_expert_is_recorded_as_drawn() -> None:
+    """second_expert_policy="random" draws in eval too: the record is that forward's own draw."""
+    model = _build("nllb_moe", second_expert_policy="random", moe_eval_capacity_token_fraction=1.0)
+    site = find_moe_sites(model)[0]
+    x = torch.randn(1, 40, model.config.d_model)
+    with torch.no_grad(), RoutingRecorder([site]) as rec:
+        y = site.block(x)
+        record = rec.records[0]
+    assert record is not None
+    assert bool((record.ids[:, 0] >= 0).all()) and bool((record.ids[:, 1] < 0).any())
+    flat = x[0]
+    want = torch.stack(
+        [
+            sum(
+                (
+                    site.experts[f"expert_{int(e)}"](flat[t : t + 1])[0] * w
+                    for e, w in zip(record.ids[t], record.weights[t], strict=True)
+                    if e >= 0
+                ),
+                torch.zeros(flat.shape[-1]),
+            )
+            for t in range(flat.shape[0])
+        ]
+    )
+    torch.testing.assert_close(y[0], want, atol=1e-5, rtol=1e-5)
+
+
+def test_transformers_own_nllb_experts_loop_is_why_moescope_dispatches() -> None:
+    """transformers 5.x's NllbMoeSparseMLP runs only expert_0 and expert_1 (it one-hots the
+    one-hot top-1 mask); where it computes the router's dispatch, moescope's equals it."""
+    torch.manual_seed(0)
+    model = tiny_model("nllb_moe", moe_token_dropout=0.0)  # transformers' own forward
+    block = find_moe_sites(model)[0].block
+    ran: set[int] = set()
+    for e in range(block.num_experts):
+        block.experts[f"expert_{e}"].register_forward_hook(lambda m, a, o, e=e: ran.add(e))
+    x = torch.randn(1, 24, model.config.d_model)
+    with torch.no_grad():
+        stock = block(x)
+        stock_ran = set(ran)
+        ours = nllb.dispatch_forward()(block, x)
+    assert stock_ran <= {0, 1} or torch.allclose(stock, ours, atol=1e-6)
+    assert ran == set(range(block.num_experts))  # the dispatch runs the experts routed to

@@ -18,9 +18,8 @@ import torch
 from moescope.execution.plan import parse_size
 from moescope.execution.routing import RoutingRecorder, find_moe_sites
 from moescope.execution.stream import StreamedModel
-from tests.tiny import FAMILIES, tiny_model
+from tests.tiny import ENCODER_DECODER, FAMILIES, tiny_model
 
-ENCODER_DECODER = {"switch_transformers"}
 MOE_FAMILIES = [f for f in FAMILIES if f != "llama" and f not in ENCODER_DECODER]
 # MLA with fewer key/value heads than query heads crashes transformers' own masked forward
 _OVERRIDES: dict[str, dict[str, Any]] = {"deepseek_v2": {"num_key_value_heads": 4}}

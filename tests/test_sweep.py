@@ -53,7 +53,7 @@ _RULE_MODELS: dict[str, dict[str, Any]] = {
 SUPPORTED = [
     f.name
     for f in families.all_families()
-    if f.config_class is not None and f.routing.rule not in ("sparsemixer", "capacity_top1")
+    if f.config_class is not None and f.routing.rule not in ("sparsemixer", "capacity_top1", "capacity_top2")
 ]
 
 

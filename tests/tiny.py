@@ -3,7 +3,7 @@
 One entry per MoE family of the registry (``moescope/families/``); tests/test_families.py
 builds each one, saves it, accounts, traces and prunes it. The group-limited families
 deepseek_v2 and glm4_moe have 8 experts in 2 groups so that pruning can keep 2 per group;
-dbrx and switch_transformers name their dimensions their own way (``_OWN_DIMS``).
+dbrx, switch_transformers and nllb_moe name their dimensions their own way (``_OWN_DIMS``).
 """
 
 from __future__ import annotations
@@ -163,13 +163,38 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             decoder_sparse_step=1,
         ),
     ),
+    # every layer sparse; the eval capacity (a fraction of the batch's tokens) binds at 0.3;
+    # a nonzero moe_token_dropout scales the experts' outputs in eval
+    "nllb_moe": (
+        "NllbMoeConfig",
+        dict(
+            vocab_size=_VOCAB,
+            d_model=_HIDDEN,
+            encoder_layers=_LAYERS,
+            decoder_layers=_LAYERS,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            max_position_embeddings=64,
+            num_experts=_EXPERTS,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            expert_capacity=6,
+            moe_eval_capacity_token_fraction=0.3,
+            moe_token_dropout=0.2,
+        ),
+    ),
 }
 
 #: families whose config classes name the common dimensions their own way
-_OWN_DIMS = {"dbrx", "switch_transformers"}
+_OWN_DIMS = {"dbrx", "switch_transformers", "nllb_moe"}
 
 #: families that are not causal LMs: the auto class that builds them
-_AUTO_CLASS = {"switch_transformers": "AutoModelForSeq2SeqLM"}
+_AUTO_CLASS = {"switch_transformers": "AutoModelForSeq2SeqLM", "nllb_moe": "AutoModelForSeq2SeqLM"}
+
+#: the encoder-decoder families (their decoder is fed ``decoder_input_ids``)
+ENCODER_DECODER = frozenset(_AUTO_CLASS)
 
 
 def tiny_config(family: str, **overrides: Any) -> Any:

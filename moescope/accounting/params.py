@@ -31,7 +31,7 @@ from typing import Any
 
 from moescope.arch.closedform import config_inventory
 from moescope.arch.inventory import Inventory, as_inventory, gc_paused
-from moescope.arch.moe import COMPONENTS, MoESpec, classify
+from moescope.arch.moe import COMPONENTS, ENCODER_DECODER, MoESpec, classify
 from moescope.arch.specfile import config_spec
 from moescope.arch.storedsize import estimate_stored_bytes
 from moescope.arch.tensorclasses import ClassGroup, ShardClassifier, classify_groups, spec_from_names
@@ -128,7 +128,10 @@ def _attention_layers(cfg: dict[str, Any], spec: MoESpec) -> tuple[list[dict[str
     text = cfg.get("text_config")
     c: dict[str, Any] = text if isinstance(text, dict) else cfg
     hidden = int(_get(c, "hidden_size", "d_model", "n_embd", default=0) or 0)
-    heads = int(_get(c, "num_attention_heads", "n_heads", "n_head", "num_heads", default=0) or 0)
+    heads = int(
+        _get(c, "num_attention_heads", "n_heads", "n_head", "num_heads", "encoder_attention_heads", default=0)
+        or 0
+    )
     if not hidden or not heads:
         return [], "unknown"
     kv = int(_get(c, "num_key_value_heads", "attn_config.kv_n_heads", default=heads) or heads)
@@ -406,7 +409,7 @@ def account(
 
     attn_rows, layout = _attention_layers(cfg, spec) if cfg is not None else ([], "unknown")
     flops, kv_per_token, kv_ctx = _flops_and_kv(acc, attn_rows, active, frac, context)
-    if spec.family in ("switch_transformers",):
+    if spec.family in ENCODER_DECODER:
         notes.append("encoder-decoder: attention FLOPs count self-attention of every block only")
     components = {c: int(acc.by_comp.get(c, 0)) for c in COMPONENTS if c != "mtp"}
     components["mtp"] = acc.mtp

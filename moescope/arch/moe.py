@@ -52,6 +52,7 @@ MOE_FAMILIES = families.moe_family_names()
 
 __all__ = [
     "COMPONENTS",
+    "ENCODER_DECODER",
     "MOE_FAMILIES",
     "MoESpec",
     "TensorClass",
@@ -368,15 +369,29 @@ class TensorClass(NamedTuple):
     is_matmul: bool = False
 
 
+#: transformers encoder-decoder MoE families (switch_transformers, nllb_moe): their decoder
+#: blocks are numbered after the encoder's, as in moescope's layer numbering
+ENCODER_DECODER = frozenset(
+    f.name for f in families.all_families() if not f.causal_lm and f.config_class is not None
+)
+
+#: where the decoder stack's tensors start: switch ``decoder.block.N.``, nllb ``model.decoder.layers.N.``
+_DECODER_PREFIXES = ("decoder.", "model.decoder.")
+
+
+def _decoder_offset(name: str, spec: MoESpec) -> int:
+    """What a tensor's block index gains in moescope's numbering (the encoder's blocks, in its decoder)."""
+    if spec.family in ENCODER_DECODER and name.startswith(_DECODER_PREFIXES):
+        return spec.encoder_layers
+    return 0
+
+
 def layer_index(name: str, spec: MoESpec) -> int | None:
-    """Decoder layer index in moescope's numbering (switch: decoder blocks after encoder)."""
+    """Decoder layer index in moescope's numbering (encoder-decoders: decoder blocks after encoder)."""
     m = LAYER_RE.search(name)
     if not m:
         return None
-    idx = int(m.group(1))
-    if spec.family == "switch_transformers" and name.startswith("decoder."):
-        return idx + spec.encoder_layers
-    return idx
+    return int(m.group(1)) + _decoder_offset(name, spec)
 
 
 def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
@@ -395,9 +410,7 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     key = name
     if lm is not None:
         ls, le = lm.span(1)
-        layer = int(name[ls:le])
-        if spec.family == "switch_transformers" and name.startswith("decoder."):
-            layer += spec.encoder_layers
+        layer = int(name[ls:le]) + _decoder_offset(name, spec)
         em = PER_EXPERT_RE.search(name, le - 1)
         if em is not None:
             es, ee = em.span(2)
@@ -408,7 +421,7 @@ def classify(name: str, spec: MoESpec, ndim: int = 2) -> TensorClass:
     # A checkpoint has ~100k tensors but a few dozen name shapes: classify each shape once,
     # with the layer and expert numbers blanked out (cached).
     moe = spec.moe_set
-    mtp_layer = layer is not None and layer >= spec.num_layers > 0 and spec.family != "switch_transformers"
+    mtp_layer = layer is not None and layer >= spec.num_layers > 0 and spec.family not in ENCODER_DECODER
     in_moe = layer is None or not moe or layer in moe
     component, is_param, factor, matmul = _classify_shape(
         key, ndim >= 2, layer is None, in_moe, mtp_layer, spec.family
@@ -502,6 +515,8 @@ def _classify_shape(
         return tc("embedding", mm=False)
     if _HEAD_RE.search(lname) and outside_layers:
         return tc("lm_head")
+    if _LAYER_NORM_RE.search(lname):  # nllb's self_attn_layer_norm: a norm, not attention
+        return tc("norm", mm=False)
     if _ATTN_RE.search(base):
         return tc("attention")
     if _NORM_RE.search(lname):
@@ -516,13 +531,14 @@ _ROUTER_RE = re.compile(
 )
 _ROUTER2_RE = re.compile(r"\.router\.(classifier\.)?(weight|bias)$")
 _EMBED_RE = re.compile(
-    r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^shared\.weight|"
+    r"(embed_tokens|\.wte\.|\.wpe\.|^wte\.|^wpe\.|word_embeddings|embed_in\.|tok_embeddings|^(model\.)?shared\.weight|"
     r"\.embed_positions\.|position_embeddings)"
 )
 _HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out|output)\.(weight|bias)$")
 _ATTN_RE = re.compile(
     r"(self_attn|\.attn\.|\.attention\.|mamba|\.mixer\.|norm_attn_norm\.attn|\.layer\.0\.SelfAttention|"
-    r"EncDecAttention|relative_attention)"
+    r"EncDecAttention|relative_attention|cross_attention\.|encoder_attn\.)"
 )
+_LAYER_NORM_RE = re.compile(r"(self_attn|cross_attention|encoder_attn|ff|final)_layer_norm\.(weight|bias)$")
 _NORM_RE = re.compile(r"(norm|ln_\d|ln_f|\.ln\.|layer_norm)")
 _MLP_RE = re.compile(r"\.(mlp|feed_forward|ffn|DenseReluDense|fc\d|c_fc|dense_h_to_4h|dense_4h_to_h)")

@@ -70,6 +70,7 @@ INT_FIELDS: dict[str, tuple[str, int, int]] = {
     "num_layers": _L,
     "num_decoder_layers": ("decoder layer count", 0, MAX_LAYERS),
     "encoder_layers": ("encoder layer count", 0, MAX_LAYERS),
+    "decoder_layers": ("decoder layer count", 0, MAX_LAYERS),
     "num_nextn_predict_layers": ("MTP layer count", 0, MAX_LAYERS),
     "hidden_size": _H,
     "d_model": _H,
@@ -77,6 +78,8 @@ INT_FIELDS: dict[str, tuple[str, int, int]] = {
     "intermediate_size": _W,
     "intermediate_size_mlp": _W,
     "d_ff": _W,
+    "encoder_ffn_dim": _W,
+    "decoder_ffn_dim": _W,
     "n_inner": _W,
     "moe_intermediate_size": ("expert width", 1, MAX_WIDTH),
     "ffn_hidden_size": ("expert width", 1, MAX_WIDTH),
@@ -87,6 +90,8 @@ INT_FIELDS: dict[str, tuple[str, int, int]] = {
     "n_heads": _HEADS,
     "n_head": _HEADS,
     "num_heads": _HEADS,
+    "encoder_attention_heads": _HEADS,
+    "decoder_attention_heads": _HEADS,
     "num_key_value_heads": ("key/value head count", 1, MAX_HEADS),
     "kv_n_heads": ("key/value head count", 1, MAX_HEADS),
     "head_dim": ("head dimension", 1, MAX_HIDDEN),
@@ -155,6 +160,7 @@ _MOE_FIELDS: dict[str, tuple[str, int | None, str | None, int | None]] = {
     },
     "dbrx": ("ffn_config.moe_num_experts", 4, "ffn_config.moe_top_k", 1),
     "switch_transformers": ("num_experts", 8, None, 1),
+    "nllb_moe": ("num_experts", 128, None, 2),
 }
 
 #: families that derive head_dim = hidden // heads when head_dim is not given
@@ -429,6 +435,8 @@ def _check_moe(cfg: dict[str, Any], fam: str, where: str) -> None:
         layers = (cfg.get("num_layers") or 12) + (
             cfg.get("num_decoder_layers") or cfg.get("num_layers") or 12
         )
+    elif fam == "nllb_moe":
+        layers = (cfg.get("encoder_layers") or 12) + (cfg.get("decoder_layers") or 12)
     if layers is not None and layers * experts > MAX_EXPERT_INSTANCES:
         raise ConfigError(
             f"{where}: {layers} layers x {experts} experts ({prefix}{exp_key}) is more than "

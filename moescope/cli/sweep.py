@@ -52,7 +52,7 @@ take the k most probable experts, renormalised as the model does; top-k-then-sof
 (gpt_oss, granite) rank by logit, p uses the softmax of all logits; deepseek_v3/glm4_moe rank
 by sigmoid + correction bias inside the kept groups (k at most topk_group x E/n_group), p
 uses the sigmoid scores normalised over those; llama4 ranks by logit, p uses normalised
-sigmoids. phimoe (k fixed at 2) and switch are refused.
+sigmoids. phimoe (k fixed at 2), switch and nllb-moe are refused.
 
 Output: a table, one row per setting; --json an array of records (setting, top_k, top_p,
 experts_per_token, active_params, flops_per_token, perplexity, domains, native, loss,

@@ -37,7 +37,7 @@ returns (tests/test_sweep.py checks it bit for bit).
   ``E`` (gpt_oss eager, dbrx), the padding repeats the token's first expert with weight 0.
 
 Not supported (refused with the reason): phimoe (sparsemixer fixes k = 2), switch
-(capacity-limited top-1 of an encoder-decoder). A family without a record whose router holds
+(capacity-limited top-1 of an encoder-decoder), nllb-moe (capacity-limited top-2 of one). A family without a record whose router holds
 its ``top_k`` (the generic adapter's families) takes top-k settings through that attribute —
 the router's own rule picks and weighs the k experts — and refuses top-p.
 """
@@ -67,6 +67,7 @@ SUPPORTED_RULES = (
 UNSUPPORTED_RULES = {
     "sparsemixer": "phimoe's sparsemixer routing always takes 2 experts (two masked argmax steps)",
     "capacity_top1": "switch_transformers routes top-1 under a capacity limit in an encoder-decoder",
+    "capacity_top2": "nllb-moe routes top-2 under a capacity limit in an encoder-decoder",
 }
 
 

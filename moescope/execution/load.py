@@ -169,6 +169,10 @@ def load_model(
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"transformers cannot load {ref}: {str(exc).splitlines()[0]}") from exc
     model._moescope_head = kind  # `base`: no LM head, so no perplexity (moescope.evaluation)
+    if getattr(config, "model_type", None) == "nllb-moe":
+        from moescope.execution.nllb import install
+
+        install(model)  # the router's top-2 dispatch, not transformers 5.x's experts loop
     if device_map is None:
         model.to(device)
     else:

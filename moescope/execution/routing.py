@@ -6,7 +6,7 @@ routed-expert block, with the decoder layer index as in the checkpoint;
 the selected expert ids, the gate weights the experts actually apply and, optionally,
 the norm of each routed expert's output.
 
-How (see ``docs/TRANSFORMERS_MOE.md``): there are four adapters; each family's registry record
+How (see ``docs/TRANSFORMERS_MOE.md``): there are five adapters; each family's registry record
 (:mod:`moescope.families`) names the one it uses (``Family.hooks``), and the experts class
 it applies to.
 
@@ -28,6 +28,11 @@ it applies to.
 - ``switch``: the experts get a one-hot dispatch mask (all-zero for tokens dropped by the
   capacity limit); ids are decoded from it (``-1`` = dropped), and a forward hook on each
   ``expert_{i}`` module reads its output rows.
+- ``nllb``: the sparse MLP's forward is replaced on the instance by
+  :func:`moescope.execution.nllb.dispatch_forward`, which calls the block's own router and
+  sends each token to the experts with a nonzero combine weight (top-1 and top-2 after the
+  capacity limit; transformers 5.x's own experts loop does not, see that module); it
+  reports ids (``-1`` = dropped), the weights it applies and the experts' output norms.
 
 :func:`expert_weight_vectors` and :func:`router_rows` read a site's experts and router
 the way its family holds them (fused, DBRX-packed rows, one module per expert), for
@@ -62,7 +67,7 @@ class MoESite:
         name: module path of the MoE block (``model.layers.3.mlp``).
         layer: decoder layer index as in the checkpoint.
         stack: ``""`` for decoder-only models, ``encoder``/``decoder`` for encoder-decoders.
-        kind: adapter: ``fused``, ``dbrx``, ``llama4`` or ``switch``.
+        kind: adapter: ``fused``, ``dbrx``, ``llama4``, ``switch`` or ``nllb``.
         num_experts: routed experts in this block.
         block: the MoE block module.
         experts: the experts module.
@@ -87,7 +92,7 @@ class LayerRecord:
     """What one MoE block decided in the last forward pass (flat over ``B*S`` tokens).
 
     Attributes:
-        ids: ``[T, k]`` int64 selected experts; ``-1`` where a token was dropped (switch).
+        ids: ``[T, k]`` int64 selected experts; ``-1`` where a token was dropped (switch, nllb).
         weights: ``[T, k]`` gate weights the experts apply (``0`` where dropped).
         norms: ``[T, k]`` float32 L2 norm of each routed expert's output, or ``None``.
         norms_are_weighted: the gate weight is applied before the expert (llama4), so its
@@ -167,7 +172,7 @@ def find_moe_sites(model: Any) -> list[MoESite]:
             router = getattr(module, record.hooks.router_module)
         num = getattr(experts, "num_experts", None)
         if num is None:
-            num = len(experts) if kind == "switch" else int(module.num_experts)
+            num = len(experts) if kind in ("switch", "nllb") else int(module.num_experts)
         sites.append(MoESite(name, layer, _stack_of(name), kind, int(num), module, experts, router, fam))
     return sites
 
@@ -239,8 +244,9 @@ def expert_weight_vectors(experts: Any, num_experts: int, family: str | None = N
     record = families.lookup(family) if family else None
     adapter = record.hooks.adapter if record is not None and record.hooks is not None else None
     own = list(experts.parameters(recurse=False))
-    children = list(experts.children()) if not own else []
-    per_module = adapter == "switch" or (
+    # children with weights (nllb's experts ModuleDict also holds a parameter-free dropout)
+    children = [c for c in experts.children() if list(c.parameters())] if not own else []
+    per_module = adapter in ("switch", "nllb") or (
         adapter is None and len(children) == num_experts and all(list(c.parameters()) for c in children)
     )
     if per_module:
@@ -273,8 +279,9 @@ def expert_weight_gram(experts: Any, num_experts: int, family: str | None = None
     record = families.lookup(family) if family else None
     adapter = record.hooks.adapter if record is not None and record.hooks is not None else None
     own = list(experts.parameters(recurse=False))
-    children = list(experts.children()) if not own else []
-    per_module = adapter == "switch" or (
+    # children with weights (nllb's experts ModuleDict also holds a parameter-free dropout)
+    children = [c for c in experts.children() if list(c.parameters())] if not own else []
+    per_module = adapter in ("switch", "nllb") or (
         adapter is None and len(children) == num_experts and all(list(c.parameters()) for c in children)
     )
     pieces: list[Any] = []  # [E, n] views in the parameters' own dtype
@@ -345,6 +352,7 @@ class RoutingRecorder:
         self._handles: list[Any] = []
         self._patched: list[Any] = []
         self._accelerate: list[tuple[Any, Any]] = []
+        self._restore: list[tuple[Any, str, Any]] = []  # (module, attribute, instance value or None)
 
     # -- public -----------------------------------------------------------------------------
     def clear(self) -> None:
@@ -395,6 +403,17 @@ class RoutingRecorder:
                 self._handles.append(site.router.register_forward_hook(self._llama4_router_hook(i)))
                 if self.record_norms:
                     self._handles.append(site.experts.register_forward_hook(self._llama4_experts_hook(i)))
+            elif site.kind == "nllb":
+                # the block's forward runs the router's dispatch and reports what it applied
+                from moescope.execution.nllb import dispatch_forward
+
+                block = site.block
+                patched = types.MethodType(
+                    dispatch_forward(self._nllb_sink(i), norms=self.record_norms), block
+                )
+                attr = "_old_forward" if "_old_forward" in block.__dict__ else "forward"
+                self._restore.append((block, attr, block.__dict__.get(attr)))
+                setattr(block, attr, patched)
             elif site.kind == "switch":
                 self._handles.append(
                     site.experts.register_forward_pre_hook(self._switch_hook(i), with_kwargs=True)
@@ -417,6 +436,12 @@ class RoutingRecorder:
         for module, forward in self._accelerate:
             module._old_forward = forward
         self._accelerate.clear()
+        for module, attr, value in reversed(self._restore):
+            if value is None:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, value)
+        self._restore.clear()
 
     # -- hooks --------------------------------------------------------------------------------
     def _args_hook(self, i: int) -> Callable[..., None]:
@@ -451,6 +476,15 @@ class RoutingRecorder:
             self._norms[i] = rows.float().norm(dim=-1)
 
         return hook
+
+    def _nllb_sink(self, i: int) -> Callable[[Any, Any, Any], None]:
+        def sink(ids: Any, weights: Any, norms: Any) -> None:
+            self._ids[i] = ids
+            self._weights[i] = weights
+            if norms is not None:
+                self._norms[i] = norms
+
+        return sink
 
     def _switch_hook(self, i: int) -> Callable[..., None]:
         def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

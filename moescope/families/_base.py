@@ -36,10 +36,11 @@ RULES = {
     "softmax_group_limited": "softmax",  # deepseek_v2: group score = max, x scaling, no renorm
     "sigmoid_group_limited": "sigmoid",  # deepseek_v3: sigmoid + correction bias, group = top-2 sum
     "capacity_top1": "softmax",  # switch: top-1 of the softmax, tokens over capacity dropped
+    "capacity_top2": "softmax",  # nllb-moe: top-1 and top-2 of the softmax, each under capacity
 }
 
-PLACEMENTS = ("all", "sparse_step", "dense_prefix", "interleave", "period", "listed", "switch")
-ADAPTERS = ("fused", "dbrx", "llama4", "switch")
+PLACEMENTS = ("all", "sparse_step", "dense_prefix", "interleave", "period", "listed", "switch", "nllb")
+ADAPTERS = ("fused", "dbrx", "llama4", "switch", "nllb")
 STORED = ("per_expert", "fused", "packed", "modules")
 
 # The decoder block index of a tensor or module name: ``model.layers.3.``, dbrx
@@ -48,7 +49,7 @@ STORED = ("per_expert", "fused", "packed", "modules")
 LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d{1,18})(?=\.|$)")
 
 
-# A per-expert tensor: ``experts.{j}.`` (most families) or ``experts.expert_{j}.`` (switch);
+# A per-expert tensor: ``experts.{j}.`` (most families) or ``experts.expert_{j}.`` (switch, nllb-moe);
 # group 1 is ``expert_`` or empty, group 2 the expert index.
 PER_EXPERT_RE = re.compile(r"\.experts\.((?:expert_)?)(\d{1,18})\.")
 
@@ -180,6 +181,8 @@ class Placement:
             ``period``: ``i % fields[0] == fields[1]`` (jamba; defaults ``defaults``);
             ``listed``: the list ``fields[0]`` (moescope specs; encoder layers in ``fields[1]``);
             ``switch``: encoder then decoder blocks, every ``*_sparse_step``-th sparse.
+            ``nllb``: encoder then decoder layers, layer i of a stack sparse when
+            ``(i + 1) % *_sparse_step == 0`` (nllb-moe).
         fields: the config fields the rule reads.
         defaults: their defaults where transformers has one.
     """
@@ -192,6 +195,8 @@ class Placement:
         """The layer count and MoE layer indices of one config."""
         if self.rule == "switch":
             return _switch_layers(r)
+        if self.rule == "nllb":
+            return _nllb_layers(r)
         n = r.num_layers()
         if self.rule == "all":
             return Layers(n, list(range(n)))
@@ -242,6 +247,22 @@ def _switch_layers(r: Reader) -> Layers:
     return Layers(enc + dec, sparse(enc, "encoder") + [enc + i for i in sparse(dec, "decoder")], enc)
 
 
+def _nllb_layers(r: Reader) -> Layers:
+    """Encoder layers 0..enc-1, decoder layers enc..enc+dec-1 in moescope's numbering.
+
+    As ``NllbMoeEncoder``/``NllbMoeDecoder`` build them: layer i of a stack is sparse when
+    ``(i + 1) % step == 0``, none when the step is 0 (defaults: 12 + 12 layers, step 4).
+    """
+    enc = r.count("encoder_layers", 12)
+    dec = r.count("decoder_layers", 12)
+
+    def sparse(n: int, stack: str) -> list[int]:
+        step = r.count(f"{stack}_sparse_step", 4)
+        return [i for i in range(n) if step > 0 and (i + 1) % step == 0]
+
+    return Layers(enc + dec, sparse(enc, "encoder") + [enc + i for i in sparse(dec, "decoder")], enc)
+
+
 @dataclass(frozen=True)
 class Routing:
     """How the router picks experts and weights.
@@ -252,7 +273,7 @@ class Routing:
             names a field), None when the question does not apply.
         groups: group-limited routing: None; ``always`` (when ``n_group > 1``); or
             ``topk_method`` (only with ``topk_method == "group_limited_greedy"``, deepseek_v2).
-        drops_tokens: tokens over an expert's capacity are dropped (switch).
+        drops_tokens: tokens over an expert's capacity are dropped (switch, nllb-moe).
     """
 
     rule: str
@@ -312,7 +333,7 @@ class Hooks:
 
     Attributes:
         adapter: one of :data:`ADAPTERS`: ``fused`` (pre-hook on an experts module decorated
-            with ``use_experts_implementation``), ``dbrx``, ``llama4`` or ``switch``.
+            with ``use_experts_implementation``), ``dbrx``, ``llama4``, ``switch`` or ``nllb``.
         experts_class: transformers class of the experts module.
         router: in-memory path of the router weight under the MoE block.
     """

@@ -20,7 +20,8 @@ name (:func:`neuron_axis`): per-expert ``w1/w3/gate_proj/up_proj`` ``[I, H]`` an
 ``down_proj`` ``[H, I]``; transposed ``gate_up_proj`` ``[H, 2I]`` (gpt-oss interleaves gate
 and up columns, llama4 concatenates them) with ``down_proj`` ``[I, H]``; granite's
 ``input_linear`` / ``output_linear``; DBRX's packed ``w1/v1/w2`` rows (``[I, H]`` per
-expert); switch's ``wi`` / ``wo``. One expert is a ``dict`` of tensor name -> tensor (that
+expert); switch's ``wi`` / ``wo``; nllb-moe's ``fc1`` (and its bias, one per neuron) /
+``fc2`` (its bias has no neuron axis). One expert is a ``dict`` of tensor name -> tensor (that
 expert's slice), with a matching ``dict`` of :class:`NeuronAxis` (None: no neuron axis).
 """
 
@@ -39,8 +40,11 @@ from moescope.errors import PruneError
 #: families whose fused gate/up tensor alternates gate and up per neuron (``gate_up[..., ::2]``)
 INTERLEAVED = frozenset({"gpt_oss"})
 
-_GATE_LIKE = {"w1", "w3", "v1", "gate_proj", "up_proj", "wi", "wi_0", "wi_1"}
-_DOWN_LIKE = {"w2", "down_proj", "output_linear", "wo"}
+_GATE_LIKE = {"w1", "w3", "v1", "gate_proj", "up_proj", "wi", "wi_0", "wi_1", "fc1"}
+_DOWN_LIKE = {"w2", "down_proj", "output_linear", "wo", "fc2"}
+#: per-neuron biases of an up projection (nllb's fc1.bias), and biases with no neuron axis
+_UP_BIAS = {"fc1_bias"}
+_DOWN_BIAS = {"down_proj_bias", "fc2_bias"}
 _FUSED_GATE_UP = {"gate_up_proj", "input_linear"}
 
 
@@ -78,6 +82,8 @@ class Alignment:
 
 def _leaf(name: str) -> str:
     parts = [p for p in name.split(".") if p not in ("weight", "mlp")]
+    if len(parts) > 1 and parts[-1] == "bias":  # nllb's fc1.bias: a bias of that projection
+        return f"{parts[-2]}_bias"
     return parts[-1] if parts else name
 
 
@@ -99,10 +105,12 @@ def neuron_axis(name: str, shape: Sequence[int], family: str | None, width: int 
     transposed = bool(record and (record.tensors.transposed or record.tensors.packed))
     interleaved = family in INTERLEAVED
     ax: NeuronAxis | None
-    if leaf == "down_proj_bias":
+    if leaf in _DOWN_BIAS:
         return None
     if leaf == "gate_up_proj_bias" and len(shape) == 1:
         ax = NeuronAxis(0, 2, interleaved)
+    elif leaf in _UP_BIAS and len(shape) == 1:
+        ax = NeuronAxis(0)
     elif leaf in _GATE_LIKE and len(shape) == 2:
         ax = NeuronAxis(0)
     elif leaf in _DOWN_LIKE and len(shape) == 2:
@@ -260,11 +268,12 @@ def module_experts(experts: Any, num_experts: int, family: str | None) -> list[d
     """The experts of an in-memory experts module as per-expert dicts of detached float tensors.
 
     Fused ``[E, ...]`` parameters are sliced, DBRX's packed ``[E*I, H]`` rows split in E
-    blocks, switch's per-expert modules (``expert_{j}``) read one by one.
+    blocks, switch's and nllb-moe's per-expert modules (``expert_{j}``) read one by one.
     """
     own = dict(experts.named_parameters())
-    children = list(experts.named_children())
-    if len(children) == num_experts and all(list(c.parameters()) for _, c in children):
+    # nllb's experts ModuleDict also holds its token dropout: only children with weights count
+    children = [(n, c) for n, c in experts.named_children() if list(c.parameters())]
+    if len(children) == num_experts:
         return [{n: p.detach().float() for n, p in c.named_parameters()} for _, c in children]
     out: list[dict[str, Any]] = [{} for _ in range(num_experts)]
     for name, p in own.items():
