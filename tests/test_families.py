@@ -358,3 +358,23 @@ def test_nllb_moe_through_the_cli(tmp_path: Path) -> None:
         res = runner.invoke(app, cmd)
         assert res.exit_code == code and "Traceback" not in res.stderr, res.stderr
         assert "nllb-moe" in res.stderr or "encoder-decoder" in res.stderr
+
+
+@pytest.mark.parametrize("family", sorted(ENCODER_DECODER))
+def test_similarity_of_an_encoder_decoder(family: str, tmp_path: Path) -> None:
+    """Both stacks, numbered as trace numbers them (decoder after encoder); the outputs measure
+    runs the decoder teacher-forced (it used to fail: the model was called without decoder
+    inputs), and a trace of the same model is accepted for the coactivation measure."""
+    _, path = _save(family, tmp_path)
+    corpus = _corpus(tmp_path / "corpus.txt")
+    args = ["trace", str(path), str(corpus), "--out", str(tmp_path / "trace"), "--seq-len", str(_SEQ)]
+    assert runner.invoke(app, [*args, "--no-plots", "-q"]).exit_code == 0
+    traced = [r["layer"] for r in json.loads((tmp_path / "trace" / "summary.json").read_text())["layers"]]
+    sim = ["similarity", str(path), "--corpus", str(corpus), "--seq-len", str(_SEQ), "--no-plots", "--json"]
+    res = runner.invoke(app, [*sim, "--trace", str(tmp_path / "trace"), "--out", str(tmp_path / "sim")])
+    assert res.exit_code == 0, res.stderr
+    rows = json.loads(res.stdout)  # one row per expert pair, one column per measure
+    assert sorted({r["layer"] for r in rows}) == traced and len(traced) == 4
+    for r in rows:  # outputs: each expert module run on the sampled block inputs of its stack
+        assert r["outputs"] is not None and r["coactivation"] is not None, r
+        assert -1.0 <= r["outputs"] <= 1.0

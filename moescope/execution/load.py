@@ -225,6 +225,20 @@ def encoder_layers(config: Any) -> int:
     )
 
 
+def number_stacks(sites: list[Any], config: Any) -> list[Any]:
+    """MoE sites with an encoder-decoder's decoder layers numbered after the encoder's.
+
+    That is how ``params``, ``trace`` and ``prune`` number them (``encoder.N`` is layer N,
+    ``decoder.N`` is layer ``encoder_layers + N``); decoder-only models' sites are unchanged.
+    """
+    import dataclasses
+
+    if not getattr(config, "is_encoder_decoder", False):
+        return sites
+    n_enc = encoder_layers(config)
+    return [dataclasses.replace(s, layer=s.layer + n_enc) if s.stack == "decoder" else s for s in sites]
+
+
 class TeacherForced:
     """An encoder-decoder run on one text: the encoder reads it, the decoder is fed it shifted right.
 

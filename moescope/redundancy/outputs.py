@@ -57,10 +57,15 @@ def capture_inputs(
 
     handles = [s.block.register_forward_pre_hook(hook(s.layer), with_kwargs=True) for s in sites]
     device = next(model.parameters()).device
+    runner = model
+    if getattr(model.config, "is_encoder_decoder", False):
+        from moescope.execution.load import TeacherForced
+
+        runner = TeacherForced(model)  # the decoder reads the same text, as trace runs it
     try:
         with torch.inference_mode():
             for ids in batches:
-                model(input_ids=ids.to(device))
+                runner(input_ids=ids.to(device))
                 if all(v >= cap for v in seen.values()):
                     break
     finally:
@@ -100,6 +105,17 @@ def expert_outputs(experts: Any, x: Any, num_experts: int, *, chunk: int = 256) 
 
     param = next(experts.parameters())
     outs = []
+    if hasattr(experts, "keys") and f"expert_{num_experts - 1}" in experts.keys():
+        # switch_transformers, nllb-moe: one child module per expert, fed the tokens directly
+        with torch.inference_mode():
+            for j in range(num_experts):
+                module = experts[f"expert_{j}"]
+                parts = [
+                    module(x[s : s + chunk].to(device=param.device, dtype=param.dtype)).float().cpu()
+                    for s in range(0, x.shape[0], chunk)
+                ]
+                outs.append(torch.cat(parts))
+        return torch.stack(outs)
     with torch.inference_mode():
         for j in range(num_experts):
             parts = []

@@ -120,15 +120,13 @@ def similarity_report(
         NotMoEError: the model has no routed experts.
         TraceError: the trace's experts or layers do not match the model.
     """
+    from moescope.execution.load import number_stacks
     from moescope.execution.routing import require_moe_sites
     from moescope.execution.stream import StreamedModel
 
     skeleton = model.model if isinstance(model, StreamedModel) else model
-    sites = [
-        s
-        for s in require_moe_sites(skeleton, model_ref or "the model")
-        if not s.stack or s.stack == "decoder"
-    ]
+    # an encoder-decoder's two stacks, numbered as trace and prune number them
+    sites = number_stacks(require_moe_sites(skeleton, model_ref or "the model"), skeleton.config)
     if trace is not None:
         layers = sorted(s.layer for s in sites)
         if trace.num_experts != sites[0].num_experts or trace.layers != layers:
@@ -182,7 +180,7 @@ def _layer_similarity(
         rows = router_rows(site.router if site.router is not None else site.block, num)
     if rows is not None:
         ls.matrices["router"] = cosine_matrix(rows)
-    if x is not None and site.kind in ("fused", "dbrx"):
+    if x is not None and site.kind in ("fused", "dbrx", "switch", "nllb"):
         ls.matrices["outputs"] = output_similarity(expert_outputs(site.experts, x, num))
     if trace is not None:
         ls.matrices["coactivation"] = coactivation_similarity(trace, site.layer, num)

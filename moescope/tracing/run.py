@@ -25,7 +25,6 @@ How:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import uuid
@@ -137,10 +136,9 @@ def _target(model: Any, model_ref: str) -> Target:
     if model.config.is_encoder_decoder:
         # both stacks: the decoder is teacher-forced on the same text (TeacherForced); its
         # layers are numbered after the encoder's, as params and prune number them
-        from moescope.execution.load import TeacherForced, encoder_layers
+        from moescope.execution.load import TeacherForced, number_stacks
 
-        n_enc = encoder_layers(model.config)
-        sites = [dataclasses.replace(s, layer=s.layer + n_enc) if s.stack == "decoder" else s for s in sites]
+        sites = number_stacks(sites, model.config)
         runner = model if streamer is not None else TeacherForced(model)
     else:
         runner = getattr(model, "base_model", model)
