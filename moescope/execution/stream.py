@@ -28,9 +28,9 @@ How:
   header, which releases the GIL, so disk or page-cache reads run beside torch's kernels).
   The buffer is bounded: at most :data:`PREFETCH_LAYERS` layers are read ahead of the
   resident one (``MOESCOPE_STREAM_PREFETCH``; 0 reads on load), so memory holds about two
-  layers. Conversion, dequantisation and the swap
-  into the module stay on the calling thread. A streamed pass then takes about
-  ``max(read, compute)`` rather than their sum.
+  layers. The thread also runs the conversion (and dequantisation) into that layer's
+  modules, which the computing thread does not touch until it takes the layer. A streamed
+  pass then takes about ``max(read + convert, compute)`` rather than their sum.
 - Batches whose hidden states exceed a share of the memory budget are run in chunks,
   each chunk one layer-major pass (weights are then read once per chunk). When to stream
   at all is decided in :mod:`moescope.execution.plan`.
@@ -57,6 +57,9 @@ from moescope.errors import CheckpointError, MoescopeError
 
 #: layers read ahead of the resident one by the background reader (the bounded buffer)
 PREFETCH_LAYERS = 1
+
+#: what the background reader hands over for a layer it has read and loaded into the model
+_CONVERTED: Any = object()
 
 # safetensors dtype names -> torch dtype names (what the direct reader can view bytes as)
 _ST_DTYPES = {
@@ -446,27 +449,33 @@ class StreamedModel:
             return
         if self._resident is not None:
             self.release_layer(self._resident)
-        self._load(self.shards.by_layer.get(i, []), state)
+        if state is not _CONVERTED:  # else the reader converted and loaded it already
+            self._load(self.shards.by_layer.get(i, []), state)
         self._resident = i
 
     @contextlib.contextmanager
     def _reader(
         self, layers: Sequence[int]
     ) -> Iterator[tuple[Callable[[int], dict[str, Any] | None], Callable[[], None]]]:
-        """A background thread reading ``layers`` in order, at most :attr:`prefetch` ahead.
+        """A background thread reading and loading ``layers`` in order, at most :attr:`prefetch` ahead.
 
-        Yields ``(take, loaded)``: ``take(i)`` gives layer ``i``'s tensors (waiting for the
-        reader if it is behind); ``loaded()`` says they are in the model, which frees the
-        buffer slot, so the reader starts on the next layer while this one computes (memory:
-        the resident layer plus ``prefetch`` layers being read). With ``prefetch`` 0 there is
-        no thread and ``take`` returns None (read on load).
+        The thread reads a layer's bytes and runs transformers' conversion into that layer's
+        modules (the per-expert stacking costs as much as a small layer's forward), while
+        the calling thread computes the layer before: different modules, so the two never
+        touch the same parameters. Yields ``(take, loaded)``: ``take(i)`` waits until layer
+        ``i`` is loaded and returns :data:`_CONVERTED`; ``loaded()`` says the caller made it
+        the resident layer, which frees the slot, so the thread starts on the next one
+        (memory: the resident layer plus ``prefetch`` layers loaded ahead). With ``prefetch``
+        0 there is no thread and ``take`` returns None (read and convert on load). Layers
+        loaded ahead and never taken (an error) are released on exit.
         """
         import time
 
         if self.prefetch <= 0 or len(layers) < 2:
             yield (lambda _i: None), (lambda: None)
             return
-        slots = threading.Semaphore(self.prefetch)  # the bounded buffer: layers read, not yet taken
+        slots = threading.Semaphore(self.prefetch)  # the bounded buffer: layers loaded, not yet taken
+        ahead: set[int] = set()  # loaded by the thread, not yet taken
         ready: queue.Queue[tuple[int, Any]] = queue.Queue()
         stop = threading.Event()
 
@@ -478,12 +487,15 @@ class StreamedModel:
                 if stop.is_set():
                     return
                 try:
-                    state: Any = self._read(self.shards.by_layer.get(i, []))
+                    keys = self.shards.by_layer.get(i, [])
+                    state: Any = self._read(keys)
+                    self._load(keys, state)
+                    del state  # the layer's modules hold the converted tensors now
                 except BaseException as exc:  # handed to the calling thread, raised there
                     ready.put((i, exc))
                     return
-                ready.put((i, state))
-                del state  # else this frame keeps the layer's bytes alive until the next read
+                ahead.add(i)
+                ready.put((i, _CONVERTED))
 
         thread = threading.Thread(target=work, name="moescope-layer-reader", daemon=True)
         thread.start()
@@ -496,6 +508,7 @@ class StreamedModel:
                 raise state
             if got != i:  # the reader follows the same order; anything else is a bug
                 raise MoescopeError(f"layer reader out of order: wanted layer {i}, got {got}")
+            ahead.discard(i)
             return state  # type: ignore[no-any-return]
 
         try:
@@ -505,6 +518,8 @@ class StreamedModel:
             thread.join()
             while not ready.empty():  # drop what was read ahead and not used
                 ready.get_nowait()
+            for i in ahead - {self._resident}:
+                self.release_layer(i)
 
     def release_layer(self, i: int) -> None:
         """Put layer ``i``'s parameters back on the meta device and return the memory."""
