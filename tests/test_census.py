@@ -340,14 +340,6 @@ PRUNE_GAPS: dict[str, str] = {
     "ergo": "refused: see params",
     "step3p7": "refused: see params",
     "granitemoehybrid": "refused: see params",
-    "ernie4_5_moe": "refused at verification: its [1, E] correction bias is not sliced (size mismatch on reload)",
-    "kolibri1": "refused at verification: an E-sized tensor is not sliced (size mismatch on reload)",
-    "kolibri1_1": "refused at verification: an E-sized tensor is not sliced (size mismatch on reload)",
-    "hy_v3": "refused: its per-expert tensors are stored under a name the rewriter does not renumber",
-    "inkling_mm_model": "refused at verification: its router scores the shared experts too (E + shared rows)",
-    "inkling_text": "refused at verification: its router scores the shared experts too (E + shared rows)",
-    "longcat_flash": "refused in one line: its router scores zero experts too (more rows than experts)",
-    "zaya": "refused in one line: its router scores a skip class too (more rows than experts)",
 }
 
 
