@@ -478,3 +478,25 @@ def test_transformers_own_nllb_experts_loop_is_why_moescope_dispatches() -> None
         ours = nllb.dispatch_forward()(block, x)
     assert stock_ran <= {0, 1} or torch.allclose(stock, ours, atol=1e-6)
     assert ran == set(range(block.num_experts))  # the dispatch runs the experts routed to
+def test_an_experts_subclass_with_its_own_forward_keeps_it() -> None:
+    """ergo's experts subclass the decorated class and override forward (a per-expert norm per
+    route): the recorder must not swap the eager loop in (the output, and so every later
+    layer's routing, would change); ids and weights still come, output norms do not."""
+    model = _build("mixtral")
+    sites = find_moe_sites(model)
+    base_cls = type(sites[0].experts)
+
+    class OwnForward(base_cls):  # type: ignore[misc, valid-type]
+        def forward(self, hidden_states: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+            return 2 * super().forward(hidden_states, top_k_index, top_k_weights)
+
+    for s in sites:
+        s.experts.__class__ = OwnForward
+    ids = torch.randint(0, _VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+        with RoutingRecorder(sites) as rec:
+            hooked = model(input_ids=ids).logits
+            records = rec.records
+    assert torch.equal(hooked, base)
+    assert all(r is not None and r.norms is None and r.ids.shape == (18, 2) for r in records)

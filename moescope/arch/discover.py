@@ -114,6 +114,11 @@ class Structure:
         stored_towers: the towers' parameters as the checkpoint names them, blanked likewise.
         stored_params: parameters named like buffers elsewhere (a correction bias that is a
             learned parameter in this family), as the checkpoint names them.
+        stored_routing: the routers' tensors and the MoE blocks' own (not their children's:
+            hy_v3's ``mlp.e_score_correction_bias``) as the checkpoint names them, blanked
+            likewise: where pruning finds the router rows (hy_v3 stores ``mlp.gate.weight`` as
+            ``mlp.router.gate.weight``, kolibri1 its gate's correction bias as
+            ``moe.router.expert_bias``, outside the block).
     """
 
     model_type: str
@@ -128,6 +133,7 @@ class Structure:
     stored_buffers: frozenset[str] = frozenset()
     stored_towers: frozenset[str] = frozenset()
     stored_params: frozenset[str] = frozenset()
+    stored_routing: frozenset[str] = frozenset()
 
     @property
     def is_moe(self) -> bool:
@@ -365,6 +371,11 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
     stored_buffers, stored_towers = _stored_keys(model, sorted(saved)), _stored_keys(model, tower_params)
     buffer_like = [n for n, _ in model.named_parameters() if n.endswith(BUFFER_LIKE)]
     stored_params = _stored_keys(model, buffer_like)
+    routing = [f"{s.router}.{t}" for s in sites if s.router for t in s.router_tensors]
+    for s in sites:
+        block = model.get_submodule(s.block)
+        own = [*block.named_parameters(recurse=False), *block.named_buffers(recurse=False)]
+        routing += [f"{s.block}.{n}" for n, _ in own]
     dotted = lambda f: f"{prefix}.{f}" if prefix and f else f  # noqa: E731
     return Structure(
         model_type=str(cfg.get("model_type") or ""),
@@ -379,6 +390,7 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
         stored_buffers=stored_buffers,
         stored_towers=stored_towers,
         stored_params=stored_params,
+        stored_routing=_stored_keys(model, routing),
     )
 
 

@@ -503,6 +503,10 @@ def _classify_shape(
         return tc("vision")
     if lname.startswith("mtp.") or ".mtp." in lname or mtp_layer:
         return tc("mtp")
+    if name in stored_params and router_ok:
+        # a learned correction bias, added to every token's router scores: router-like, always
+        # active, wherever the checkpoint stores it (laguna saves its gate's under mlp.experts.)
+        return tc("router")
     if "shared_expert" in lname or any(m in lname for m in shared):
         return tc("shared_experts")
     if ".experts." in lname or lname.endswith(".experts") or any(m in lname for m in routed):

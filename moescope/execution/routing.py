@@ -126,6 +126,21 @@ def _is_fused_experts(module: Any) -> bool:
     return hasattr(module, "_is_expert_parallel") and hasattr(module, "has_gate")
 
 
+def _overrides_decorated_forward(experts: Any) -> bool:
+    """Whether the experts module's class overrides the forward ``use_experts_implementation`` put on a base.
+
+    The decorator wraps ``forward`` (``functools.wraps``: the wrapper has ``__wrapped__``). A
+    subclass of a decorated class with its own forward (ergo's experts repeat each token per
+    route, apply a per-expert RMSNorm to each route and sum the weighted routes around the
+    decorated projections) does more than the eager loop :func:`fused_forward_with_norms`
+    reproduces: swapping that loop in would change the model's output and every later layer's
+    routing. A class never decorated (DBRX's) has its own norm-capturing loop.
+    """
+    own = type(experts).__dict__.get("forward")
+    decorated = any(hasattr(c.__dict__.get("forward"), "__wrapped__") for c in type(experts).__mro__)
+    return decorated and own is not None and not hasattr(own, "__wrapped__")
+
+
 @functools.cache
 def _experts_classes() -> dict[str, families.Family]:
     """Experts class name -> family record, from the registry."""
@@ -388,7 +403,9 @@ class RoutingRecorder:
                 self._handles.append(
                     site.experts.register_forward_pre_hook(self._args_hook(i), with_kwargs=True)
                 )
-                if self.record_norms:
+                # an experts class with its own forward keeps it: ids and weights come from the
+                # pre-hook (what it receives and applies), output norms are not recorded (lacks)
+                if self.record_norms and not _overrides_decorated_forward(site.experts):
                     make = fused_forward_with_norms if site.kind == "fused" else dbrx_forward_with_norms
                     patched = types.MethodType(make(self, i), site.experts)
                     if "_old_forward" in site.experts.__dict__:

@@ -15,8 +15,10 @@ whether experts are packed as rows (DBRX), the config fields that hold the exper
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from moescope import families
 from moescope.arch.moe import MoESpec, layer_index, moe_spec
 from moescope.errors import CheckpointError, NotMoEError, PruneError
 from moescope.families import LAYER_RE, PER_EXPERT_RE, Family
-from moescope.pruning.rewrite import OutTensor
+from moescope.pruning.rewrite import OutTensor, row_ranges
 from moescope.pruning.source import Checkpoint
 
 
@@ -77,6 +79,27 @@ def generic_record(config: dict[str, Any], where: str | Path = "config.json") ->
             routers.update(f"{r}.{leaf}" for leaf in ("weight", "bias", "e_score_correction_bias"))
             routers.update(f"{r}.{t}" for t in site.router_tensors)
         shared.update(f"{b}.{p[len(site.block) + 1 :]}" for p in site.shared)
+    # the router's tensors under the names the checkpoint stores them (transformers renames
+    # some on saving): inside the block they are router tensors of it; one outside the block
+    # (kolibri1's moe.router.expert_bias beside mlp.) makes the whole layer the block. When
+    # none is inside, the checkpoint renames the block itself (block_sparse_moe for mlp):
+    # detect_layout finds it by the routers' in-memory names, as before
+    outside: set[str] = set()
+    found_inside: set[str] = set()
+    for stored in found.stored_routing:
+        if ".#." not in stored:  # layer numbers are blanked to "#"
+            continue
+        lr = stored.partition(".#.")[2]
+        inside = [lr if not b else lr[len(b) + 1 :] for b in blocks if not b or lr.startswith(b + ".")]
+        if inside:
+            found_inside.update(inside)
+        else:
+            outside.add(lr)
+    routers |= found_inside
+    if outside and found_inside:
+        routers = {f"{b}.{r}" if b else r for b in blocks for r in routers} | outside
+        experts = {f"{b}.{e}" if b else e for b in blocks for e in experts}
+        blocks = [""]
     field = found.num_experts_field.rpartition(".")[2]
     from moescope.families._base import Attention, Fields, Placement, Routing, Tensors
 
@@ -171,6 +194,8 @@ class MoELayout:
         layers: MoE layer index -> MoE block prefix (e.g. ``model.layers.3.mlp.``).
         family: the registry family (its tensor naming drives :func:`plan_tensors`).
         expert_width: one expert's width (packed layouts: rows per expert).
+        class_rows: router tensors (layer-relative, as stored) with rows past the E experts'
+            that the config sizes apart from E, and how many (:func:`class_rows`).
     """
 
     num_experts: int
@@ -178,6 +203,60 @@ class MoELayout:
     layers: dict[int, str]
     family: str = ""
     expert_width: int = 0
+    class_rows: dict[str, int] = field(default_factory=dict)
+
+
+def _layer_relative(name: str) -> str:
+    m = LAYER_RE.search(name)
+    return name[m.end() + 1 :] if m else name
+
+
+@functools.lru_cache(maxsize=16)
+def _class_rows_json(text: str) -> tuple[tuple[str, int], ...]:
+    from moescope.arch.discover import _stored_keys, build_meta_model, discover
+
+    config = json.loads(text)
+    found = discover(config)
+    if found is None or not found.is_moe or found.num_experts_field is None:
+        return ()
+    e = found.num_experts
+    names = [f"{s.router}.{t}" for s in found.sites if s.router for t in s.router_tensors]
+    bigger = json.loads(text)
+    holder = bigger
+    *parents, leaf = found.num_experts_field.split(".")
+    for part in parents:
+        holder = holder[part]
+    holder[leaf] = 2 * e  # 2E keeps group-limited routing's divisibility
+    try:
+        models = build_meta_model(config), build_meta_model(bigger)
+    except Exception:  # the config validator refuses 2E: no extra rows known, none sliced
+        return ()
+    small, big = (dict(m.state_dict(keep_vars=True)) for m in models)
+    out: dict[str, int] = {}
+    for name in names:
+        a, b = small.get(name), big.get(name)
+        if a is None or b is None or not a.dim() or a.shape[0] <= e:
+            continue
+        extra = int(a.shape[0]) - e
+        if int(b.shape[0]) == 2 * e + extra:  # E rows, and rows the config sizes apart from E
+            for stored in _stored_keys(models[0], [name]):
+                out[stored.partition(".#.")[2]] = extra  # layer numbers are blanked to "#"
+    return tuple(sorted(out.items()))
+
+
+def class_rows(config: dict[str, Any]) -> dict[str, int]:
+    """Router tensors with rows past the E experts', the config sizing them apart from E.
+
+    inkling scores its shared experts, longcat_flash its zero experts, zaya a skip class in
+    the router beside the routed experts: ``[E + x, ...]`` with x fixed by another config
+    field. Found by building the model (meta device) with 2E experts: a tensor with
+    ``2E + x`` rows there. The x rows come after the E (all three families take the routed
+    experts' scores as the first E), so pruning keeps them whole after the kept rows.
+    Families with a registry record have none.
+    """
+    if families.lookup(families.family_of(config)) is not None:
+        return {}
+    return dict(_class_rows_json(json.dumps(config, sort_keys=True, default=str)))
 
 
 def detect_layout(ckpt: Checkpoint) -> MoELayout:
@@ -192,10 +271,13 @@ def detect_layout(ckpt: Checkpoint) -> MoELayout:
     record, spec = _spec(ckpt.config, where)
     top_k = config_top_k(ckpt.config)
     num_experts = spec.num_experts
+    extra = class_rows(ckpt.config) if record.tensors.rows_by_shape else {}
     layers: dict[int, str] = {}
     for info in ckpt.tensors.values():
         m = LAYER_RE.search(info.name)
-        if not m or not info.shape or info.shape[0] != num_experts:
+        if not m or not info.shape:
+            continue
+        if info.shape[0] != num_experts + extra.get(info.name[m.end() + 1 :], 0):
             continue
         prefix, rest = info.name[: m.end() + 1], info.name[m.end() + 1 :]
         index = layer_index(info.name, spec)  # switch: decoder blocks numbered after the encoder's
@@ -230,7 +312,7 @@ def detect_layout(ckpt: Checkpoint) -> MoELayout:
             f"{spec.moe_layers} MoE; the config does not belong to these weights."
         )
     return MoELayout(
-        num_experts, top_k, dict(sorted(layers.items())), record.name, spec.expert_intermediate_size
+        num_experts, top_k, dict(sorted(layers.items())), record.name, spec.expert_intermediate_size, extra
     )
 
 
@@ -290,6 +372,12 @@ def _block_tensor(
     rel = info.name[len(block) :]
     t = record.tensors
     if rel in t.routers:
+        rows = num + layout.class_rows.get(_layer_relative(info.name), 0)
+        if rows > num and info.shape and info.shape[0] == rows:
+            # the E experts' rows, then the rows of the classes the config sizes apart from E
+            return OutTensor.rows(info, rows, [*ids, *range(num, rows)])
+        if t.rows_by_shape and len(info.shape) >= 2 and info.shape[-1] == num and info.numel == num:
+            return _row_vector(info, num, ids)  # a [1, E] correction bias (ernie4_5_moe)
         if t.rows_by_shape and (not info.shape or info.shape[0] != num):
             return OutTensor.whole(info)  # a router's own scale or norm, not one row per expert
         if info.shape[0] != num:
@@ -311,7 +399,11 @@ def _block_tensor(
                 "tensor; this checkpoint layout is not supported for pruning."
             )
         return OutTensor.whole(info)  # shared experts, shared gates, norms of the block
-    per = PER_EXPERT_RE.match(info.name, len(block) - 1)
+    at = len(block) - 1
+    prefix = next(p for p in t.experts if rel.startswith(p))
+    if t.rows_by_shape and prefix.endswith(".experts."):  # the layer is the block: mlp.experts.
+        at += len(prefix) - len("experts.")
+    per = PER_EXPERT_RE.match(info.name, at)
     if per is not None:
         j = int(per.group(2))
         if j >= num:
@@ -336,6 +428,13 @@ def _block_tensor(
         + (f" x {width} rows" if t.packed and width else "")
         + "; this checkpoint layout is not supported for pruning."
     )
+
+
+def _row_vector(info: Any, num: int, ids: list[int]) -> OutTensor:
+    """The kept entries of a ``[1, ..., 1, E]`` tensor: its E elements are contiguous, one per expert."""
+    flat = types.SimpleNamespace(name=info.name, offset=info.offset, nbytes=info.nbytes, shape=(num,))
+    shape = (*info.shape[:-1], len(ids))
+    return OutTensor(info.name, info.dtype, shape, row_ranges(flat, num, ids))
 
 
 def updated_config(config: dict[str, Any], keep: int, num_experts: int) -> tuple[dict[str, Any], list[str]]:
