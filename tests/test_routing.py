@@ -478,6 +478,8 @@ def test_transformers_own_nllb_experts_loop_is_why_moescope_dispatches() -> None
         ours = nllb.dispatch_forward()(block, x)
     assert stock_ran <= {0, 1} or torch.allclose(stock, ours, atol=1e-6)
     assert ran == set(range(block.num_experts))  # the dispatch runs the experts routed to
+
+
 def test_an_experts_subclass_with_its_own_forward_keeps_it() -> None:
     """ergo's experts subclass the decorated class and override forward (a per-expert norm per
     route): the recorder must not swap the eager loop in (the output, and so every later
