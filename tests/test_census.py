@@ -19,6 +19,7 @@ received. Families that cannot be traced exactly are in :data:`TRACE_GAPS` with 
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import tempfile
@@ -332,6 +333,69 @@ def test_sweep_of_a_family_without_a_record(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "top-p" in res.stderr and "Traceback" not in res.stderr
 
 
+def check_sweep(model_type: str, root: Path) -> tuple[bool, str]:
+    """(works, what was seen): ``sweep --top-k 1`` through the router's own rule.
+
+    Runs after :func:`check_trace` in the same ``root``. Works when the native setting's
+    perplexity is ``eval``'s and k=1 routes one expert per token (perplexity changed when the
+    native k is larger).
+    """
+    import json
+
+    from tests.safety import invoke
+
+    args = [root / model_type, root / "corpus.txt", "--seq-len", _SEQ, "--json"]
+    res = invoke(["sweep", *args[:2], "--top-k", "1", *args[2:]])
+    if res.exit_code != 0:
+        return False, (res.stderr or res.output).strip().splitlines()[-1][:200]
+    rows = {r["setting"]: r for r in json.loads(res.stdout)}
+    ev = invoke(["eval", *args])
+    if ev.exit_code != 0:
+        return False, "eval: " + (ev.stderr or ev.output).strip().splitlines()[-1][:200]
+    native, one, want = rows["native"], rows.get("k=1", rows["native"]), json.loads(ev.stdout)["perplexity"]
+    same = math.isclose(native["perplexity"], want, rel_tol=1e-6)
+    moved = native["experts_per_token"] == 1 or one["perplexity"] != native["perplexity"]
+    ok = same and one["experts_per_token"] == 1 and moved
+    return (
+        ok,
+        f"native {native['perplexity']:.4g} vs eval {want:.4g}; k=1: {one['experts_per_token']} experts/token",
+    )
+
+
+#: families whose top-k sweep does not work, with what a user sees and why (README table)
+SWEEP_GAPS: dict[str, str] = {
+    "deepseek_v4": "runs, but its hash-routed layers (token-id lookup table) keep their k: k=1 gives 1.33 experts/token on the census model, shown per layer",
+    "ergo": "refused: see params",
+    "glm4v_moe_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "glm5_next_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "granitemoehybrid": "refused: see params",
+    "hy_v4_vl_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "mistral_large4_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "muse_spark_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "nllb-moe": "refused in one line: capacity-limited top-2 routing of an encoder-decoder",
+    "openai_privacy_filter": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "phimoe": "refused in one line: sparsemixer routing always takes 2 experts",
+    "qwen3_vl_moe_text": "refused in one line: a text sub-model has no language-model head, so no perplexity (sweep the full model)",
+    "step3p7": "refused: see params",
+    "switch_transformers": "refused in one line: capacity-limited top-1 routing of an encoder-decoder",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_sweep_top_k(model_type: str, tmp_path: Path) -> None:
+    if model_type in census.SKIP:
+        pytest.skip(census.SKIP[model_type])
+    check_trace(model_type, tmp_path)
+    if not (tmp_path / "trace" / "summary.json").exists():
+        pytest.skip("not traced")
+    ok, seen = check_sweep(model_type, tmp_path)
+    if model_type in SWEEP_GAPS:
+        assert not ok, f"{model_type} sweeps now: remove it from SWEEP_GAPS ({seen})"
+        pytest.skip(SWEEP_GAPS[model_type])
+    assert ok, f"{model_type}: {seen}"
+
+
 #: families pruning does not handle yet, with what a user sees and why (README table)
 PRUNE_GAPS: dict[str, str] = {
     "diffusion_gemma": "not traced (see trace)",
@@ -365,29 +429,32 @@ def _safely(check: Any, *args: Any) -> bool:
 
 def coverage_table() -> str:
     """The README coverage table (markdown), from the checks above (``python -m tests.test_census``)."""
-    rows = ["| family | params | trace | prune | stream | note |", "|---|---|---|---|---|---|"]
-    totals = [0, 0, 0, 0]
+    rows = ["| family | params | trace | prune | sweep | stream | note |", "|---|---|---|---|---|---|---|"]
+    totals = [0, 0, 0, 0, 0]
     for mt in FAMILIES:
         if mt in census.SKIP:
-            rows.append(f"| {mt} | - | - | - | - | not built: {census.SKIP[mt]} |")
+            rows.append(f"| {mt} | - | - | - | - | - | not built: {census.SKIP[mt]} |")
             continue
         p_ok = _safely(check_params, mt)
         with tempfile.TemporaryDirectory() as d:
             t_ok = _safely(check_trace, mt, Path(d))
-            s_ok = (Path(d) / "trace" / "summary.json").exists() and _safely(check_stream, mt, Path(d))
+            traced = (Path(d) / "trace" / "summary.json").exists()
+            w_ok = traced and _safely(check_sweep, mt, Path(d))
+            s_ok = traced and _safely(check_stream, mt, Path(d))
         with tempfile.TemporaryDirectory() as d:
             r_ok = _safely(check_prune, mt, Path(d))
         gaps = (
             (p_ok, PARAMS_GAPS, "params"),
             (t_ok, TRACE_GAPS, "trace"),
             (r_ok, PRUNE_GAPS, "prune"),
+            (w_ok, SWEEP_GAPS, "sweep"),
             (s_ok, STREAM_GAPS, "stream"),
         )
         notes = [f"{what}: {g[mt]}" for ok, g, what in gaps if not ok and mt in g]
-        for i, ok in enumerate((p_ok, t_ok, r_ok, s_ok)):
+        for i, ok in enumerate((p_ok, t_ok, r_ok, w_ok, s_ok)):
             totals[i] += ok
         cells = ["exact" if p_ok else "no", "exact" if t_ok else "no", "reloads" if r_ok else "no"]
-        cells.append("same" if s_ok else "no")
+        cells += ["top-k" if w_ok else "no", "same" if s_ok else "no"]
         rows.append(f"| {mt} | {' | '.join(cells)} | {'; '.join(notes)} |")
     n = len(FAMILIES)
     rows.append(f"| **{n} families** | " + " | ".join(f"**{t}**" for t in totals) + " | |")

@@ -38,7 +38,8 @@ returns (tests/test_sweep.py checks it bit for bit).
 
 Not supported (refused with the reason): phimoe (sparsemixer fixes k = 2), switch
 (capacity-limited top-1 of an encoder-decoder), nllb-moe (capacity-limited top-2 of one). A family without a record whose router holds
-its ``top_k`` (the generic adapter's families) takes top-k settings through that attribute —
+its ``top_k`` (the generic adapter's families) takes top-k settings through that attribute (or
+the config key its forward reads, gemma4's ``top_k_experts``) —
 the router's own rule picks and weighs the k experts — and refuses top-p.
 """
 
@@ -101,12 +102,35 @@ class LayerCount:
 ROUTER_TOP_K = "router_top_k"
 
 
+def router_k_target(router: Any) -> tuple[Any, str] | None:
+    """``(object, attribute)`` holding a router's k: its own int ``top_k``, or the config key its
+    forward reads (gemma4's router takes ``self.config.top_k_experts``); None when neither."""
+    import inspect
+
+    from moescope.arch.discover import TOP_K_KEYS
+
+    k = getattr(router, "top_k", None)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return router, "top_k"
+    cfg = getattr(router, "config", None)
+    if cfg is None:
+        return None
+    try:
+        source = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return None
+    for key in TOP_K_KEYS:
+        value = getattr(cfg, key, None)
+        if f"self.config.{key}" in source and isinstance(value, int) and not isinstance(value, bool):
+            return cfg, key
+    return None
+
+
 def _generic_router(site: MoESite) -> Any:
-    """The router module beside a family-less site's experts, when it holds an int ``top_k``."""
+    """The router module beside a family-less site's experts, when its k can be set (:func:`router_k_target`)."""
     for name in ("gate", "router"):
         router = getattr(site.block, name, None)
-        k = getattr(router, "top_k", None)
-        if isinstance(k, int) and not isinstance(k, bool):
+        if router is not None and router_k_target(router) is not None:
             return router
     return None
 
@@ -440,6 +464,17 @@ class RoutingOverride:
             check_layer_rule(
                 rule, layer=site.layer, num_experts=site.num_experts, candidates=candidate_count(site)
             )
+        shared: dict[int, set[int]] = {}  # a config every layer's router reads k from: one k for all
+        for site in sites:
+            if rule_of(site) == ROUTER_TOP_K:
+                obj, _ = router_k_target(_router(site)) or (None, "")
+                if obj is not None and obj is not _router(site) and rules[site.layer].top_k is not None:
+                    shared.setdefault(id(obj), set()).add(int(rules[site.layer].top_k))  # type: ignore[arg-type]
+        if any(len(ks) > 1 for ks in shared.values()):
+            raise RoutingSettingError(
+                "this model's routers read k from the shared config, so every MoE layer takes the same "
+                "top-k; pass one k for all layers."
+            )
 
     def __enter__(self) -> RoutingOverride:
         try:
@@ -466,7 +501,9 @@ class RoutingOverride:
         rule_name = rule_of(site)
         if rule_name == ROUTER_TOP_K:
             assert rule.top_k is not None  # top-p refused in __init__
-            self._replace(_router(site), "top_k", int(rule.top_k))
+            holder = router_k_target(_router(site))
+            assert holder is not None  # rule_of found one
+            self._replace(holder[0], holder[1], int(rule.top_k))
 
             def count(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 ids = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
