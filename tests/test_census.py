@@ -154,6 +154,11 @@ def check_trace(model_type: str, root: Path) -> tuple[bool, str]:
     def hook(name: str) -> Any:
         def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             index = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            weights = kwargs.get("top_k_weights", args[2] if len(args) > 2 else None)
+            if weights is not None and weights.shape == index.shape:
+                # a weight-0 slot contributes nothing (longcat_flash's zero experts, zaya's skip
+                # class arrive as a real id with weight 0): not a route
+                index = index.masked_fill(weights == 0, -1)
             if index.shape[0] == mask.numel():  # one row per token: padding is not counted
                 index = index[mask]
             for e in index.reshape(-1).tolist():

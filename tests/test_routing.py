@@ -502,3 +502,38 @@ def test_an_experts_subclass_with_its_own_forward_keeps_it() -> None:
             records = rec.records
     assert torch.equal(hooked, base)
     assert all(r is not None and r.norms is None and r.ids.shape == (18, 2) for r in records)
+
+
+def test_longcat_zero_expert_routes_are_not_counted_as_experts() -> None:
+    """longcat_flash hands zero-expert routes to the experts as real ids with weight 0 (spread over
+    the experts); the recorder counts what the router chose: its ids below E, nothing else."""
+    from collections import Counter
+
+    from tests import census
+
+    torch.manual_seed(0)
+    model = census.build("longcat_flash")
+    sites = find_moe_sites(model)
+    num = sites[0].num_experts
+    chosen: Counter[tuple[int, int]] = Counter()
+    zero_routes = [0]
+
+    def router_hook(layer: int) -> Any:
+        def hook(_m: Any, _args: Any, output: Any) -> None:
+            ids = output[2]
+            zero_routes[0] += int((ids >= num).sum())
+            chosen.update((layer, int(e)) for e in ids.reshape(-1).tolist() if e < num)
+
+        return hook
+
+    for site in sites:
+        site.block.router.register_forward_hook(router_hook(site.layer))
+    ids = torch.randint(3, 100, (2, 24))
+    got: Counter[tuple[int, int]] = Counter()
+    with torch.inference_mode(), RoutingRecorder(sites) as rec:
+        model(input_ids=ids)
+        for site, r in zip(sites, rec.records, strict=True):
+            assert r is not None
+            got.update((site.layer, int(e)) for e in r.ids.reshape(-1).tolist() if e >= 0)
+    assert zero_routes[0] > 0  # the tiny model does route to zero experts
+    assert got == chosen

@@ -385,6 +385,11 @@ class RoutingRecorder:
                 out.append(None)
                 continue
             ids, weights = self._ids[i], self._weights[i]
+            if self.sites[i].kind == "fused" and weights is not None and ids.shape == weights.shape:
+                # a slot the block gives weight exactly 0 contributes nothing: longcat_flash's zero
+                # experts and zaya's skip class reach the experts as a real id with weight 0
+                # (longcat spreads them over the experts); counted as not routed, like a drop
+                ids = ids.masked_fill(weights == 0, -1)
             # llama4 folds the weight into the expert input: its output already is the contribution
             out.append(LayerRecord(ids, weights, self._norms.get(i), self.sites[i].kind == "llama4"))
         return out
