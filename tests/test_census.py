@@ -258,6 +258,16 @@ def check_stream(model_type: str, root: Path) -> tuple[bool, str]:
 FAMILIES = census.moe_families()
 
 
+def _verdict(model_type: str, ok: bool, seen: str, name: str, now: str) -> None:
+    """Pass an exact family, skip one listed in the gaps dict ``name``, fail otherwise; a gap that
+    closed must leave its list (the README table would be wrong): ``now`` says what it does then."""
+    gaps: dict[str, str] = globals()[name]
+    if model_type in gaps:
+        assert not ok, f"{model_type} {now} now: remove it from {name} ({seen})"
+        pytest.skip(gaps[model_type])
+    assert ok, f"{model_type}: {seen}"
+
+
 def test_census_finds_the_families() -> None:
     """The enumeration reads the installed transformers (it would be empty if the scan broke)."""
     assert len(FAMILIES) >= 60
@@ -274,11 +284,7 @@ def test_params_equals_the_model(model_type: str) -> None:
     if model_type in census.SKIP:
         pytest.skip(census.SKIP[model_type])
     exact, seen = check_params(model_type)
-    if model_type in PARAMS_GAPS:
-        # a gap that closed must leave the list (the README table would be wrong)
-        assert not exact, f"{model_type} is exact now: remove it from PARAMS_GAPS ({seen})"
-        pytest.skip(PARAMS_GAPS[model_type])
-    assert exact, f"{model_type}: {seen}"
+    _verdict(model_type, exact, seen, "PARAMS_GAPS", "is exact")
 
 
 @pytest.mark.slow
@@ -287,10 +293,7 @@ def test_trace_equals_the_experts_inputs(model_type: str, tmp_path: Path) -> Non
     if model_type in census.SKIP:
         pytest.skip(census.SKIP[model_type])
     exact, seen = check_trace(model_type, tmp_path)
-    if model_type in TRACE_GAPS:
-        assert not exact, f"{model_type} traces exactly now: remove it from TRACE_GAPS ({seen})"
-        pytest.skip(TRACE_GAPS[model_type])
-    assert exact, f"{model_type}: {seen}"
+    _verdict(model_type, exact, seen, "TRACE_GAPS", "traces exactly")
 
 
 #: families whose streamed trace is not the in-memory one, with what a user sees and why
@@ -309,10 +312,7 @@ def test_stream_equals_in_memory(model_type: str, tmp_path: Path) -> None:
     if not (tmp_path / "trace" / "summary.json").exists():
         pytest.skip(f"not traced: {seen}")
     same, seen = check_stream(model_type, tmp_path)
-    if model_type in STREAM_GAPS:
-        assert not same, f"{model_type} streams now: remove it from STREAM_GAPS ({seen})"
-        pytest.skip(STREAM_GAPS[model_type])
-    assert same, f"{model_type}: {seen}"
+    _verdict(model_type, same, seen, "STREAM_GAPS", "streams")
 
 
 @pytest.mark.slow
@@ -395,10 +395,7 @@ def test_sweep_top_k(model_type: str, tmp_path: Path) -> None:
     if not (tmp_path / "trace" / "summary.json").exists():
         pytest.skip("not traced")
     ok, seen = check_sweep(model_type, tmp_path)
-    if model_type in SWEEP_GAPS:
-        assert not ok, f"{model_type} sweeps now: remove it from SWEEP_GAPS ({seen})"
-        pytest.skip(SWEEP_GAPS[model_type])
-    assert ok, f"{model_type}: {seen}"
+    _verdict(model_type, ok, seen, "SWEEP_GAPS", "sweeps")
 
 
 #: families pruning does not handle yet, with what a user sees and why (README table)
@@ -418,10 +415,7 @@ def test_prune_reloads_with_the_right_count(model_type: str, tmp_path: Path) -> 
     if model_type in census.SKIP:
         pytest.skip(census.SKIP[model_type])
     ok, seen = check_prune(model_type, tmp_path)
-    if model_type in PRUNE_GAPS:
-        assert not ok, f"{model_type} prunes now: remove it from PRUNE_GAPS ({seen})"
-        pytest.skip(PRUNE_GAPS[model_type])
-    assert ok, f"{model_type}: {seen}"
+    _verdict(model_type, ok, seen, "PRUNE_GAPS", "prunes")
 
 
 def _safely(check: Any, *args: Any) -> bool:

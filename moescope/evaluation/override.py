@@ -466,10 +466,13 @@ class RoutingOverride:
             )
         shared: dict[int, set[int]] = {}  # a config every layer's router reads k from: one k for all
         for site in sites:
-            if rule_of(site) == ROUTER_TOP_K:
-                obj, _ = router_k_target(_router(site)) or (None, "")
-                if obj is not None and obj is not _router(site) and rules[site.layer].top_k is not None:
-                    shared.setdefault(id(obj), set()).add(int(rules[site.layer].top_k))  # type: ignore[arg-type]
+            k = rules[site.layer].top_k
+            if k is None or rule_of(site) != ROUTER_TOP_K:
+                continue
+            router = _router(site)
+            holder = router_k_target(router)
+            if holder is not None and holder[0] is not router:
+                shared.setdefault(id(holder[0]), set()).add(int(k))
         if any(len(ks) > 1 for ks in shared.values()):
             raise RoutingSettingError(
                 "this model's routers read k from the shared config, so every MoE layer takes the same "

@@ -365,8 +365,6 @@ class RoutingRecorder:
         self._weights: dict[int, Any] = {}
         self._norms: dict[int, Any] = {}
         self._handles: list[Any] = []
-        self._patched: list[Any] = []
-        self._accelerate: list[tuple[Any, Any]] = []
         self._restore: list[tuple[Any, str, Any]] = []  # (module, attribute, instance value or None)
 
     # -- public -----------------------------------------------------------------------------
@@ -412,15 +410,7 @@ class RoutingRecorder:
                 # pre-hook (what it receives and applies), output norms are not recorded (lacks)
                 if self.record_norms and not _overrides_decorated_forward(site.experts):
                     make = fused_forward_with_norms if site.kind == "fused" else dbrx_forward_with_norms
-                    patched = types.MethodType(make(self, i), site.experts)
-                    if "_old_forward" in site.experts.__dict__:
-                        # accelerate (device_map) wraps forward to load offloaded weights first and
-                        # then calls _old_forward: replace that, so the weights are there
-                        self._accelerate.append((site.experts, site.experts._old_forward))
-                        site.experts._old_forward = patched
-                    else:
-                        site.experts.forward = patched
-                        self._patched.append(site.experts)
+                    self._swap_forward(site.experts, types.MethodType(make(self, i), site.experts))
             elif site.kind == "llama4":
                 self._handles.append(site.router.register_forward_hook(self._llama4_router_hook(i)))
                 if self.record_norms:
@@ -430,12 +420,8 @@ class RoutingRecorder:
                 from moescope.execution.nllb import dispatch_forward
 
                 block = site.block
-                patched = types.MethodType(
-                    dispatch_forward(self._nllb_sink(i), norms=self.record_norms), block
-                )
-                attr = "_old_forward" if "_old_forward" in block.__dict__ else "forward"
-                self._restore.append((block, attr, block.__dict__.get(attr)))
-                setattr(block, attr, patched)
+                forward = dispatch_forward(self._nllb_sink(i), norms=self.record_norms)
+                self._swap_forward(block, types.MethodType(forward, block))
             elif site.kind == "switch":
                 self._handles.append(
                     site.experts.register_forward_pre_hook(self._switch_hook(i), with_kwargs=True)
@@ -450,20 +436,22 @@ class RoutingRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module in self._patched:
-            # the instance attribute shadows the class's (decorated) forward; drop it
-            if "forward" in module.__dict__:
-                del module.__dict__["forward"]
-        self._patched.clear()
-        for module, forward in self._accelerate:
-            module._old_forward = forward
-        self._accelerate.clear()
         for module, attr, value in reversed(self._restore):
-            if value is None:
+            if value is None:  # the instance attribute shadowed the class's forward: drop it
                 module.__dict__.pop(attr, None)
-            else:
+            else:  # accelerate's _old_forward, nllb's installed dispatch
                 setattr(module, attr, value)
         self._restore.clear()
+
+    def _swap_forward(self, module: Any, forward: Any) -> None:
+        """Run ``forward`` as ``module``'s forward until :meth:`detach` puts the old one back.
+
+        accelerate (device_map) wraps forward to load offloaded weights first and then calls
+        ``_old_forward``: that is replaced then, so the weights are there.
+        """
+        attr = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+        self._restore.append((module, attr, module.__dict__.get(attr)))
+        setattr(module, attr, forward)
 
     # -- hooks --------------------------------------------------------------------------------
     def _args_hook(self, i: int) -> Callable[..., None]:

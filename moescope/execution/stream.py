@@ -570,10 +570,9 @@ class StreamedModel:
                     del layer.forward
 
     def _call_layer(
-        self, i: int, hidden: Any, kwargs: dict[str, Any], carried: dict[tuple[int, int], Any] | None = None
+        self, i: int, hidden: Any, kwargs: dict[str, Any], carried: dict[tuple[int, int], Any]
     ) -> Any:
         """Run decoder layer ``i``; ``carried``: (layer, slot) -> value, the extra outputs of earlier layers."""
-        carried = carried if carried is not None else {}
 
         def real(v: Any) -> Any:
             return carried[(v.layer, v.slot)] if isinstance(v, _Carried) else v

@@ -100,30 +100,29 @@ def capture_hook(pool: list[Any], seen: list[int], cap: int) -> Callable[..., No
 
 
 def expert_outputs(experts: Any, x: Any, num_experts: int, *, chunk: int = 256) -> Any:
-    """``[E, T, H]`` outputs of every expert on the same inputs ``x [T, H]``."""
+    """``[E, T, H]`` outputs of every expert on the same inputs ``x [T, H]``.
+
+    A fused experts module runs each expert as every token's only route (weight 1);
+    switch_transformers' and nllb-moe's per-expert modules (``expert_{j}``) take the tokens.
+    """
     import torch
 
     param = next(experts.parameters())
+    per_module = hasattr(experts, "keys") and f"expert_{num_experts - 1}" in experts.keys()
+
+    def run(j: int, xs: Any) -> Any:
+        if per_module:
+            return experts[f"expert_{j}"](xs)
+        ids = torch.full((xs.shape[0], 1), j, dtype=torch.long, device=param.device)
+        return experts(xs, ids, torch.ones((xs.shape[0], 1), dtype=param.dtype, device=param.device))
+
     outs = []
-    if hasattr(experts, "keys") and f"expert_{num_experts - 1}" in experts.keys():
-        # switch_transformers, nllb-moe: one child module per expert, fed the tokens directly
-        with torch.inference_mode():
-            for j in range(num_experts):
-                module = experts[f"expert_{j}"]
-                parts = [
-                    module(x[s : s + chunk].to(device=param.device, dtype=param.dtype)).float().cpu()
-                    for s in range(0, x.shape[0], chunk)
-                ]
-                outs.append(torch.cat(parts))
-        return torch.stack(outs)
     with torch.inference_mode():
         for j in range(num_experts):
-            parts = []
-            for start in range(0, x.shape[0], chunk):
-                xs = x[start : start + chunk].to(device=param.device, dtype=param.dtype)
-                ids = torch.full((xs.shape[0], 1), j, dtype=torch.long, device=param.device)
-                w = torch.ones((xs.shape[0], 1), dtype=param.dtype, device=param.device)
-                parts.append(experts(xs, ids, w).float().cpu())
+            parts = [
+                run(j, x[start : start + chunk].to(device=param.device, dtype=param.dtype)).float().cpu()
+                for start in range(0, x.shape[0], chunk)
+            ]
             outs.append(torch.cat(parts))
     return torch.stack(outs)
 
