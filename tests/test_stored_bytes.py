@@ -273,3 +273,15 @@ def test_table_labels_the_stored_size_and_gives_components_a_heading() -> None:
     embedding = next(i for i, line in enumerate(lines) if "  embedding" in line)
     assert flops < heading < embedding
     assert "read from headers" in res.stdout and "estimated from config" in res.stdout
+
+
+def test_a_malformed_modules_to_not_convert_is_one_line(tmp_path: Path) -> None:
+    """A non-list ``modules_to_not_convert`` (found by the config fuzz test) is a config error, not a traceback."""
+    root = Path(__file__).resolve().parents[1] / "sample_configs"
+    cfg = json.loads((root / "gpt-oss-20b.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = 1
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    res = CliRunner().invoke(app, ["params", str(path)])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    assert "modules_to_not_convert" in res.output and len(res.output.strip().splitlines()) == 1

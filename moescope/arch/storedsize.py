@@ -37,6 +37,7 @@ from typing import Any
 
 from moescope.arch.inventory import Inventory
 from moescope.arch.moe import MoESpec, classify
+from moescope.errors import ConfigError
 from moescope.families import get as _get
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "fp8": 1}
@@ -99,7 +100,13 @@ class _Format:
 
     def __init__(self, q: dict[str, Any], dtype_bytes: int) -> None:
         self.method = str(q.get("quant_method") or "").lower().replace("_", "-")
-        self.skip = [str(p) for p in (q.get("modules_to_not_convert") or [])]
+        skip = q.get("modules_to_not_convert") or []
+        if not isinstance(skip, (list, tuple)):
+            raise ConfigError(
+                f"quantization_config.modules_to_not_convert is {skip!r}; it must be a list of module "
+                "names (fix the config)."
+            )
+        self.skip = [str(p) for p in skip]
         self.components: tuple[str, ...] = _LINEAR
         self.dtype_bytes = dtype_bytes
         self.q = q
