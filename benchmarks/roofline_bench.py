@@ -12,8 +12,9 @@ What it prints, side by side:
    token): tokens/s, fraction of the roofline, logits' relative difference to ``eager`` and
    the share of routing decisions equal to ``eager``'s.
 4. **moescope trace** in memory (``--no-stream``) and streamed (``--stream``) with the
-   background reader on and off (``MOESCOPE_STREAM_PREFETCH=0``), each in a fresh process:
-   tokens/s, fraction of the roofline, streamed / in-memory (forward only, and load +
+   background reader on and off (``MOESCOPE_STREAM_PREFETCH=0``), and with transformers'
+   conversion in place of the direct placement (``MOESCOPE_STREAM_PLACE=0``), each in a
+   fresh process: tokens/s, fraction of the roofline, streamed / in-memory (forward only, and load +
    forward: the in-memory forward excludes ``from_pretrained``'s loading and conversion,
    the streamed pass does both layer by layer), seconds reading, identical
    ``expert_load.csv``.
@@ -293,6 +294,7 @@ def main() -> None:
             "in memory": (["--no-stream"], {}),
             "streamed, reader on": (["--stream", "--max-memory", args.budget], {}),
             "streamed, reader off": (["--stream", "--max-memory", args.budget], {"MOESCOPE_STREAM_PREFETCH": "0"}),
+            "streamed, transformers' conversion": (["--stream", "--max-memory", args.budget], {"MOESCOPE_STREAM_PLACE": "0"}),
         }  # fmt: skip
         done: dict[str, dict[str, Any]] = {}
         for name, (extra, env) in runs.items():
@@ -321,7 +323,7 @@ def main() -> None:
             return float(t.get("load_seconds", 0.0)) + float(t["trace_seconds"])
 
         t_mem = done["in memory"]["summary"]["timings"]["trace_seconds"]
-        for name in ("streamed, reader on", "streamed, reader off"):
+        for name in [n for n in runs if n != "in memory"]:
             t = done[name]["summary"]["timings"]["trace_seconds"]
             # the in-memory forward excludes loading (from_pretrained did it); the streamed one
             # loads each layer inside the pass, so also compare load + forward
@@ -336,7 +338,7 @@ def main() -> None:
             name: (work / name.replace(" ", "_").replace(",", "") / "expert_load.csv").read_text()
             for name in runs
         }
-        rows.append(("expert_load.csv identical across the three", str(len(set(loads.values())) == 1)))
+        rows.append((f"expert_load.csv identical across the {len(runs)}", str(len(set(loads.values())) == 1)))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

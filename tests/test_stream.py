@@ -278,18 +278,113 @@ def test_background_reader_error_reaches_the_caller(tmp_path: Path, monkeypatch:
     torch.manual_seed(0)
     tiny_model("mixtral").save_pretrained(tmp_path)
     sm = StreamedModel(tmp_path, dtype="float32")
-    real = sm._read
+    real = sm._load_layer
     layer1 = set(sm.shards.by_layer[1])
 
-    def failing(keys: Any) -> Any:
+    def failing(keys: Any, state: Any = None) -> Any:
         if set(keys) == layer1:
             raise CheckpointError("disk went away")
-        return real(keys)
+        return real(keys, state)
 
-    monkeypatch.setattr(sm, "_read", failing)
+    monkeypatch.setattr(sm, "_load_layer", failing)
     with pytest.raises(CheckpointError, match="disk went away"):
         sm.run(_batches())
     # nothing stays resident, and the reader thread is gone
     import threading
 
     assert not any(t.name == "moescope-layer-reader" for t in threading.enumerate())
+
+
+def _stream_logits(sm: StreamedModel, batches: list[dict[str, torch.Tensor]], **kw: Any) -> dict[int, Any]:
+    logits: dict[int, Any] = {}
+    sm.run(batches, logits=lambda b, t: logits.__setitem__(b, t.clone()), **kw)
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("mixtral", {}),  # per-expert w1/w3 stacked and concatenated into gate_up_proj
+        ("qwen3_moe", {}),
+        ("deepseek_v3", {"first_k_dense_replace": 1}),  # a dense layer kind, a buffer (correction bias)
+    ],
+)
+def test_layers_are_placed_directly_and_equal_transformers_loading(
+    family: str, overrides: dict[str, Any], tmp_path: Path
+) -> None:
+    """After one verified layer of each kind, layers are read straight into their fused
+    parameters, into memory recycled from released layers; the logits stay the in-memory ones."""
+    torch.manual_seed(0)
+    tiny_model(family, num_hidden_layers=5, **overrides).save_pretrained(tmp_path)
+    batches = _batches()
+    ref_logits, _ = _in_memory(tmp_path, batches)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    sm.prefetch = 0  # each layer loads after the one before is released: the pool is used at once
+    assert sm.placer is not None
+    logits = _stream_logits(sm, batches)
+    kinds = 2 if family == "deepseek_v3" else 1
+    assert len(sm.placer.verified) == kinds and not sm.placer.rejected
+    assert sm.placer.placed == 5 - kinds  # the first layer of each kind went through transformers
+    assert sm.placer.recycled > 0
+    assert sm.bytes_read == sum(sm.shards.nbytes.values())
+    for b, ref in enumerate(ref_logits):
+        assert torch.equal(logits[b], ref)
+
+
+def test_a_wrong_plan_is_caught_and_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan that puts two experts' tensors in each other's place fails the verification on the
+    first layer; that layer kind then stays on transformers' conversion, with the right results."""
+    import dataclasses
+
+    from moescope.execution.placement import Placer
+
+    torch.manual_seed(0)
+    tiny_model("mixtral", num_hidden_layers=3).save_pretrained(tmp_path)
+    batches = _batches()
+    ref_logits, _ = _in_memory(tmp_path, batches)
+    real = Placer.plan
+
+    def swapped(self: Placer, keys: Any) -> Any:
+        plan = real(self, keys)
+        stacked = [i for i, c in enumerate(plan.copies) if c.index is not None]
+        a, b = stacked[0], next(i for i in stacked if plan.copies[i].index != plan.copies[stacked[0]].index)
+        ca, cb = plan.copies[a], plan.copies[b]
+        plan.copies[a] = dataclasses.replace(ca, index=cb.index)
+        plan.copies[b] = dataclasses.replace(cb, index=ca.index)
+        return plan
+
+    monkeypatch.setattr(Placer, "plan", swapped)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    logits = _stream_logits(sm, batches)
+    assert sm.placer is not None and sm.placer.rejected and not sm.placer.verified
+    assert sm.placer.placed == 0
+    for b, ref in enumerate(ref_logits):
+        assert torch.equal(logits[b], ref)
+
+
+def test_a_weight_a_caller_keeps_is_not_recycled(tmp_path: Path) -> None:
+    """A view of a released layer's weight that a caller still holds keeps its values: the
+    placer only recycles tensors whose storage nothing else holds."""
+    torch.manual_seed(0)
+    tiny_model("mixtral", num_hidden_layers=4).save_pretrained(tmp_path)
+    sm = StreamedModel(tmp_path, dtype="float32")
+    sm.prefetch = 0
+    kept: dict[int, tuple[Any, Any]] = {}
+
+    def keep(layer: int) -> None:
+        w = sm.layers[layer].mlp.experts.gate_up_proj.detach()
+        kept[layer] = (w, w.clone())
+
+    _stream_logits(sm, _batches(), on_layer_done=keep)
+    assert sm.placer is not None and sm.placer.placed == 3
+    for layer, (view, copy) in kept.items():
+        assert torch.equal(view, copy), layer
+    # nothing was recycled that a view held: every layer's gate_up is distinct memory
+    assert len({v.data_ptr() for v, _ in kept.values()}) == 4
+
+
+def test_placing_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    tiny_model("mixtral", num_hidden_layers=2).save_pretrained(tmp_path)
+    monkeypatch.setenv("MOESCOPE_STREAM_PLACE", "0")
+    assert StreamedModel(tmp_path, dtype="float32").placer is None

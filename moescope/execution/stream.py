@@ -364,6 +364,23 @@ class StreamedModel:
             dtype=self.dtype,
             weight_mapping=get_model_conversion_mapping(model),  # type: ignore[arg-type]
         )
+        from moescope.execution.placement import Placer
+
+        #: the direct reader of decoder layers (CPU; MOESCOPE_STREAM_PLACE=0 turns it off)
+        self.placer: Placer | None = None
+        if (
+            self.device.type == "cpu"
+            and not self.quantized
+            and os.environ.get("MOESCOPE_STREAM_PLACE") != "0"
+        ):
+            self.placer = Placer(
+                model,
+                self._load_config.weight_mapping or [],
+                self.shards.where,
+                self.shards.files,
+                self.shards.nbytes,
+                _ST_DTYPES,
+            )
         self._load(self.shards.globals_)
         model.tie_weights()
         self._resident: int | None = None
@@ -450,8 +467,31 @@ class StreamedModel:
         if self._resident is not None:
             self.release_layer(self._resident)
         if state is not _CONVERTED:  # else the reader converted and loaded it already
-            self._load(self.shards.by_layer.get(i, []), state)
+            self._load_layer(self.shards.by_layer.get(i, []), state)
         self._resident = i
+
+    def _load_layer(self, keys: Sequence[str], state: dict[str, Any] | None = None) -> None:
+        """Load a decoder layer's ``keys``: placed directly when the placer's plan for this
+        layer kind is verified, else by transformers' conversion (verifying the plan)."""
+        import time
+
+        placer = self.placer
+        plan = placer.plan(keys) if placer is not None and keys else None
+        if placer is None or plan is None or plan.shape in placer.rejected:
+            self._load(keys, state)
+            return
+        if plan.shape not in placer.verified:
+            if state is None:
+                state = self._read(keys)
+            self._load(keys, state)
+            (placer.verified if placer.verify(plan, state) else placer.rejected).add(plan.shape)
+            return
+        t0 = time.perf_counter()
+        tensors = placer.fill(plan, state)
+        self.read_s += time.perf_counter() - t0
+        placer.install(tensors)
+        placer.placed += 1
+        self.bytes_read += sum(self.shards.nbytes[k] for k in keys)
 
     @contextlib.contextmanager
     def _reader(
@@ -487,10 +527,7 @@ class StreamedModel:
                 if stop.is_set():
                     return
                 try:
-                    keys = self.shards.by_layer.get(i, [])
-                    state: Any = self._read(keys)
-                    self._load(keys, state)
-                    del state  # the layer's modules hold the converted tensors now
+                    self._load_layer(self.shards.by_layer.get(i, []))
                 except BaseException as exc:  # handed to the calling thread, raised there
                     ready.put((i, exc))
                     return
@@ -522,8 +559,12 @@ class StreamedModel:
                 self.release_layer(i)
 
     def release_layer(self, i: int) -> None:
-        """Put layer ``i``'s parameters back on the meta device and return the memory."""
-        self.layers[i].to("meta")
+        """Put layer ``i``'s parameters back on the meta device and return the memory (the
+        placer keeps the tensors for the next layer it places)."""
+        if self.placer is not None:
+            self.placer.recycle(self.layers[i])
+        else:
+            self.layers[i].to("meta")
         if self._resident == i:
             self._resident = None
         _release_memory()
@@ -543,6 +584,9 @@ class StreamedModel:
         """Close the checkpoint files and release every layer."""
         if self._resident is not None:
             self.release_layer(self._resident)
+        if self.placer is not None:
+            self.placer.drop_pool()
+            _release_memory()
 
     # -- execution ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -710,6 +754,9 @@ class StreamedModel:
                     progress(i + 1, self.num_layers)
         if self._resident is not None:
             self.release_layer(self._resident)
+        if self.placer is not None:  # the last layer's tensors are not needed for the tail
+            self.placer.drop_pool()
+            _release_memory()
         if logits is None:
             return
         for b in range(start, stop):
