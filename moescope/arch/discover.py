@@ -25,7 +25,7 @@ from typing import Any
 from moescope.errors import ConfigError
 from moescope.families import LAYER_RE, get
 
-__all__ = ["Site", "Structure", "TOP_K_KEYS", "build_meta_model", "discover", "discovered"]
+__all__ = ["Site", "Structure", "TOP_K_KEYS", "build_meta_model", "discover", "discovered", "stored_keys"]
 
 #: config fields that hold experts per token, first present wins (after the router's ``top_k``)
 TOP_K_KEYS = (
@@ -306,7 +306,7 @@ def blank_layer(name: str) -> str:
     return f"{name[: m.start(1)]}#{name[m.end(1) :]}" if m else name
 
 
-def _stored_keys(model: Any, names: list[str]) -> frozenset[str]:
+def stored_keys(model: Any, names: list[str]) -> frozenset[str]:
     """In-memory tensor names as ``save_pretrained`` writes them, layer numbers blanked.
 
     transformers renames tensors between a checkpoint and memory (``conversion_mapping``:
@@ -368,9 +368,9 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
         for n, _ in model.named_parameters()
         if any(n == t or n.startswith(t + ".") for t in _tower_paths(model, sites, towers))
     ]
-    stored_buffers, stored_towers = _stored_keys(model, sorted(saved)), _stored_keys(model, tower_params)
+    stored_buffers, stored_towers = stored_keys(model, sorted(saved)), stored_keys(model, tower_params)
     buffer_like = [n for n, _ in model.named_parameters() if n.endswith(BUFFER_LIKE)]
-    stored_params = _stored_keys(model, buffer_like)
+    stored_params = stored_keys(model, buffer_like)
     routing = [f"{s.router}.{t}" for s in sites if s.router for t in s.router_tensors]
     for s in sites:
         block = model.get_submodule(s.block)
@@ -390,7 +390,7 @@ def _from_model(cfg: dict[str, Any], model: Any, where: str) -> Structure:
         stored_buffers=stored_buffers,
         stored_towers=stored_towers,
         stored_params=stored_params,
-        stored_routing=_stored_keys(model, routing),
+        stored_routing=stored_keys(model, routing),
     )
 
 

@@ -213,7 +213,7 @@ def _layer_relative(name: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _class_rows_json(text: str) -> tuple[tuple[str, int], ...]:
-    from moescope.arch.discover import _stored_keys, build_meta_model, discover
+    from moescope.arch.discover import build_meta_model, discover, stored_keys
 
     config = json.loads(text)
     found = discover(config)
@@ -239,7 +239,7 @@ def _class_rows_json(text: str) -> tuple[tuple[str, int], ...]:
             continue
         extra = int(a.shape[0]) - e
         if int(b.shape[0]) == 2 * e + extra:  # E rows, and rows the config sizes apart from E
-            for stored in _stored_keys(models[0], [name]):
+            for stored in stored_keys(models[0], [name]):
                 out[stored.partition(".#.")[2]] = extra  # layer numbers are blanked to "#"
     return tuple(sorted(out.items()))
 
