@@ -142,9 +142,10 @@ class Placer:
             shape = tuple(int(s) for s in ref.shape)
             targets[target] = (shape, ref.dtype)
             if target not in converter_of:
-                (key,) = by_pattern[None]  # a renamed tensor fills its parameter
-                if self.where[key][2] != shape:
-                    return None
+                alone = by_pattern.get(None, [])
+                if len(alone) != 1 or self.where[alone[0]][2] != shape:
+                    return None  # a renamed tensor fills its parameter, alone
+                key = alone[0]
                 copies.append(_Copy(key, target, None, None, 0, 0))
                 continue
             conv = converter_of[target]
