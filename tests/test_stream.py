@@ -281,10 +281,10 @@ def test_background_reader_error_reaches_the_caller(tmp_path: Path, monkeypatch:
     real = sm._load_layer
     layer1 = set(sm.shards.by_layer[1])
 
-    def failing(keys: Any, state: Any = None) -> Any:
+    def failing(keys: Any) -> Any:
         if set(keys) == layer1:
             raise CheckpointError("disk went away")
-        return real(keys, state)
+        return real(keys)
 
     monkeypatch.setattr(sm, "_load_layer", failing)
     with pytest.raises(CheckpointError, match="disk went away"):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Placer"]
+__all__ = ["Placer", "pread_into"]
 
 # "…layers.7.…" -> "…layers.#.…": one plan shape per layer kind
 _INDEX_RE = re.compile(r"\.\d+\.")
@@ -56,6 +56,14 @@ class _Copy:
     dim: int | None  # the concatenation dim of the (indexed) region, None when whole
     offset: int
     size: int
+
+    def region(self, tensor: Any) -> Any:
+        """The view of ``tensor`` (the whole target) that this stored tensor fills."""
+        if self.index is not None:
+            tensor = tensor[self.index]
+        if self.dim is not None:
+            tensor = tensor.narrow(self.dim, self.offset, self.size)
+        return tensor
 
 
 @dataclass
@@ -105,7 +113,7 @@ class Placer:
         self.rejected: set[tuple[str, ...]] = set()
         self.pool: dict[tuple[tuple[int, ...], Any], list[Any]] = {}
         self.lock = threading.Lock()
-        #: layers placed directly, tensors recycled from the pool, plan shapes rejected
+        #: layers placed directly, and tensors taken from the pool rather than allocated
         self.placed = 0
         self.recycled = 0
         # what a tensor that alone holds its storage reports (the query itself holds one)
@@ -124,9 +132,11 @@ class Placer:
         # target -> pattern -> keys in transformers' order (natural key order)
         groups: dict[str, dict[str | None, list[str]]] = {}
         converter_of: dict[str, Any] = {}
+        import torch
+
         for key in sorted(keys, key=dot_natural_key):
-            if self.where[key][1] not in self.st_dtypes:
-                return None
+            if not hasattr(torch, self.st_dtypes.get(self.where[key][1], "")):
+                return None  # a dtype torch cannot view bytes as
             renamed, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix, self.meta)
             if renamed not in self.meta and key in self.meta:
                 renamed, pattern = key, None
@@ -210,34 +220,25 @@ class Placer:
                 return free.pop()
         return torch.empty(shape, dtype=dtype)
 
-    def fill(self, plan: _Plan, state: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The layer's tensors by target name, read from the files (or copied from ``state``)."""
+    def fill(self, plan: _Plan) -> dict[str, Any]:
+        """The layer's tensors by target name, read from the checkpoint files into their places."""
         import torch
 
         out = {name: self._take(shape, dt) for name, (shape, dt) in plan.targets.items()}
         fds: dict[Path, int] = {}
         try:
             for c in plan.copies:
-                region = out[c.target]
-                if c.index is not None:
-                    region = region[c.index]
-                if c.dim is not None:
-                    region = region.narrow(c.dim, c.offset, c.size)
+                region = c.region(out[c.target])
                 offset, st_dtype, shape = self.where[c.key]
                 src_dt = getattr(torch, self.st_dtypes[st_dtype])
-                if state is not None:
-                    region.copy_(state[c.key])
-                elif src_dt == region.dtype and region.is_contiguous():
-                    path = self.files[c.key]
-                    if path not in fds:
-                        fds[path] = os.open(path, os.O_RDONLY)
-                    _pread_into(fds[path], region, offset, self.nbytes[c.key], path, c.key)
+                path = self.files[c.key]
+                if path not in fds:
+                    fds[path] = os.open(path, os.O_RDONLY)
+                if src_dt == region.dtype and region.is_contiguous():
+                    pread_into(fds[path], region, offset, self.nbytes[c.key], path, c.key)
                 else:  # a cast or a strided region: read, then copy (the copy casts as .to does)
-                    path = self.files[c.key]
-                    if path not in fds:
-                        fds[path] = os.open(path, os.O_RDONLY)
                     buf = torch.empty(shape, dtype=src_dt)
-                    _pread_into(fds[path], buf, offset, self.nbytes[c.key], path, c.key)
+                    pread_into(fds[path], buf, offset, self.nbytes[c.key], path, c.key)
                     region.copy_(buf)
         finally:
             for fd in fds.values():
@@ -245,6 +246,11 @@ class Placer:
         with self.lock:
             self.pool.clear()  # what this layer did not take is another kind's: let it go
         return out
+
+    def _tensor(self, name: str) -> Any:
+        """The model's parameter or buffer ``name`` (None when it has none)."""
+        path, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(path) if path else self.model, attr, None)
 
     def install(self, tensors: dict[str, Any]) -> None:
         """Set ``tensors`` as the model's parameters (or buffers), as ``set_param_for_module`` does."""
@@ -270,17 +276,11 @@ class Placer:
         import torch
 
         for name, (shape, dt) in plan.targets.items():
-            path, _, attr = name.rpartition(".")
-            got = getattr(self.model.get_submodule(path) if path else self.model, attr, None)
+            got = self._tensor(name)
             if got is None or got.device.type == "meta" or got.dtype != dt or tuple(got.shape) != shape:
                 return False
         for c in plan.copies:
-            path, _, attr = c.target.rpartition(".")
-            region = getattr(self.model.get_submodule(path) if path else self.model, attr).detach()
-            if c.index is not None:
-                region = region[c.index]
-            if c.dim is not None:
-                region = region.narrow(c.dim, c.offset, c.size)
+            region = c.region(self._tensor(c.target).detach())
             if not torch.equal(region, state[c.key].to(region.dtype)):
                 return False
         return True
@@ -306,7 +306,7 @@ class Placer:
         del tensors
 
 
-def _pread_into(fd: int, region: Any, offset: int, n: int, path: Path, key: str) -> None:
+def pread_into(fd: int, region: Any, offset: int, n: int, path: Path, key: str) -> None:
     """``os.preadv`` ``n`` bytes at ``offset`` into the contiguous tensor ``region`` (no GIL held)."""
     import torch
 

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from moescope.errors import CheckpointError, MoescopeError
+from moescope.execution.placement import pread_into
 
 #: layers read ahead of the resident one by the background reader (the bounded buffer)
 PREFETCH_LAYERS = 1
@@ -414,13 +415,7 @@ class StreamedModel:
                     fds[path] = os.open(path, os.O_RDONLY)
                 n = self.shards.nbytes[k]
                 buf = torch.empty(n, dtype=torch.uint8)
-                view = buf.numpy().data  # a writable memoryview of the buffer
-                done = 0
-                while done < n:  # preadv may return short counts on large reads
-                    got = os.preadv(fds[path], [view[done:]], offset + done)
-                    if got <= 0:
-                        raise CheckpointError(f"{path}: truncated while reading {k}.")
-                    done += got
+                pread_into(fds[path], buf, offset, n, path, k)
                 dt = getattr(torch, name)
                 state[k] = (buf.view(dt) if n else torch.empty(0, dtype=dt)).reshape(shape)
         finally:
@@ -457,20 +452,20 @@ class StreamedModel:
         }
         self.bytes_read += sum(self.shards.nbytes[k] for k in keys)
 
-    def load_layer(self, i: int, state: dict[str, Any] | None = None) -> None:
+    def load_layer(self, i: int, state: Any = None) -> None:
         """Materialise decoder layer ``i`` (and release the one resident before).
 
-        ``state`` is the layer's tensors when the background reader has read them already.
+        ``state`` is :data:`_CONVERTED` when the background reader has loaded it already.
         """
         if self._resident == i:
             return
         if self._resident is not None:
             self.release_layer(self._resident)
         if state is not _CONVERTED:  # else the reader converted and loaded it already
-            self._load_layer(self.shards.by_layer.get(i, []), state)
+            self._load_layer(self.shards.by_layer.get(i, []))
         self._resident = i
 
-    def _load_layer(self, keys: Sequence[str], state: dict[str, Any] | None = None) -> None:
+    def _load_layer(self, keys: Sequence[str]) -> None:
         """Load a decoder layer's ``keys``: placed directly when the placer's plan for this
         layer kind is verified, else by transformers' conversion (verifying the plan)."""
         import time
@@ -478,16 +473,15 @@ class StreamedModel:
         placer = self.placer
         plan = placer.plan(keys) if placer is not None and keys else None
         if placer is None or plan is None or plan.shape in placer.rejected:
-            self._load(keys, state)
+            self._load(keys)
             return
         if plan.shape not in placer.verified:
-            if state is None:
-                state = self._read(keys)
+            state = self._read(keys)
             self._load(keys, state)
             (placer.verified if placer.verify(plan, state) else placer.rejected).add(plan.shape)
             return
         t0 = time.perf_counter()
-        tensors = placer.fill(plan, state)
+        tensors = placer.fill(plan)
         self.read_s += time.perf_counter() - t0
         placer.install(tensors)
         placer.placed += 1
@@ -499,8 +493,8 @@ class StreamedModel:
     ) -> Iterator[tuple[Callable[[int], dict[str, Any] | None], Callable[[], None]]]:
         """A background thread reading and loading ``layers`` in order, at most :attr:`prefetch` ahead.
 
-        The thread reads a layer's bytes and runs transformers' conversion into that layer's
-        modules (the per-expert stacking costs as much as a small layer's forward), while
+        The thread loads a layer into its modules (placed directly, or read and converted by
+        transformers: the per-expert stacking costs as much as a small layer's forward), while
         the calling thread computes the layer before: different modules, so the two never
         touch the same parameters. Yields ``(take, loaded)``: ``take(i)`` waits until layer
         ``i`` is loaded and returns :data:`_CONVERTED`; ``loaded()`` says the caller made it
