@@ -29,8 +29,8 @@ Usage::
     python benchmarks/roofline_bench.py                    # 24 layers, 4096 tokens at seq 256
     python benchmarks/roofline_bench.py --layers 6 --tokens 2048
 
-Timings on a machine shared with other jobs are noisy (±15% between identical runs on the
-2-core box): every forward and trace runs ``--repeat`` times (default 2), each in a fresh
+Timings on a machine shared with other jobs are noisy (on the 2-core box, within one hour, the
+matmul peak read 596–808 GFLOP/s and one trace command 10.6–17.6 s): every forward and trace runs ``--repeat`` times (default 2), each in a fresh
 process, and the fastest is shown with all times; the matmul peak is sampled again before each
 run and at the end, and the roofline is the best sample. Compare the ratios, measured in one run.
 """
@@ -217,8 +217,8 @@ def plain_forward(ckpt: Path, args: argparse.Namespace, impls: list[str]) -> dic
 
 
 def child_plain(ckpt: Path, args: argparse.Namespace, impls: list[str]) -> dict[str, dict[str, Any]]:
-    """:func:`plain_forward` in a fresh process, as the traces run: the parent keeps no model
-    (a freed 4 GB model stays in the parent's heap and squeezed the traces' page cache)."""
+    """:func:`plain_forward` in a fresh process, as the traces run: every timed run starts from
+    the same state, and the parent holds no model beside the traces."""
     cmd = [sys.executable, __file__, "--child-plain", str(ckpt), "--impls", ",".join(impls),
            "--tokens", str(args.tokens), "--seq-len", str(args.seq_len),
            "--batch-size", str(args.batch_size), "--top-k", str(args.top_k), "--dtype", args.dtype]  # fmt: skip
@@ -235,18 +235,15 @@ def best_of(runs: list[dict[str, Any]], seconds: Any) -> tuple[dict[str, Any], s
     return best, "" if len(runs) == 1 else f" [best of {', '.join(f'{t:.1f}' for t in times)} s]"
 
 
-def with_peak(args: argparse.Namespace, run: Any, peaks: list[float]) -> dict[str, Any]:
-    """``run()``'s result with ``peak``: the square matmul GFLOP/s measured right before it.
+def with_peak(args: argparse.Namespace, run: Any, peaks: list[float]) -> Any:
+    """``run()``, after appending a square matmul GFLOP/s sample to ``peaks``.
 
     The roofline is the best of all these samples (the machine's peak, the strictest
-    reference): a sample taken in a dip would flatter the run after it (one read 427 GFLOP/s
-    against 733 at the start).
+    reference): judging a run by the sample just before it would flatter runs taken in a
+    dip (one sample read 427 GFLOP/s against 733 at the start).
     """
-    square, _ = matmul_peak(args, 1, expert=False)
-    peaks.append(square)
-    out = dict(run())
-    out["peak"] = square
-    return out
+    peaks.append(matmul_peak(args, 1, expert=False)[0])
+    return run()
 
 
 def child_trace(
@@ -336,7 +333,7 @@ def main() -> None:
             for _ in range(args.repeat)
         ]
         for impl in impls:
-            r, times = best_of([{**p[impl], "peak": p["peak"]} for p in plain], lambda r: r["seconds"])
+            r, times = best_of([p[impl] for p in plain], lambda r: r["seconds"])
             rows.append(
                 (
                     f"plain forward, experts {impl}",
@@ -389,16 +386,15 @@ def main() -> None:
             t = done[name]["summary"]["timings"]
             return float(t.get("load_seconds", 0.0)) + float(t["trace_seconds"])
 
-        def rate(name: str) -> float:
-            return 1.0 / float(done[name]["summary"]["timings"]["trace_seconds"])
-
+        t_mem = done["in memory"]["summary"]["timings"]["trace_seconds"]
         for name in [n for n in runs if n != "in memory"]:
+            t = done[name]["summary"]["timings"]["trace_seconds"]
             # the in-memory forward excludes loading (from_pretrained did it); the streamed one
             # loads each layer inside the pass, so also compare load + forward
             rows.append(
                 (
                     f"{name} / in memory",
-                    f"{rate(name) / rate('in memory'):.2f} forward tokens/s; "
+                    f"{t_mem / t:.2f} forward tokens/s; "
                     f"{wall('in memory') / wall(name):.2f} load + forward ({wall(name):.1f} s vs {wall('in memory'):.1f} s)",
                 )
             )
